@@ -1,0 +1,71 @@
+"""Attention backends over the paged KV cache; one is chosen once at start-up for the device.
+
+Every backend has the same two entry points with the layout documented in `reference.py`:
+`store_kv(key, value, k_cache, v_cache, slot_mapping)` and
+`attention(query, k_cache, v_cache, metadata, scale, out) -> out`.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from model_handler.kernels import reference
+from model_handler.layers.attention_metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def store_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class TorchReferenceBackend:
+    """Plain torch (SDPA over gathered blocks): the CPU path."""
+
+    name = "torch"
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attention(self, query, k_cache, v_cache, metadata, scale, out=None) -> torch.Tensor:
+        return reference.paged_attention(
+            query,
+            k_cache,
+            v_cache,
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.query_start_loc,
+            scale,
+            out=out,
+        )
+
+
+def select_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
+    """`name` forces a backend ("torch" or "triton"); by default Triton on CUDA, torch elsewhere."""
+    if name is None:
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchReferenceBackend()
+    if name == "triton":
+        from model_handler.kernels.triton_backend import TritonBackend  # imported only when chosen
+
+        return TritonBackend()
+    raise ValueError(f"unknown attention backend {name!r}; expected 'torch' or 'triton'")
