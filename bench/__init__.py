@@ -1,0 +1,1 @@
+"""Serving benchmark: load generator, baseline servers, and the CLI that compares them (`python -m bench.serving`)."""

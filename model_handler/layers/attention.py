@@ -1,0 +1,38 @@
+"""The paged-attention step of one layer: store this step's k/v in the cache, attend over it.
+
+The backend (torch reference or Triton) is handed in at construction; the per-step batch description
+arrives as an argument, so there is no global attention context.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_handler.kernels import AttentionBackend
+from model_handler.layers.attention_metadata import AttentionMetadata
+
+
+class PagedAttention(nn.Module):
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, num_kv_heads, head_dim]
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        self.backend.store_kv(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
+        out = torch.empty(
+            query.shape[0], self.num_heads, self.head_dim, dtype=query.dtype, device=query.device
+        )  # [num_tokens, num_heads, head_dim]
+        self.backend.attention(query, k_cache, v_cache, attn_metadata, self.scale, out)
+        return out.view(query.shape[0], self.num_heads * self.head_dim)  # [num_tokens, num_heads * head_dim]

@@ -1,0 +1,26 @@
+"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.normalized_shape = (hidden_size,)
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One fused op (normalisation in fp32 inside the kernel); identical to HF's formula in fp32.
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def forward_with_residual(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); the first layer passes residual=None."""
+        if residual is not None:
+            x = x + residual
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps), x

@@ -1,0 +1,103 @@
+"""The essentials of a model folder's config.json and generation_config.json, read once with AutoConfig.
+
+`ModelConfig` is what the engine sizes things by (KV cache, stop tokens, context length); the model
+classes read the full HF config for the rest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_config(model_dir: str | Path) -> PretrainedConfig:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} holds no config.json; expected a Hugging Face model folder")
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def _as_id_list(value: object) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]  # type: ignore[union-attr]
+
+
+def _dtype_name(value: object) -> str:
+    if value is None:
+        return "float32"
+    return str(value).removeprefix("torch.")
+
+
+def sliding_window_of(hf_config: PretrainedConfig) -> int | None:
+    """The attention window when one applies to any layer (Mistral v0.1, Qwen with use_sliding_window)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    tie_word_embeddings: bool
+    torch_dtype: str
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        return cls.from_hf_config(load_hf_config(model_dir), model_dir)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: PretrainedConfig, model_dir: str | Path | None = None) -> "ModelConfig":
+        from model_handler.models import resolve_architecture  # the registry imports torch; keep it lazy
+
+        generation: dict = {}
+        if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
+            generation = json.loads((Path(model_dir) / "generation_config.json").read_text())
+        # generation_config.json is what HF's generate() stops on; it may list several ids (Llama 3).
+        eos_token_ids = _as_id_list(generation.get("eos_token_id", hf_config.eos_token_id))
+        bos_token_id = generation.get("bos_token_id", hf_config.bos_token_id)
+        num_heads = hf_config.num_attention_heads
+        max_positions = hf_config.max_position_embeddings
+        window = sliding_window_of(hf_config)
+        if window is not None and window < max_positions:
+            # Our attention has no window; capping the context keeps every position inside it, so exact.
+            logger.warning("sliding window %d < max_position_embeddings %d: capping context", window, max_positions)
+            max_positions = window
+        return cls(
+            architecture=resolve_architecture(hf_config.architectures, hf_config.model_type),
+            model_type=hf_config.model_type,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads,
+            max_position_embeddings=max_positions,
+            eos_token_ids=list(dict.fromkeys(eos_token_ids)),
+            bos_token_id=bos_token_id,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            torch_dtype=_dtype_name(getattr(hf_config, "dtype", None)),
+        )

@@ -1,0 +1,162 @@
+"""Scheduler: which sequences run in the next step and how many tokens each computes.
+
+One token budget per step is shared by decodes (one token each, scheduled first) and prefill chunks,
+so a long prompt is split over several steps while the others keep decoding in the same steps. When
+KV blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to
+the front of the waiting queue, to be recomputed from its tokens later.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from model_handler.block_manager import BlockManager
+from model_handler.request import FinishReason
+from model_handler.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_computed_tokens: int
+    """Tokens whose KV is already cached when the step starts (the context before the new tokens)."""
+    num_new_tokens: int
+    """Tokens computed this step: token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]."""
+    samples: bool
+    """True when this step reaches the end of the sequence's tokens, so its last logits are sampled."""
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        return cls(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_batched_tokens == len(self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already running")
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_ids: list[str]) -> list[Sequence]:
+        """Finish these requests now and free their blocks; unknown ids are ignored."""
+        aborted = []
+        for request_id in request_ids:
+            seq = self.requests.get(request_id)
+            if seq is None:
+                continue
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+            else:
+                self.waiting.remove(seq)
+            seq.finish_reason = FinishReason.ABORTED
+            self._finish(seq)
+            aborted.append(seq)
+        return aborted
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: dict[int, ScheduledSequence] = {}  # id(seq) -> entry, in scheduling order
+        # Decodes first (one token each), then running prefill chunks, oldest first within each group.
+        order = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        order += [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in order:
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue  # preempted earlier in this loop, or out of budget
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_append(seq, num_new):
+                victim = self.running[-1]
+                entry = scheduled.pop(id(victim), None)
+                if entry is not None:
+                    budget += entry.num_new_tokens
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self.block_manager.may_append(seq, num_new)
+            scheduled[id(seq)] = ScheduledSequence.of(seq, num_new)
+            budget -= num_new
+        # New requests join only when nothing had to be preempted: otherwise they would thrash.
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.block_manager.match_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_allocate(seq, cached, num_new):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, cached, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled[id(seq)] = ScheduledSequence.of(seq, num_new)
+            budget -= num_new
+        out.scheduled = list(scheduled.values())
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Advance progress, append each sampling sequence's token (in order) and finish the done ones.
+
+        Returns the sequences that got a token this step (finished ones have `finish_reason` set).
+        """
+        sampled: list[Sequence] = []
+        tokens = iter(sampled_token_ids)
+        for entry in out.scheduled:
+            seq = entry.seq
+            seq.num_computed_tokens = entry.num_computed_tokens + entry.num_new_tokens
+            if not entry.samples:
+                continue
+            sampled.append(seq)
+            if seq.append_token(next(tokens), self.max_model_len, self.eos_token_ids):
+                self.running.remove(seq)
+                self._finish(seq)
+        return sampled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+        del self.requests[seq.request_id]

@@ -1,0 +1,101 @@
+"""Sequence: the engine's mutable state of one request (tokens, KV blocks, progress, stop checks)."""
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from model_handler.request import EngineRequest, FinishReason
+from model_handler.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Prompt plus generated tokens; `num_computed_tokens` of them have their KV in the cache.
+
+    After a preemption the KV is dropped and recomputed from `token_ids` (prompt and output so far),
+    so `num_computed_tokens` goes back to 0 while the output tokens already sent stay.
+    """
+
+    __slots__ = (
+        "request_id",
+        "token_ids",
+        "num_prompt_tokens",
+        "sampling_params",
+        "arrival_time",
+        "status",
+        "finish_reason",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "block_table",
+        "block_hashes",
+        "generator",
+        "stop_token_ids",
+    )
+
+    def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = ()) -> None:
+        params = request.sampling_params
+        self.request_id = request.request_id
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling_params: SamplingParams = params
+        self.arrival_time = request.arrival_time
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        """Prompt tokens whose KV came from the prefix cache on the first admission (reported to the client)."""
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        """Chained hash of each full block of `token_ids`, filled lazily by the block manager."""
+        self.generator: torch.Generator | None = None
+        """Per-request RNG for seeded sampling, created by the sampler on first use."""
+        # EOS ends a request unless ignore_eos; explicit stop ids always do.
+        self.stop_token_ids: frozenset[int] = frozenset(
+            () if params.ignore_eos else eos_token_ids
+        ) | frozenset(params.stop_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, max_model_len: int, eos_token_ids: frozenset[int]) -> bool:
+        """Add a sampled token; return True (and set `finish_reason`) when the request is done."""
+        self.token_ids.append(token_id)
+        params = self.sampling_params
+        num_output = self.num_output_tokens
+        if token_id in self.stop_token_ids and num_output >= params.min_tokens:
+            is_eos = token_id in eos_token_ids and not params.ignore_eos
+            self.finish_reason = FinishReason.EOS if is_eos else FinishReason.STOP_TOKEN
+        elif num_output >= params.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = FinishReason.LENGTH
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

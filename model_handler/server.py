@@ -1,0 +1,270 @@
+"""The engine process: a ZeroMQ ROUTER socket to the HTTP workers, and the step loop around `Engine`.
+
+An I/O thread owns the socket: it queues incoming requests, forwards each step's outputs and sends heartbeats
+even while a long step or the model load holds the main thread (torch releases the GIL), so `/ping` on the
+HTTP side never waits on the engine. Run as `python -m model_handler.server --address ipc:///tmp/x.sock`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict
+from typing import Any
+
+import zmq
+
+from model_handler.request import (
+    AbortRequests,
+    EngineInfo,
+    EngineRequest,
+    FinishReason,
+    Heartbeat,
+    Hello,
+    OutputBatch,
+    RequestOutput,
+)
+
+logger = logging.getLogger("model_handler.server")
+
+HEARTBEAT_INTERVAL_S = 0.5
+_OUTBOX_ADDRESS = "inproc://engine-outbox"
+
+
+class EngineIO:
+    """Socket side of the engine process; runs in its own thread and talks to the step loop through queues."""
+
+    def __init__(self, context: zmq.Context, address: str) -> None:
+        self.inbox: queue.Queue[tuple[bytes, Any]] = queue.Queue()
+        self._context = context
+        self._address = address
+        self._workers: set[bytes] = set()
+        self._status = Heartbeat(ready=False)
+        self._stop = threading.Event()
+        self._router = context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(address)
+        self._outbox_pull = context.socket(zmq.PULL)
+        self._outbox_pull.bind(_OUTBOX_ADDRESS)
+        self._thread = threading.Thread(target=self._run, name="engine-io", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    def set_status(self, status: Heartbeat) -> None:
+        """Replace what the next heartbeats say (a single reference swap, safe across threads)."""
+        self._status = status
+
+    def outbox(self) -> zmq.Socket:
+        """A PUSH socket for the step loop's thread; zmq sockets must stay in the thread that uses them."""
+        push = self._context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(_OUTBOX_ADDRESS)
+        return push
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._outbox_pull, zmq.POLLIN)
+        next_heartbeat = 0.0
+        while not self._stop.is_set():
+            timeout_ms = max(0.0, next_heartbeat - time.monotonic()) * 1000
+            events = dict(poller.poll(timeout_ms))
+            if self._outbox_pull in events:
+                while True:
+                    try:
+                        identity, payload = self._outbox_pull.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._router.send_multipart([identity, payload])
+            if self._router in events:
+                while True:
+                    try:
+                        identity, payload = self._router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(identity, pickle.loads(payload))
+            if time.monotonic() >= next_heartbeat:
+                self._send_heartbeats()
+                next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        self._router.close(linger=0)
+        self._outbox_pull.close(linger=0)
+
+    def _on_message(self, identity: bytes, message: Any) -> None:
+        if isinstance(message, Hello):
+            self._workers.add(identity)
+            self._router.send_multipart([identity, pickle.dumps(self._status)])
+            logger.info("HTTP worker connected", extra={"worker_pid": message.worker_pid})
+        else:
+            self._workers.add(identity)
+            self.inbox.put((identity, message))
+
+    def _send_heartbeats(self) -> None:
+        payload = pickle.dumps(self._status)
+        for identity in self._workers:
+            self._router.send_multipart([identity, payload])
+
+
+class EngineServer:
+    """The step loop: admit requests, run `Engine.step()`, send each worker one batch of outputs per step."""
+
+    def __init__(self, engine: Any, io: EngineIO) -> None:
+        self.engine = engine
+        self.io = io
+        self._outbox = io.outbox()
+        self._owners: dict[str, bytes] = {}
+        self._stop = threading.Event()
+        self._info: EngineInfo = engine.info()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._admit(block=not self.engine.has_unfinished_requests())
+            if self.engine.has_unfinished_requests():
+                self._step()
+            self._publish_status()
+
+    def _admit(self, block: bool) -> None:
+        try:
+            items = [self.io.inbox.get(timeout=HEARTBEAT_INTERVAL_S)] if block else []
+        except queue.Empty:
+            return
+        while True:
+            try:
+                items.append(self.io.inbox.get_nowait())
+            except queue.Empty:
+                break
+        rejected: dict[bytes, list[RequestOutput]] = defaultdict(list)
+        for identity, message in items:
+            if isinstance(message, EngineRequest):
+                try:
+                    self.engine.add_request(message)
+                except ValueError as exc:
+                    rejected[identity].append(_failed_output(message.request_id, str(exc)))
+                    continue
+                self._owners[message.request_id] = identity
+            elif isinstance(message, AbortRequests):
+                ids = [rid for rid in message.request_ids if rid in self._owners]
+                if ids:
+                    self.engine.abort_requests(ids)
+                    for rid in ids:
+                        self._owners.pop(rid, None)
+        for identity, outputs in rejected.items():
+            self._send(identity, outputs)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:  # a failed step must not take the other requests' server down with it
+            logger.error("engine step failed", extra={"traceback": traceback.format_exc()})
+            self._fail_all("Request failed during generation: engine step raised an error")
+            return
+        by_owner: dict[bytes, list[RequestOutput]] = defaultdict(list)
+        for output in outputs:
+            identity = self._owners.get(output.request_id)
+            if identity is None:  # aborted by its worker meanwhile
+                continue
+            by_owner[identity].append(output)
+            if output.finished:
+                del self._owners[output.request_id]
+        for identity, batch in by_owner.items():
+            self._send(identity, batch)
+
+    def _fail_all(self, message: str) -> None:
+        ids = list(self._owners)
+        self.engine.abort_requests(ids)
+        by_owner: dict[bytes, list[RequestOutput]] = defaultdict(list)
+        for rid in ids:
+            by_owner[self._owners.pop(rid)].append(_failed_output(rid, message))
+        for identity, batch in by_owner.items():
+            self._send(identity, batch)
+
+    def _send(self, identity: bytes, outputs: list[RequestOutput]) -> None:
+        self._outbox.send_multipart([identity, pickle.dumps(OutputBatch(outputs), protocol=pickle.HIGHEST_PROTOCOL)])
+
+    def _publish_status(self) -> None:
+        num_running, num_waiting, num_free_blocks = self.engine.stats()
+        self.io.set_status(
+            Heartbeat(
+                ready=True,
+                info=self._info,
+                num_running=num_running,
+                num_waiting=num_waiting,
+                num_free_blocks=num_free_blocks,
+            )
+        )
+
+
+def _failed_output(request_id: str, message: str) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id, new_token_ids=[], finished=True, finish_reason=FinishReason.ERROR, error=message
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--address", required=True, help="ZeroMQ address to bind, e.g. ipc:///tmp/engine.sock")
+    args = parser.parse_args(argv)
+
+    from model_handler.logging_setup import configure_logging
+
+    configure_logging(os.environ, process="engine")
+    context = zmq.Context()
+    io = EngineIO(context, args.address)
+    io.start()
+
+    try:
+        from model_handler.config import EngineConfig
+        from model_handler.engine import Engine
+
+        config = EngineConfig.from_env(os.environ)
+        started = time.monotonic()
+        engine = Engine(config)
+    except Exception as exc:  # tell the workers why, then exit non-zero so the launcher stops the container
+        logger.error("engine failed to start", extra={"error": str(exc), "traceback": traceback.format_exc()})
+        io.set_status(Heartbeat(ready=False, error=f"engine failed to start: {exc}"))
+        time.sleep(2 * HEARTBEAT_INTERVAL_S)
+        io.stop()
+        return 1
+
+    server = EngineServer(engine, io)
+    info = engine.info()
+    logger.info(
+        "engine ready",
+        extra={
+            "model_id": info.model_id,
+            "device": info.device,
+            "dtype": info.dtype,
+            "num_kv_blocks": info.num_kv_blocks,
+            "kv_cache_bytes": info.kv_cache_bytes,
+            "attention_backend": info.attention_backend,
+            "load_seconds": round(time.monotonic() - started, 2),
+        },
+    )
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        logger.info("engine stopping", extra={"signal": signum})
+        server.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server.run()
+    io.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The HTTP worker's end of the seam: one ZeroMQ DEALER socket to the engine process, one queue per request.
+
+Everything here is cooperative (gevent + zmq.green), so a greenlet waiting for tokens never blocks the hub.
+A reader greenlet routes each step's outputs to the waiting requests; heartbeats from the engine say whether
+it is ready, and their absence says it is gone.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections.abc import Iterator
+
+import gevent
+import gevent.queue
+import zmq.green as zmq
+
+from model_handler.request import (
+    AbortRequests,
+    EngineInfo,
+    EngineRequest,
+    Heartbeat,
+    Hello,
+    OutputBatch,
+    RequestOutput,
+)
+
+logger = logging.getLogger("serve.engine_client")
+
+HEARTBEAT_TIMEOUT_S = 10.0
+"""No heartbeat for this long means the engine process is gone (it sends one every 0.5 s)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped answering while a request was in flight."""
+
+
+class RequestStream:
+    """The outputs of one engine request, in order; iterate in a greenlet, close when done or abandoned."""
+
+    def __init__(self, client: EngineClient, request_id: str) -> None:
+        self.request_id = request_id
+        self._client = client
+        self._queue: gevent.queue.Queue[RequestOutput | BaseException] = gevent.queue.Queue()
+        self.finished = False
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while not self.finished:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            if item.finished:
+                self.finished = True
+            yield item
+
+    def close(self) -> None:
+        """Abort the engine request unless it already finished (client gone, stop string hit)."""
+        if not self.finished:
+            self.finished = True
+            self._client.abort(self.request_id)
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put(item)
+
+
+class EngineClient:
+    """One per HTTP worker process; create it after the fork (the app does so lazily)."""
+
+    def __init__(self, address: str, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> None:
+        self.address = address
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IDENTITY, f"w{os.getpid()}-{uuid.uuid4().hex[:8]}".encode())
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+        self._streams: dict[str, RequestStream] = {}
+        self._last_heartbeat: Heartbeat | None = None
+        self._last_seen = 0.0
+        self._info: EngineInfo | None = None
+        self._ids = itertools.count()
+        self._closed = False
+        self._send(Hello(worker_pid=os.getpid()))
+        self._reader = gevent.spawn(self._read_loop)
+        self._watchdog = gevent.spawn(self._watch_heartbeats)
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        hb = self._last_heartbeat
+        return hb is not None and hb.ready and self.is_alive()
+
+    def is_alive(self) -> bool:
+        return self._last_seen > 0 and time.monotonic() - self._last_seen < self._heartbeat_timeout_s
+
+    @property
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    @property
+    def last_heartbeat(self) -> Heartbeat | None:
+        return self._last_heartbeat
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Cooperatively wait until the engine reports ready (tests and start-up checks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.is_ready():
+                return True
+            gevent.sleep(0.05)
+        return self.is_ready()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"{os.getpid()}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+
+    def submit(self, request: EngineRequest) -> RequestStream:
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        stream = RequestStream(self, request.request_id)
+        self._streams[request.request_id] = stream
+        self._send(request)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._send(AbortRequests([request_id]))
+
+    def close(self) -> None:
+        self._closed = True
+        self._reader.kill(block=False)
+        self._watchdog.kill(block=False)
+        self._socket.close(linger=0)
+        self._context.term()
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _send(self, message: object) -> None:
+        self._socket.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _read_loop(self) -> None:
+        while not self._closed:
+            try:
+                message = pickle.loads(self._socket.recv())
+            except zmq.ZMQError:
+                if self._closed:
+                    return
+                raise
+            if isinstance(message, OutputBatch):
+                for output in message.outputs:
+                    stream = self._streams.get(output.request_id)
+                    if stream is None:
+                        continue
+                    if output.finished:
+                        del self._streams[output.request_id]
+                    stream._put(output)
+            elif isinstance(message, Heartbeat):
+                self._last_heartbeat = message
+                self._last_seen = time.monotonic()
+                if message.info is not None:
+                    self._info = message.info
+
+    def _watch_heartbeats(self) -> None:
+        """Fail every waiting request once the engine has been silent too long, instead of hanging them."""
+        while not self._closed:
+            gevent.sleep(1.0)
+            if self._streams and self._last_seen and not self.is_alive():
+                logger.error("engine stopped sending heartbeats; failing in-flight requests")
+                streams, self._streams = self._streams, {}
+                for stream in streams.values():
+                    stream._put(EngineDeadError("the engine process stopped responding"))

@@ -1,0 +1,35 @@
+"""gunicorn settings for the HTTP workers: gevent, many connections per worker, SageMaker's timeouts.
+
+Bind address and worker count come from the launcher's command line (read from Settings).
+"""
+import os
+
+from model_handler.logging_setup import parse_log_level
+
+worker_class = "gevent"
+worker_connections = 1000
+# The gevent worker heartbeats from its hub; only a hub blocked this long gets the worker restarted.
+timeout = 120
+# SageMaker sends SIGKILL 30 s after SIGTERM: finish in-flight requests within that.
+graceful_timeout = 25
+keepalive = 75
+accesslog = None
+loglevel = "warning" if parse_log_level(os.environ) > 20 else "info"
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "{asctime}{levelname}{name}{message}",
+            "style": "{",
+            "rename_fields": {"levelname": "level", "asctime": "time", "name": "logger"},
+            "static_fields": {"process_name": "gunicorn"},
+        }
+    },
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
+        "gunicorn.access": {"handlers": ["stdout"], "level": "WARNING", "propagate": False},
+    },
+}

@@ -1,0 +1,115 @@
+"""Starts and watches the two processes: the engine first, then gunicorn with gevent workers.
+
+SIGTERM drains: gunicorn stops accepting and finishes in-flight requests (the engine keeps serving them),
+then the engine stops; exit 0. If either child dies on its own, the other is stopped and we exit non-zero,
+so SageMaker replaces the instance instead of keeping a half-dead container.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+
+from model_handler.logging_setup import configure_logging
+from serve.settings import Settings
+
+logger = logging.getLogger("serve.launcher")
+
+DRAIN_TIMEOUT_S = 25.0
+"""SageMaker sends SIGKILL 30 s after SIGTERM; leave time for the engine to stop after the drain."""
+
+
+class Launcher:
+    def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self._socket_dir = tempfile.mkdtemp(prefix="sm-llm-")
+        self.engine_address = f"ipc://{self._socket_dir}/engine.sock"
+        self._env = {**environ, "ENGINE_ADDRESS": self.engine_address}
+        self.engine: subprocess.Popen | None = None
+        self.http: subprocess.Popen | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self.engine = subprocess.Popen(
+            [sys.executable, "-m", "model_handler.server", "--address", self.engine_address], env=self._env
+        )
+        # gunicorn starts at once: /ping answers 503 while the model loads instead of refusing connections.
+        self.http = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--config",
+                "python:serve.gunicorn_conf",
+                "--bind",
+                f"{self.settings.host}:{self.settings.port}",
+                "--workers",
+                str(self.settings.num_workers),
+                "serve.wsgi:app",
+            ],
+            env=self._env,
+        )
+        logger.info(
+            "launched",
+            extra={"engine_pid": self.engine.pid, "http_pid": self.http.pid, "port": self.settings.port},
+        )
+
+    def request_stop(self, signum: int, _frame: object) -> None:
+        logger.info("stop requested", extra={"signal": signum})
+        self._stopping = True
+
+    def supervise(self) -> int:
+        """Wait until a stop is requested or a child exits; returns the process exit code."""
+        children = [("engine", self.engine), ("http", self.http)]
+        while not self._stopping:
+            for name, child in children:
+                code = child.poll() if child is not None else 1
+                if code is not None:
+                    logger.error("child process exited; stopping", extra={"child": name, "exit_code": code})
+                    self.stop()
+                    return code if code else 1
+            time.sleep(0.2)
+        self.stop()
+        return 0
+
+    def stop(self) -> None:
+        """Drain HTTP first (in-flight requests still need the engine), then stop the engine."""
+        _terminate(self.http, DRAIN_TIMEOUT_S)
+        _terminate(self.engine, 4.0)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _terminate(child: subprocess.Popen | None, timeout_s: float) -> None:
+    if child is None or child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `container/serve`; extra arguments (SageMaker passes `serve`) are ignored."""
+    try:
+        configure_logging(os.environ, process="launcher")
+        settings = Settings.from_env(os.environ)
+    except ValueError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    launcher = Launcher(settings, os.environ)
+    signal.signal(signal.SIGTERM, launcher.request_stop)
+    signal.signal(signal.SIGINT, launcher.request_stop)
+    launcher.start()
+    return launcher.supervise()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,104 @@
+"""The seam between HTTP workers and the engine process: a real engine process and a real EngineClient."""
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from model_handler.request import EngineRequest, FinishReason
+from model_handler.sampling_params import SamplingParams
+from serve.engine_client import EngineClient, EngineDeadError
+from tests.live import start_engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    handle = start_engine()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture()
+def client(engine):
+    client = EngineClient(engine.address)
+    assert client.wait_ready(30), "engine never reported ready to a new client"
+    start_free = client.last_heartbeat.num_free_blocks
+    yield client
+    # Every test must leave the KV cache as it found it (aborted and finished requests free their blocks).
+    for _ in range(40):
+        gevent.sleep(0.25)
+        if client.last_heartbeat.num_free_blocks == start_free and client.last_heartbeat.num_running == 0:
+            break
+    assert client.last_heartbeat.num_free_blocks == start_free
+    client.close()
+
+
+def _request(client: EngineClient, prompt: list[int], **params) -> EngineRequest:
+    return EngineRequest(client.new_request_id(), prompt, SamplingParams(**params))
+
+
+def _collect(client: EngineClient, request: EngineRequest) -> tuple[list[int], FinishReason | None]:
+    tokens: list[int] = []
+    reason = None
+    for output in client.submit(request):
+        tokens += output.new_token_ids
+        reason = output.finish_reason
+    return tokens, reason
+
+
+def test_info_describes_the_loaded_model(client):
+    info = client.info
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.max_model_len > 0 and info.num_kv_blocks > 0 and info.eos_token_ids
+    assert info.device == "cpu" and info.attention_backend == "torch"
+
+
+def test_greedy_request_runs_to_max_tokens(client):
+    tokens, reason = _collect(client, _request(client, [1, 5, 9, 33], max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert len(tokens) == 12 and reason == FinishReason.LENGTH
+    again, _ = _collect(client, _request(client, [1, 5, 9, 33], max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert again == tokens
+
+
+def test_concurrent_greenlets_get_independent_outputs(client):
+    prompts = [[1, 7 + i, 40 + 2 * i, 99] for i in range(8)]
+    alone = [_collect(client, _request(client, p, max_tokens=10, temperature=0.0, ignore_eos=True))[0] for p in prompts]
+    jobs = [
+        gevent.spawn(_collect, client, _request(client, p, max_tokens=10, temperature=0.0, ignore_eos=True))
+        for p in prompts
+    ]
+    gevent.joinall(jobs, timeout=60, raise_error=True)
+    assert [job.value[0] for job in jobs] == alone
+
+
+def test_closing_a_stream_aborts_the_engine_request(client):
+    stream = client.submit(_request(client, [1, 2, 3], max_tokens=500, temperature=0.0, ignore_eos=True))
+    first = next(iter(stream))
+    assert first.new_token_ids
+    stream.close()
+    assert client.num_in_flight == 0
+
+
+def test_request_that_cannot_fit_fails_alone(client):
+    too_long = list(range(1, 5)) * 2000
+    tokens, reason = _collect(client, _request(client, too_long, max_tokens=4))
+    assert tokens == [] and reason == FinishReason.ERROR
+    ok, _ = _collect(client, _request(client, [1, 2], max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(ok) == 3
+
+
+def test_engine_death_fails_waiting_requests():
+    handle = start_engine()
+    client = EngineClient(handle.address, heartbeat_timeout_s=2.0)
+    try:
+        assert client.wait_ready(30)
+        stream = client.submit(_request(client, [1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True))
+        iterator = iter(stream)
+        next(iterator)
+        handle.process.kill()
+        with pytest.raises(EngineDeadError):
+            for _ in iterator:
+                pass
+        assert not client.is_ready()
+    finally:
+        client.close()
+        handle.stop()
