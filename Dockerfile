@@ -35,7 +35,7 @@ ENV PYTHONUNBUFFERED=1 \
 # not reinstalled. Dependencies come first, from setup.cfg alone, so code edits keep this layer cached.
 COPY setup.cfg pyproject.toml /tmp/src/
 RUN python3 -m venv --system-site-packages /opt/venv \
-    && python -c "import configparser, os; c = configparser.ConfigParser(); c.read('/tmp/src/setup.cfg'); print(os.environ['TORCH_REQUIREMENT'] + c['options']['install_requires'])" > /tmp/src/requirements.txt \
+    && python -c "import configparser, os, sys; c = configparser.ConfigParser(); c.read(sys.argv[1]); print(os.environ.get('TORCH_REQUIREMENT', '') + c['options']['install_requires'])" /tmp/src/setup.cfg > /tmp/src/requirements.txt \
     && pip install --no-cache-dir -r /tmp/src/requirements.txt \
     && mkdir -p /opt/ml/model /home/app/.cache \
     && chmod -R 1777 /home/app

@@ -20,13 +20,15 @@ class RequestResult:
     text: str = ""
     output_tokens: int | None = None  # None until known (usage or re-tokenizing)
     tokens_from_usage: bool = False
+    retokenized_tokens: int | None = None  # the streamed text re-encoded: a cross-check of the server's count
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    completed: bool = False  # the server ended the stream properly (finish_reason or [DONE])
     error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.error is None and bool(self.chunk_times)
+        return self.error is None and self.completed
 
     @property
     def ttft(self) -> float:
@@ -68,7 +70,9 @@ class LevelMetrics:
     prompt_tokens_min: int | None
     prompt_tokens_max: int | None
     tokens_counted_by: str  # "usage", "retokenized" or "mixed"
+    total_retokenized_tokens: int | None  # sum over ok requests of the text re-encoded (differs for byte junk)
     num_chunks: int
+    num_without_content: int  # ok requests whose tokens all decoded to nothing: no TTFT or ITL from them
     finish_reasons: dict[str, int]
     errors: list[str]
 
@@ -101,9 +105,10 @@ def summarize(results: list[RequestResult], concurrency: int) -> LevelMetrics:
     duration = max(r.end for r in results) - min(r.start for r in results)
     out_counts = [r.output_tokens or 0 for r in ok]
     total_out = sum(out_counts)
-    ttfts = [r.ttft * 1e3 for r in ok]
-    itls = [gap * 1e3 for r in ok for gap in r.inter_chunk_gaps()]
-    tpots = [(r.latency - r.ttft) * 1e3 / (n - 1) for r, n in zip(ok, out_counts) if n > 1]
+    timed = [(r, n) for r, n in zip(ok, out_counts) if r.chunk_times]
+    ttfts = [r.ttft * 1e3 for r, _ in timed]
+    itls = [gap * 1e3 for r, _ in timed for gap in r.inter_chunk_gaps()]
+    tpots = [(r.latency - r.ttft) * 1e3 / (n - 1) for r, n in timed if n > 1]
     e2es = [r.latency * 1e3 for r in ok]
     prompt_counts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     by_usage = {r.tokens_from_usage for r in ok}
@@ -135,7 +140,10 @@ def summarize(results: list[RequestResult], concurrency: int) -> LevelMetrics:
         prompt_tokens_min=min(prompt_counts, default=None),
         prompt_tokens_max=max(prompt_counts, default=None),
         tokens_counted_by=counted_by,
+        total_retokenized_tokens=None if any(r.retokenized_tokens is None for r in ok) else sum(
+            r.retokenized_tokens for r in ok),
         num_chunks=sum(len(r.chunk_times) for r in ok),
+        num_without_content=len(ok) - len(timed),
         finish_reasons=reasons,
         errors=sorted({r.error for r in results if r.error is not None})[:5],
     )

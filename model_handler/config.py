@@ -71,7 +71,18 @@ class EngineConfig:
             raise ValueError(
                 f"MAX_TOTAL_TOKENS={max_model_len} is larger than the model's max_position_embeddings ({max_pos})"
             )
-        max_num_seqs = _int(environ, "MAX_BATCH_SIZE", DEFAULT_MAX_NUM_SEQS[kind], minimum=1)
+        max_num_batched_tokens = _int(
+            environ, "MAX_BATCH_PREFILL_TOKENS", DEFAULT_MAX_BATCHED_TOKENS[kind], minimum=1
+        )
+        # Every running sequence must be able to decode in every step, so the batch fits the token budget.
+        max_num_seqs = _int(
+            environ, "MAX_BATCH_SIZE", min(DEFAULT_MAX_NUM_SEQS[kind], max_num_batched_tokens), minimum=1
+        )
+        if max_num_seqs > max_num_batched_tokens:
+            raise ValueError(
+                f"MAX_BATCH_SIZE={max_num_seqs} is larger than MAX_BATCH_PREFILL_TOKENS={max_num_batched_tokens}: "
+                "each running sequence needs one token of the step budget"
+            )
         block_size = _int(environ, "KV_CACHE_BLOCK_SIZE", 16, minimum=1)
         if block_size & (block_size - 1) or block_size > 256:
             raise ValueError(f"KV_CACHE_BLOCK_SIZE={block_size} must be a power of two no larger than 256")
@@ -89,9 +100,7 @@ class EngineConfig:
             device=device,
             dtype=_dtype(environ, kind),
             max_model_len=max_model_len,
-            max_num_batched_tokens=_int(
-                environ, "MAX_BATCH_PREFILL_TOKENS", DEFAULT_MAX_BATCHED_TOKENS[kind], minimum=1
-            ),
+            max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs,
             block_size=block_size,
             kv_cache_cpu_bytes=_bytes(environ, "KV_CACHE_CPU_BYTES", DEFAULT_KV_CACHE_CPU_BYTES),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
+from model_handler.models import resolve_architecture
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,14 +73,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf_config: PretrainedConfig, model_dir: str | Path | None = None) -> "ModelConfig":
-        from model_handler.models import resolve_architecture  # the registry imports torch; keep it lazy
-
         generation: dict = {}
         if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
             generation = json.loads((Path(model_dir) / "generation_config.json").read_text())
         # generation_config.json is what HF's generate() stops on; it may list several ids (Llama 3).
-        eos_token_ids = _as_id_list(generation.get("eos_token_id", hf_config.eos_token_id))
-        bos_token_id = generation.get("bos_token_id", hf_config.bos_token_id)
+        eos_token_ids = _as_id_list(generation.get("eos_token_id", getattr(hf_config, "eos_token_id", None)))
+        bos_token_id = generation.get("bos_token_id", getattr(hf_config, "bos_token_id", None))
         num_heads = hf_config.num_attention_heads
         max_positions = hf_config.max_position_embeddings
         window = sliding_window_of(hf_config)

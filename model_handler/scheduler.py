@@ -63,6 +63,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+        """Running total, for metrics and tests."""
 
     @property
     def num_unfinished(self) -> int:
@@ -151,6 +153,7 @@ class Scheduler:
         return sampled
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING

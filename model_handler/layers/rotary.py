@@ -1,9 +1,9 @@
-"""Rotary position embedding: a cos/sin table built once from HF's rope init functions, applied in place of
-HF's `rotate_half` formula with one roll and one fused multiply-add per call.
+"""Rotary position embedding: a cos/sin table built once from HF's rope init functions, applied with one
+roll and one fused multiply-add instead of HF's `rotate_half` formula (same result).
 
 Every rope type transformers knows (default, linear, dynamic, yarn, longrope, llama3) is computed by
-`transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`; "dynamic" and "longrope" use their static
-(original-length) frequencies, as HF does until a sequence outgrows the original context.
+`transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`. "dynamic" and "longrope" keep their frequencies for
+the original context; HF recomputes them once a sequence outgrows it, so beyond that point they differ.
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ def rope_inv_freq(hf_config: PretrainedConfig, head_dim: int) -> tuple[torch.Ten
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float32) / head_dim
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / head_dim
         return 1.0 / (base**exponents), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    with torch.device("cpu"):  # HF's helpers make some tensors without a device; keep them off the loader's GPU
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
     return inv_freq.to(torch.float32), float(attention_scaling)
 
 
@@ -35,26 +36,29 @@ class RotaryEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         self.rotary_dim = 2 * inv_freq.numel()
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq.to(torch.float32))  # [max_position, rotary_dim // 2]
+        # Built on the CPU in fp32 whatever the target, then moved to the default device (the loader's).
+        positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, inv_freq.to("cpu", torch.float32))  # [max_position, rotary_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, rotary_dim]
         cos = emb.cos() * attention_scaling
         sin = emb.sin() * attention_scaling
         half = self.rotary_dim // 2
         # rotate_half(x) = cat(-x2, x1) = roll(x, half) * [-1.., +1..]: fold the sign into sin once here.
         sin[:, :half] = -sin[:, :half]
-        cache = torch.stack((cos, sin), dim=1).to(dtype)  # [max_position, 2, rotary_dim]
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        cache = torch.stack((cos, sin), dim=1)  # [max_position, 2, rotary_dim]
+        self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device(), dtype), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> torch.Tensor:
         """cos/sin rows for this step, shared by every layer: [num_tokens, 2, 1, rotary_dim]."""
         return self.cos_sin_cache.index_select(0, positions).unsqueeze(2)
 
-    def apply(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [num_tokens, num_heads, head_dim] (any row stride) into a new contiguous tensor."""
-        cos, sin = cos_sin[:, 0], cos_sin[:, 1]  # [num_tokens, 1, rotary_dim] each
-        if self.rotary_dim == x.shape[-1]:
-            return torch.addcmul(x * cos, x.roll(self.rotary_dim // 2, dims=-1), sin)
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        rotated = torch.addcmul(rot * cos, rot.roll(self.rotary_dim // 2, dims=-1), sin)
-        return torch.cat((rotated, rest), dim=-1)  # [num_tokens, num_heads, head_dim]
+
+def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [num_tokens, num_heads, head_dim] (any row stride) by `lookup`'s rows; returns a new tensor."""
+    cos, sin = cos_sin[:, 0], cos_sin[:, 1]  # [num_tokens, 1, rotary_dim] each
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(rotary_dim // 2, dims=-1), sin)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated = torch.addcmul(rot * cos, rot.roll(rotary_dim // 2, dims=-1), sin)
+    return torch.cat((rotated, rest), dim=-1)  # [num_tokens, num_heads, head_dim]

@@ -1,0 +1,136 @@
+"""Engine: requests in, one scheduler step at a time, token outputs out (token ids only, no text).
+
+`step()` is the whole loop: schedule -> model runner -> sampler -> scheduler update -> RequestOutputs.
+The engine process (`server.py`) drives it; tests and benchmarks can drive it directly.
+"""
+from __future__ import annotations
+
+import logging
+
+from model_handler.block_manager import BlockManager
+from model_handler.config import EngineConfig
+from model_handler.model_config import ModelConfig
+from model_handler.model_runner import ModelRunner
+from model_handler.request import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
+from model_handler.sampler import Sampler
+from model_handler.scheduler import Scheduler
+from model_handler.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        """Load the model, size and allocate the KV cache, warm up (and capture CUDA graphs on GPU)."""
+        if config.tensor_parallel_size != 1:
+            raise ValueError(
+                f"SM_NUM_GPUS/NUM_SHARD={config.tensor_parallel_size}: this engine runs on one device; "
+                "tensor parallelism is not wired into it yet (set SM_NUM_GPUS=1)"
+            )
+        self.config = config
+        self.model_config = ModelConfig.from_model_dir(config.model_dir)
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self.model_runner = ModelRunner(config, self.model_config)
+        self.block_manager = BlockManager(
+            self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.max_model_len,
+            self.eos_token_ids,
+        )
+        self.sampler = Sampler(self.model_runner.device, config.seed)
+        self._aborted: list[RequestOutput] = []
+        logger.info("engine ready: %s", self.info())
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; ValueError when it could never run (too long, bad ids, duplicate id)."""
+        self._validate(request)
+        self.scheduler.add(Sequence(request, self.eos_token_ids))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Free the requests' KV blocks now; each gets a finished ABORTED output from the next step()."""
+        for seq in self.scheduler.abort(request_ids):
+            self._aborted.append(self._output(seq, [], None))
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return outputs
+        logits = self.model_runner.execute(scheduled)  # [num_sampling, vocab]
+        sampled = self.sampler(logits, [e.seq for e in scheduled.scheduled if e.samples])
+        seqs = self.scheduler.update_from_output(scheduled, sampled.token_ids)
+        logprobs = sampled.logprobs or [None] * len(seqs)
+        outputs += [self._output(seq, [seq.token_ids[-1]], lp) for seq, lp in zip(seqs, logprobs)]
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._aborted)
+
+    def stats(self) -> tuple[int, int, int]:
+        """(num_running, num_waiting, num_free_blocks)."""
+        return len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.num_free_blocks
+
+    def info(self) -> EngineInfo:
+        config, runner = self.config, self.model_runner
+        return EngineInfo(
+            model_id=config.model_id or str(config.model_dir),
+            model_dir=str(config.model_dir),
+            architecture=self.model_config.architecture,
+            dtype=config.dtype,
+            device=str(runner.device),
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_kv_blocks=runner.num_kv_blocks,
+            kv_cache_bytes=runner.kv_cache_bytes,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            eos_token_ids=list(self.eos_token_ids),
+            vocab_size=self.model_config.vocab_size,
+            attention_backend=runner.backend.name,
+            cuda_graphs=runner.graph_runner is not None,
+            prefix_caching=config.enable_prefix_caching,
+            tensor_parallel_size=config.tensor_parallel_size,
+        )
+
+    @staticmethod
+    def _output(seq: Sequence, new_token_ids: list[int], logprob: TokenLogprob | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            new_logprobs=None if logprob is None else [logprob],
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    def _validate(self, request: EngineRequest) -> None:
+        prompt, params = request.prompt_token_ids, request.sampling_params
+        max_len = self.config.max_model_len
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        vocab_size = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        if len(prompt) + params.max_tokens > max_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model length "
+                f"{max_len} (MAX_TOTAL_TOKENS)"
+            )
+        # The last sampled token is never fed back, so its KV needs no slot.
+        num_blocks = -(-(len(prompt) + params.max_tokens - 1) // self.config.block_size)
+        if num_blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {num_blocks} KV blocks but the cache holds "
+                f"{self.block_manager.num_blocks}"
+            )
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and repetition_penalty > 0")
+        if params.logprobs is not None and not 0 <= params.logprobs <= vocab_size:
+            raise ValueError(f"logprobs must be between 0 and {vocab_size}")

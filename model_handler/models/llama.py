@@ -1,0 +1,238 @@
+"""The Llama family over a flat batch and a paged KV cache: Llama 2/3, Mistral, Qwen2 (qkv bias) and
+Qwen3 (per-head q/k RMSNorm), tied or untied embeddings, tensor-parallel ready.
+
+Parameter names follow HF's except the fused `qkv_proj` and `gate_up_proj`; `packed_modules_mapping`
+tells `weights.py` how the HF tensors fill them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from model_handler.kernels import AttentionBackend
+from model_handler.layers.activation import SiluAndMul
+from model_handler.layers.attention import PagedAttention
+from model_handler.layers.attention_metadata import AttentionMetadata
+from model_handler.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from model_handler.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from model_handler.layers.norm import RMSNorm
+from model_handler.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from model_handler.model_config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(slots=True)
+class FamilySpec:
+    """What differs between the family members' layers."""
+
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+
+@dataclass(slots=True)
+class ParallelSpec:
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    @property
+    def kwargs(self) -> dict[str, int]:
+        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        hf_config: PretrainedConfig,
+        config: ModelConfig,
+        spec: FamilySpec,
+        backend: AttentionBackend,
+        tp: ParallelSpec,
+    ) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, spec.qkv_bias, **tp.kwargs
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(
+            config.num_heads * config.head_dim, config.hidden_size, spec.o_bias, **tp.kwargs
+        )
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, hf_config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, hf_config.rms_norm_eps)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: KVCache, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)  # [T, H+2Hkv, D]
+        # q and k sit side by side in the fused output, so one norm and one rope call cover both.
+        qk = qkv[:, :num_qk_heads]  # [T, H + Hkv, D]
+        if self.qk_norm:
+            weight = torch.cat(
+                (self.q_norm.weight.expand(self.num_heads, -1), self.k_norm.weight.expand(self.num_kv_heads, -1))
+            )  # [H + Hkv, D]
+            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * weight
+        qk = apply_rotary(qk, cos_sin)  # [T, H + Hkv, D]
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, Hkv, D]
+        v = qkv[:, num_qk_heads:]  # [T, Hkv, D]
+        out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, H * D]
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: ParallelSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], bias, **tp.kwargs
+        )
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, **tp.kwargs)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I/tp] -> [T, I/tp] -> [T, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        hf_config: PretrainedConfig,
+        config: ModelConfig,
+        spec: FamilySpec,
+        backend: AttentionBackend,
+        tp: ParallelSpec,
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(hf_config, config, spec, backend, tp)
+        self.mlp = LlamaMLP(config.hidden_size, hf_config.intermediate_size, spec.mlp_bias, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: torch.Tensor,
+        kv_cache: KVCache,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm.forward_with_residual(x, residual)
+        x = self.self_attn(x, cos_sin, kv_cache, attn_metadata)
+        x, residual = self.post_attention_layernorm.forward_with_residual(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self,
+        hf_config: PretrainedConfig,
+        config: ModelConfig,
+        spec: FamilySpec,
+        backend: AttentionBackend,
+        tp: ParallelSpec,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp.kwargs)
+        inv_freq, attention_scaling = rope_inv_freq(hf_config, config.head_dim)
+        self.rotary_emb = RotaryEmbedding(
+            inv_freq, attention_scaling, hf_config.max_position_embeddings, torch.get_default_dtype()
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, config, spec, backend, tp) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos_sin = self.rotary_emb.lookup(positions)  # [T, 2, 1, rotary_dim], shared by all layers
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer(x, residual, cos_sin, kv_cache, attn_metadata)
+        x, _ = self.norm.forward_with_residual(x, residual)
+        return x  # [T, hidden]
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint module name -> (our fused module, shard id passed to its weight loader)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    # checkpoint tensors with no parameter here (old checkpoints saved the rope buffer)
+    ignored_weight_suffixes = ("rotary_emb.inv_freq",)
+
+    def __init__(
+        self,
+        hf_config: PretrainedConfig,
+        config: ModelConfig,
+        attention_backend: AttentionBackend,
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        tp = ParallelSpec(tp_rank, tp_size)
+        self.model = LlamaModel(hf_config, config, self.family_spec(hf_config), attention_backend, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp.kwargs)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.num_kv_heads_per_rank = self.model.layers[0].self_attn.num_kv_heads if config.num_layers else 0
+
+    @classmethod
+    def family_spec(cls, hf_config: PretrainedConfig) -> FamilySpec:
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        return FamilySpec(
+            qkv_bias=attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            qk_norm=False,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[KVCache],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)  # [T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)  # [N, vocab] float32
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama layers without biases; its sliding window is honoured by capping the context (model_config)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def family_spec(cls, hf_config: PretrainedConfig) -> FamilySpec:
+        return FamilySpec(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def family_spec(cls, hf_config: PretrainedConfig) -> FamilySpec:
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        return FamilySpec(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True)

@@ -1,0 +1,152 @@
+"""Batched token choice: penalties, min_tokens, temperature, top-k/top-p, seeds, logprobs.
+
+One `.tolist()` of the chosen ids is the only host sync (plus one for logprobs when a row asks for them).
+Sampling uses the exponential race `argmax(probs / Exponential(1))`: it needs no multinomial, and a seeded
+row draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+import torch
+
+from model_handler.request import TokenLogprob
+from model_handler.sequence import Sequence
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] | None = None
+    """Per row, when any row asked for logprobs; None for the rows that did not."""
+
+
+def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """How often each token occurs in each row: [num_rows, vocab_size] float32."""
+    width = max((len(r) for r in rows), default=0)
+    if width == 0:
+        return torch.zeros(len(rows), vocab_size, device=device)
+    padded = [r + [vocab_size] * (width - len(r)) for r in rows]  # vocab_size is a spill column for padding
+    ids = torch.tensor(padded, dtype=torch.int64).to(device, non_blocking=True)  # [N, width]
+    counts = torch.zeros(len(rows), vocab_size + 1, device=device)  # [N, V + 1]
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        """Noise for rows without a seed of their own (SEED makes a whole run repeatable)."""
+
+    def __call__(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> SamplerOutput:
+        """Choose one token per row of `logits` [num_seqs, vocab] for the matching sequence."""
+        params = [s.sampling_params for s in seqs]
+        suppress = [
+            (i, t) for i, s in enumerate(seqs) if s.num_output_tokens < params[i].min_tokens for t in s.stop_token_ids
+        ]
+        has_penalty = any(
+            p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params
+        )
+        wants_logprobs = any(p.logprobs is not None for p in params)
+        if not suppress and not has_penalty and not wants_logprobs and all(p.is_greedy for p in params):
+            return SamplerOutput(logits.argmax(dim=-1).tolist())  # the common greedy path: one op, one sync
+
+        raw = logits
+        logits = logits.float().clone()  # [N, V]
+        if suppress:
+            rows, cols = zip(*suppress)
+            logits[list(rows), list(cols)] = float("-inf")
+        if has_penalty:
+            logits = self._apply_penalties(logits, seqs)
+        chosen = logits.argmax(dim=-1)  # [N], greedy rows keep this
+        sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if sample_rows:
+            sampled = self._sample(logits, seqs, sample_rows)  # [N]
+            is_sampled = torch.zeros(len(params), dtype=torch.bool)
+            is_sampled[sample_rows] = True
+            chosen = torch.where(is_sampled.to(logits.device, non_blocking=True), sampled, chosen)
+        if not wants_logprobs:
+            return SamplerOutput(chosen.tolist())
+        return self._with_logprobs(raw, chosen, params)
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> torch.Tensor:
+        num_rows, vocab_size = logits.shape
+        params = [s.sampling_params for s in seqs]
+        device = logits.device
+        out_counts = _token_counts([s.output_token_ids for s in seqs], vocab_size, device)  # [N, V]
+        rep = [p.repetition_penalty for p in params]
+        if any(r != 1.0 for r in rep):
+            # CTRL/HF: the penalty covers prompt and output; positive logits shrink, negative ones grow.
+            prompt_counts = _token_counts(
+                [s.prompt_token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)],
+                vocab_size,
+                device,
+            )
+            seen = (prompt_counts + out_counts) > 0  # [N, V]
+            penalty = torch.tensor(rep, dtype=logits.dtype).to(device)[:, None].expand_as(logits)  # [N, V]
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(seen, penalized, logits)
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype).to(device)  # [N]
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype).to(device)  # [N]
+        return logits - freq[:, None] * out_counts - pres[:, None] * (out_counts > 0).to(logits.dtype)
+
+    def _sample(self, logits: torch.Tensor, seqs: SequenceOf[Sequence], rows: list[int]) -> torch.Tensor:
+        """Temperature, top-k, top-p, then the exponential race; returns a token per row (greedy rows unused)."""
+        params = [s.sampling_params for s in seqs]
+        device = logits.device
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=logits.dtype)
+        logits = logits / temps.to(device, non_blocking=True)[:, None]  # [N, V]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            logits = self._top_k_top_p(logits, params)
+        probs = torch.softmax(logits, dim=-1)  # [N, V]
+        noise = torch.empty_like(probs)  # [N, V]
+        seeded = [i for i in rows if params[i].seed is not None]
+        if len(seeded) < len(rows):
+            noise.exponential_(generator=self.generator)
+        for i in seeded:
+            seq = seqs[i]
+            if seq.generator is None:
+                seq.generator = torch.Generator(device=device)
+                seq.generator.manual_seed(params[i].seed)
+            noise[i].exponential_(generator=seq.generator)  # the row's own stream: batch-independent
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_top_p(logits: torch.Tensor, params: list) -> torch.Tensor:
+        num_rows, vocab_size = logits.shape
+        device = logits.device
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]).to(device)  # [N]
+        top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype).to(device)  # [N]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
+        rank = torch.arange(vocab_size, device=device)[None, :]  # [1, V]
+        drop = rank >= top_k[:, None]  # [N, V]
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)  # [N, V]
+        # Keep the smallest head whose mass reaches top_p: drop a token once the mass before it does.
+        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+    @staticmethod
+    def _with_logprobs(raw: torch.Tensor, chosen: torch.Tensor, params: list) -> SamplerOutput:
+        """Logprobs of the model's distribution (before penalties and temperature), as OpenAI reports them."""
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        rows_t = torch.tensor(rows).to(raw.device)
+        logprobs = torch.log_softmax(raw[rows_t].float(), dim=-1)  # [R, V]
+        chosen_lp = logprobs.gather(1, chosen[rows_t][:, None])[:, 0]  # [R]
+        k_max = max(params[i].logprobs for i in rows)
+        top_lp, top_ids = logprobs.topk(k_max, dim=-1)  # [R, k_max]; k_max may be 0
+        chosen_list, chosen_lp, top_lp, top_ids = (
+            chosen.tolist(),
+            chosen_lp.tolist(),
+            top_lp.tolist(),
+            top_ids.tolist(),
+        )
+        result: list[TokenLogprob | None] = [None] * len(params)
+        for j, i in enumerate(rows):
+            k = params[i].logprobs
+            result[i] = TokenLogprob(chosen_list[i], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
+        return SamplerOutput(chosen_list, result)

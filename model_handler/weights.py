@@ -1,0 +1,111 @@
+"""Safetensors checkpoints (one file or sharded with an index) -> model parameters.
+
+HF tensor names are mapped onto our fused parameters through the model's `packed_modules_mapping`; each
+parameter's `weight_loader` cuts its tensor-parallel shard and converts the dtype. Every parameter (and
+every shard of a fused one) must be filled exactly once, and every checkpoint tensor must land somewhere.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from model_handler.layers.linear import default_weight_loader
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model folder: the index's shards, else model.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index} names shard files that are absent: {', '.join(missing)}")
+        return files
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    raise ValueError(
+        f"no safetensors weights in {model_dir}: expected {SINGLE_FILE} or {INDEX_FILE} "
+        "(pytorch_model.bin checkpoints are not supported)"
+    )
+
+
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, on CPU, one file open at a time."""
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _target(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    """Our parameter name and shard id for an HF tensor name."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            fused, shard_id = packed[part]
+            return ".".join([*parts[:i], fused, *parts[i + 1 :]]), shard_id
+    return name, None
+
+
+def _hf_names(param_name: str, shard_id: object, packed: dict[str, tuple[str, object]]) -> str:
+    """The checkpoint name that should have filled (param_name, shard_id), for error messages."""
+    if shard_id is None:
+        return param_name
+    for hf_module, (fused, sid) in packed.items():
+        if sid == shard_id and f".{fused}." in f".{param_name}":
+            return param_name.replace(fused, hf_module)
+    return f"{param_name}[{shard_id}]"
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`; ValueError names what is off."""
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    ignored: tuple[str, ...] = getattr(model, "ignored_weight_suffixes", ())
+    params = dict(model.named_parameters())  # a tied lm_head shares embed_tokens' Parameter: listed once
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+
+    expected: set[tuple[str, object]] = set()
+    for param_name in params:
+        module_name = param_name.split(".")[-2] if "." in param_name else ""
+        shard_ids = [sid for fused, sid in packed.values() if fused == module_name]
+        expected.update((param_name, sid) for sid in (shard_ids or [None]))
+
+    loaded: set[tuple[str, object]] = set()
+    unexpected: list[str] = []
+    for name, tensor in iter_checkpoint(model_dir):
+        if name.endswith(ignored) or (tied and name == "lm_head.weight"):
+            continue
+        param_name, shard_id = _target(name, packed)
+        param = params.get(param_name)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            with torch.no_grad():
+                loader(param, tensor, shard_id)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint weight {name!r} does not fit {param_name!r}: {exc}") from exc
+        loaded.add((param_name, shard_id))
+
+    if unexpected:
+        raise ValueError(
+            f"checkpoint in {model_dir} has weights the model does not use: {', '.join(sorted(unexpected)[:10])}"
+            + (f" (and {len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
+        )
+    missing = sorted(_hf_names(p, s, packed) for p, s in expected - loaded)
+    if missing:
+        raise ValueError(
+            f"checkpoint in {model_dir} is missing weights: {', '.join(missing[:10])}"
+            + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+        )

@@ -1,0 +1,50 @@
+"""Per-request helpers the route modules share: this worker's state, the request record, the JSON body."""
+from __future__ import annotations
+
+import json
+
+from flask import Response, current_app, g, request
+
+from serve.errors import ApiError, Dialect, ErrorKind
+from serve.logging_setup import RequestRecord
+from serve.state import ServeState
+from serve.streaming import dumps
+
+
+def current_state() -> ServeState:
+    return current_app.extensions["serve"]
+
+
+def current_record() -> RequestRecord:
+    return g.record
+
+
+def set_dialect(dialect: Dialect) -> None:
+    """Errors from here on are shown in this dialect (set once the body's shape is known)."""
+    g.dialect = dialect
+    g.record.dialect = dialect.value
+
+
+def current_dialect() -> Dialect:
+    return getattr(g, "dialect", Dialect.TGI)
+
+
+def read_json() -> object:
+    """The decoded body, whatever its Content-Type says (SageMaker and curl users send all kinds)."""
+    data = request.get_data(cache=True)
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(ErrorKind.BAD_JSON, str(exc)) from None
+
+
+def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(error: ApiError, dialect: Dialect | None = None) -> Response:
+    """An error as JSON in the route's dialect, with that dialect's status code."""
+    dialect = dialect or current_dialect()
+    if hasattr(g, "record"):
+        g.record.error, g.record.error_kind = error.message, error.kind.value
+    return json_response(error.body(dialect), status=error.status(dialect))

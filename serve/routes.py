@@ -1,0 +1,115 @@
+"""The small routes: health (`/ping`, `/health`, `GET /`), `/info`, `/v1/models`, `/metrics`, `/tokenize`.
+
+Health answers from the last engine heartbeat only, so it is instant even while the engine is busy or gone.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from serve.context import current_state, json_response, read_json, set_dialect
+from serve.errors import UNHEALTHY_BODY, ApiError, Dialect, ErrorKind
+from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serve.responses import SERVER_VERSION
+from serve.schemas import parse_body
+from serve.schemas_openai import ChatCompletionRequest
+from serve.schemas_tgi import GenerateRequest
+
+blueprint = Blueprint("basic", __name__)
+
+PUBLIC_ENDPOINTS = frozenset(
+    {"basic.ping", "basic.health", "basic.health_root", "basic.info", "basic.models", "basic.metrics",
+     "basic.chat_tokenize"}
+)
+"""Routes TGI serves without `API_KEY`; every other route needs the bearer token when it is set."""
+
+
+def _health() -> Response:
+    if current_state().is_healthy():
+        return Response(b"", status=200)
+    return json_response(UNHEALTHY_BODY, status=503)
+
+
+@blueprint.get("/ping")
+def ping() -> Response:
+    return _health()
+
+
+@blueprint.get("/health")
+def health() -> Response:
+    return _health()
+
+
+@blueprint.get("/")
+def health_root() -> Response:
+    return _health()
+
+
+@blueprint.get("/info")
+def info() -> Response:
+    state = current_state()
+    engine = state.engine
+    if engine is None or engine.info is None:
+        return json_response(UNHEALTHY_BODY, status=503)
+    limits = state.limits()
+    settings = state.settings
+    return json_response(
+        {
+            "model_id": state.model_name(),
+            "model_sha": None,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": settings.max_concurrent_requests,
+            "max_best_of": settings.max_best_of,
+            "max_stop_sequences": settings.max_stop_sequences,
+            "max_input_tokens": limits.max_input_tokens,
+            "max_total_tokens": limits.max_total_tokens,
+            "validation_workers": settings.num_workers,
+            "max_client_batch_size": settings.max_client_batch_size,
+            "router": "text-generation-router",
+            "version": SERVER_VERSION,
+            "sha": None,
+            "docker_label": None,
+        }
+    )
+
+
+@blueprint.get("/v1/models")
+def models() -> Response:
+    set_dialect(Dialect.OPENAI)
+    state = current_state()
+    engine = state.engine
+    if engine is None or engine.info is None:
+        raise ApiError(ErrorKind.NOT_READY, "the model is not ready yet")
+    name = state.model_name()
+    return json_response({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": name}]})
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    state = current_state()
+    engine = state.engine
+    heartbeat = engine.last_heartbeat if engine is not None else None
+    return Response(state.metrics.render(heartbeat), content_type=METRICS_CONTENT_TYPE)
+
+
+@blueprint.post("/tokenize")
+def tokenize() -> Response:
+    """TGI's `/tokenize`: `[{"id", "text", "start", "stop"}]` for a generate body's `inputs`."""
+    req = parse_body(GenerateRequest, read_json(), Dialect.TGI)
+    tokenizer = current_state().tokenizer()
+    tokens = tokenizer.encode_with_offsets(req.inputs, add_special_tokens=req.add_special_tokens)
+    return json_response([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in tokens])
+
+
+@blueprint.post("/chat_tokenize")
+def chat_tokenize() -> Response:
+    """TGI's `/chat_tokenize`: the rendered chat prompt and its tokens."""
+    req = parse_body(ChatCompletionRequest, read_json(), Dialect.TGI)
+    tokenizer = current_state().tokenizer()
+    text = tokenizer.apply_chat_template(req.template_messages())
+    tokens = tokenizer.encode_with_offsets(text, add_special_tokens=False)
+    return json_response(
+        {
+            "tokenize_response": [{"id": i, "text": t, "start": start, "stop": stop} for i, t, start, stop in tokens],
+            "templated_text": text,
+        }
+    )

@@ -1,0 +1,207 @@
+"""What one HTTP worker holds: settings, the engine client, the tokenizer, the admission limit and metrics.
+
+`ServeState.start_job` admits a request (429 past the limit), submits its engine requests and returns a `Job`,
+whose `close()` aborts what is unfinished and gives the slot back, however the reply ended.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import gevent
+
+from model_handler.request import EngineRequest
+from model_handler.sampling_params import SamplingParams
+from serve.engine_client import EngineDeadError
+from serve.errors import ApiError, ErrorKind
+from serve.generation import Finish, Generation, Update, merge
+from serve.logging_setup import RequestRecord
+from serve.metrics import Metrics
+from serve.settings import Settings, TokenLimits
+from serve.tokenizer import TextTokenizer
+
+logger = logging.getLogger("serve.state")
+
+
+@dataclass(slots=True)
+class SequenceSpec:
+    """One engine request of a job: which prompt, how to sample, and the seed to report."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int | None = None
+
+
+class ServeState:
+    def __init__(
+        self,
+        settings: Settings,
+        engine_client=None,
+        client_factory: Callable[[str], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self._engine = engine_client
+        self._client_factory = client_factory
+        self._tokenizer: TextTokenizer | None = None
+        self._tokenizer_error: str | None = None
+        self._limits: TokenLimits | None = None
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # held for the ~1 s tokenizer load only
+        self._in_flight = 0
+
+    # ---- engine and model ----------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        """The engine client, created on first use in this worker (after gunicorn's fork)."""
+        if self._engine is None and self.settings.engine_address:
+            with self._lock:
+                if self._engine is None:
+                    factory = self._client_factory or _default_client_factory
+                    self._engine = factory(self.settings.engine_address)
+                    gevent.spawn(self._warm_up)
+        return self._engine
+
+    def _warm_up(self) -> None:
+        """Load the tokenizer as soon as the engine is ready, so the first request does not pay for it."""
+        while self._tokenizer is None and self._tokenizer_error is None:
+            if self._engine.is_ready() and self._engine.info is not None:
+                try:
+                    self.tokenizer()
+                except ApiError:
+                    pass
+                return
+            gevent.sleep(0.2)
+
+    def is_healthy(self) -> bool:
+        """Instant: the engine's last heartbeat says ready, and the tokenizer did not fail to load."""
+        engine = self.engine
+        return engine is not None and engine.is_ready() and self._tokenizer_error is None
+
+    def tokenizer(self) -> TextTokenizer:
+        """The model's tokenizer, loaded once when the engine first reports ready; 503 before that."""
+        if self._tokenizer is not None:
+            return self._tokenizer
+        engine = self.engine
+        if engine is None or not engine.is_ready() or engine.info is None:
+            raise ApiError(ErrorKind.NOT_READY, "the model is not ready yet")
+        with self._load_lock:
+            if self._tokenizer is None:
+                try:
+                    self._tokenizer = TextTokenizer.load(engine.info.model_dir)
+                except Exception as exc:
+                    self._tokenizer_error = f"{type(exc).__name__}: {exc}"
+                    logger.exception("could not load the tokenizer", extra={"model_dir": engine.info.model_dir})
+                    raise ApiError(ErrorKind.INTERNAL, f"could not load the tokenizer: {exc}") from exc
+        return self._tokenizer
+
+    def limits(self) -> TokenLimits:
+        if self._limits is None:
+            engine = self.engine
+            if engine is None or engine.info is None:
+                raise ApiError(ErrorKind.NOT_READY, "the model is not ready yet")
+            try:
+                self._limits = self.settings.token_limits(engine.info.max_model_len)
+            except ValueError as exc:
+                raise ApiError(ErrorKind.INTERNAL, str(exc)) from exc
+        return self._limits
+
+    def model_name(self) -> str:
+        if self.settings.served_model_name:
+            return self.settings.served_model_name
+        engine = self.engine
+        info = engine.info if engine is not None else None
+        return info.model_id if info is not None else "unknown"
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    def start_job(
+        self, record: RequestRecord, specs: list[SequenceSpec], stops: list[str], include_stop: bool
+    ) -> Job:
+        """Admit and submit; 429 when this worker already serves its share of MAX_CONCURRENT_REQUESTS."""
+        tokenizer = self.tokenizer()
+        with self._lock:
+            if self._in_flight >= self.settings.max_concurrent_per_worker:
+                raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded")
+            self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        record.validated_at = time.monotonic()
+        record.max_new_tokens = max(spec.params.max_tokens for spec in specs)
+        generations: list[Generation] = []
+        try:
+            for index, spec in enumerate(specs):
+                request = EngineRequest(
+                    request_id=f"{record.request_id}-{index}-{uuid.uuid4().hex[:8]}",
+                    prompt_token_ids=spec.prompt_ids,
+                    sampling_params=spec.params,
+                    arrival_time=time.time(),
+                )
+                stream = self.engine.submit(request)
+                generations.append(
+                    Generation(index, stream, tokenizer, stops, include_stop, len(spec.prompt_ids), spec.seed)
+                )
+        except BaseException:
+            for generation in generations:
+                generation.close()
+            self._release()
+            raise
+        return Job(self, record, generations)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+        self.metrics.in_flight.set(self._in_flight)
+
+
+class Job:
+    """The engine requests of one HTTP request; iterate `updates()` or call `collect()`, then `close()`."""
+
+    def __init__(self, state: ServeState, record: RequestRecord, generations: list[Generation]) -> None:
+        self.state = state
+        self.record = record
+        self.generations = generations
+        self._closed = False
+
+    def updates(self) -> Iterator[Update]:
+        return merge(self.generations)
+
+    def collect(self) -> list[Generation]:
+        """Run every generation to its end; an engine failure becomes a 424/500 in the route's dialect."""
+        try:
+            for update in self.updates():
+                if update.finish is Finish.ERROR:
+                    raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
+        except EngineDeadError as exc:
+            raise ApiError(ErrorKind.GENERATION, str(exc)) from exc
+        return self.generations
+
+    def close(self) -> None:
+        """Abort unfinished engine requests, free the admission slot and note tokens (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for generation in self.generations:
+            generation.close()
+        self.state._release()
+        record = self.record
+        firsts = [g.first_token_at for g in self.generations if g.first_token_at is not None]
+        record.first_token_at = min(firsts) if firsts else None
+        record.completion_tokens = sum(g.num_generated for g in self.generations)
+        finishes = [g.finish for g in self.generations if g.finish is not None]
+        record.finish_reason = finishes[0].value if finishes else "aborted"
+        record.is_generation = True
+
+
+def _default_client_factory(address: str):
+    from serve.engine_client import EngineClient
+
+    return EngineClient(address)

@@ -1,0 +1,119 @@
+"""The model's tokenizer on the HTTP side: chat template, encoding, decoding and per-token bytes.
+
+Loaded once per worker from the engine's model folder with transformers' fast tokenizer (no torch import).
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+from serve.errors import ApiError, ErrorKind
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte maps to one printable character (the inverse decodes pieces)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+_UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
+
+
+class TextTokenizer:
+    """Wraps a transformers fast tokenizer; the Rust `tokenizers.Tokenizer` does the per-token work."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self.hf = hf_tokenizer
+        self.backend = hf_tokenizer.backend_tokenizer
+        added = self.backend.get_added_tokens_decoder()
+        self.special_ids: frozenset[int] = frozenset(
+            [i for i, tok in added.items() if tok.special] + list(hf_tokenizer.all_special_ids)
+        )
+        self._added_content = {i: tok.content for i, tok in added.items()}
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        self._byte_level = "ByteLevel" in json.dumps(decoder)
+        self.token_bytes = lru_cache(maxsize=65536)(self._token_bytes)
+
+    @classmethod
+    def load(cls, model_dir: str) -> TextTokenizer:
+        """The fast tokenizer of a model folder; AutoTokenizer only when the fast class cannot read it."""
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            hf = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        except Exception:  # e.g. only a sentencepiece model file: let transformers convert it
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(model_dir)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    # ---- text -> ids ------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, str, int, int]]:
+        """(id, text, start, stop) per token; offsets are UTF-8 byte offsets into `text`, as TGI's /tokenize."""
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        out = []
+        for token_id, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True):
+            out.append((token_id, text[start:stop], len(text[:start].encode()), len(text[:stop].encode())))
+        return out
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text for a conversation; a last assistant message is continued, not closed (TGI)."""
+        continue_final = bool(messages) and messages[-1].get("role") == "assistant"
+        try:
+            return self.hf.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
+            )
+        except Exception as exc:  # jinja2 errors, raise_exception(), no template at all
+            if getattr(self.hf, "chat_template", None) is None:
+                raise ApiError(ErrorKind.TEMPLATE, "template not found") from exc
+            raise ApiError(ErrorKind.TEMPLATE, str(exc) or type(exc).__name__) from exc
+
+    # ---- ids -> text ------------------------------------------------------------------------------
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.special_ids
+
+    def token_text(self, token_id: int) -> str:
+        """One token shown alone: its bytes as UTF-8, with U+FFFD where it holds part of a character."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (OpenAI's logprob `bytes`), even a partial UTF-8 character."""
+        if token_id in self._added_content:
+            return self._added_content[token_id].encode()
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and all(char in _UNICODE_TO_BYTE for char in piece):
+            return bytes(_UNICODE_TO_BYTE[char] for char in piece)
+        match = _BYTE_FALLBACK.match(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        if "\u2581" in piece:  # sentencepiece's word-start marker stands for a space
+            return piece.replace("\u2581", " ").encode()
+        return self.decode([token_id], skip_special_tokens=False).encode()

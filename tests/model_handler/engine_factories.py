@@ -1,0 +1,137 @@
+"""Small factories for the engine-core tests: requests, sequences and schedulers without a model."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from model_handler.block_manager import BlockManager
+from model_handler.request import EngineRequest
+from model_handler.sampling_params import SamplingParams
+from model_handler.scheduler import Scheduler, SchedulerOutput
+from model_handler.sequence import Sequence
+
+EOS = 1
+_ids = itertools.count()
+
+
+def create_requests(
+    num_requests: int,
+    prompt_len: int = 8,
+    max_tokens: int = 4,
+    first_token: int = 10,
+    **params,
+) -> list[EngineRequest]:
+    """Requests with distinct prompts (so no prefix is shared unless a test wants it)."""
+    requests = []
+    for _ in range(num_requests):
+        n = next(_ids)
+        prompt = [first_token + (n * 997 + i) % 3000 for i in range(prompt_len)]
+        sampling = SamplingParams(max_tokens=max_tokens, **params)
+        requests.append(EngineRequest(f"req-{n}", prompt, sampling))
+    return requests
+
+
+def create_sequence(prompt: list[int], eos_token_ids: tuple[int, ...] = (EOS,), **params) -> Sequence:
+    request = EngineRequest(f"seq-{next(_ids)}", list(prompt), SamplingParams(**params))
+    return Sequence(request, eos_token_ids)
+
+
+def create_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_num_seqs: int = 16,
+    max_num_batched_tokens: int = 64,
+    max_model_len: int = 256,
+    enable_prefix_caching: bool = True,
+) -> Scheduler:
+    block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+    return Scheduler(block_manager, max_num_seqs, max_num_batched_tokens, max_model_len, eos_token_ids=(EOS,))
+
+
+def add_requests(scheduler: Scheduler, requests: list[EngineRequest]) -> list[Sequence]:
+    seqs = [Sequence(r, (EOS,)) for r in requests]
+    for seq in seqs:
+        scheduler.add(seq)
+    return seqs
+
+
+def run_step(scheduler: Scheduler, token_id: int = 7) -> tuple[SchedulerOutput, list[Sequence]]:
+    """One schedule + update round, as if the model sampled `token_id` for every sampling sequence."""
+    out = scheduler.schedule()
+    num_sampling = sum(entry.samples for entry in out.scheduled)
+    return out, scheduler.update_from_output(out, [token_id] * num_sampling)
+
+
+def num_new_tokens(out: SchedulerOutput) -> dict[str, int]:
+    return {entry.seq.request_id: entry.num_new_tokens for entry in out.scheduled}
+
+
+# ---- the real engine on a small model folder ---------------------------------------------------------
+
+
+def build_test_model(out_dir: Path) -> Path:
+    """A small model folder from `tiny_model.build_tiny_model`, weights scaled up so greedy text varies.
+
+    The embedded tiny model's 0.02-std weights repeat one token forever, which would hide position or
+    KV-cache bugs; 0.15 gives distinct tokens at every step.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    from model_handler.tiny_model import build_tiny_model
+
+    path = build_tiny_model(
+        out_dir, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+        num_kv_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    weights = load_file(str(path / "model.safetensors"))
+    weights = {name: w if "norm" in name else w * 7.5 for name, w in weights.items()}
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def create_engine(model_dir, device: str = "cpu", **env: str):
+    """An Engine configured through from_env, like the engine process does (small KV budget)."""
+    from model_handler.config import EngineConfig
+    from model_handler.engine import Engine
+
+    environ = {"HF_MODEL_ID": str(model_dir), "KV_CACHE_CPU_BYTES": "4MiB", "KV_CACHE_BLOCK_SIZE": "8", **env}
+    return Engine(EngineConfig.from_env(environ, device=device))
+
+
+def run_to_completion(engine, max_steps: int = 10_000) -> dict[str, list]:
+    """Step until idle; every request's outputs, in order."""
+    outputs: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return outputs
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def tokens_of(outputs: list) -> list[int]:
+    return [t for out in outputs for t in out.new_token_ids]
+
+
+def greedy(request_id: str, prompt: list[int], num_tokens: int, **params):
+    """A greedy request that generates exactly `num_tokens` (EOS masked until then, as HF's min_new_tokens)."""
+    sampling = SamplingParams(max_tokens=num_tokens, min_tokens=num_tokens, temperature=0.0, **params)
+    return EngineRequest(request_id, list(prompt), sampling)
+
+
+def random_prompt(length: int, seed: int, vocab_size: int = 512) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(4, vocab_size) for _ in range(length)]
+
+
+def hf_greedy(hf_model, prompt: list[int], num_tokens: int) -> list[int]:
+    """transformers' own greedy continuation, unpadded, with EOS masked for `num_tokens` steps."""
+    import torch
+
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens
+        )
+    return out[0, len(prompt) :].tolist()

@@ -1,0 +1,150 @@
+"""BlockManager: allocation, ref counts, prefix-cache hits and LRU eviction, with no model."""
+from __future__ import annotations
+
+import pytest
+
+from model_handler.block_manager import BlockManager
+from tests.model_handler.engine_factories import create_sequence
+
+BS = 4
+
+
+def admit(manager: BlockManager, seq, num_new_tokens: int | None = None) -> list[int]:
+    """Admit a waiting sequence the way the scheduler does; returns the cached blocks it reused."""
+    cached = manager.match_prefix(seq)
+    if num_new_tokens is None:
+        num_new_tokens = seq.num_tokens - len(cached) * BS
+    assert manager.can_allocate(seq, cached, num_new_tokens)
+    manager.allocate(seq, cached, num_new_tokens)
+    return cached
+
+
+def test_allocate_and_deallocate_return_every_block():
+    manager = BlockManager(num_blocks=8, block_size=BS)
+    seq = create_sequence(range(10, 20))  # 10 tokens -> 3 blocks
+    admit(manager, seq)
+    assert len(seq.block_table) == 3
+    assert manager.num_free_blocks == 5
+    assert all(manager.ref_counts[b] == 1 for b in seq.block_table)
+    manager.deallocate(seq)
+    assert seq.block_table == []
+    assert manager.num_free_blocks == 8
+    assert manager.ref_counts == [0] * 8
+
+
+def test_may_append_adds_a_block_only_when_the_last_one_is_full():
+    manager = BlockManager(num_blocks=8, block_size=BS)
+    seq = create_sequence(range(10, 17))  # 7 tokens -> 2 blocks, one slot left
+    admit(manager, seq)
+    seq.num_computed_tokens = 7
+    seq.token_ids.append(99)
+    assert manager.can_append(seq, 1)
+    manager.may_append(seq, 1)  # token 8 fills block 2
+    assert len(seq.block_table) == 2
+    seq.num_computed_tokens = 8
+    seq.token_ids.append(98)
+    manager.may_append(seq, 1)  # token 9 needs a third block
+    assert len(seq.block_table) == 3
+    assert manager.num_free_blocks == 5
+
+
+def test_can_allocate_refuses_when_blocks_run_out():
+    manager = BlockManager(num_blocks=3, block_size=BS)
+    first = create_sequence(range(10, 18))  # 2 blocks
+    admit(manager, first)
+    second = create_sequence(range(50, 58))  # needs 2, only 1 left
+    assert not manager.can_allocate(second, [], second.num_tokens)
+    assert manager.can_allocate(second, [], BS)  # a one-block chunk still fits
+
+
+def test_shared_prefix_reuses_blocks_and_counts_references():
+    manager = BlockManager(num_blocks=16, block_size=BS)
+    prefix = list(range(100, 112))  # 3 full blocks
+    first = create_sequence(prefix + [1, 2])
+    admit(manager, first)
+    second = create_sequence(prefix + [3, 4, 5])
+    cached = admit(manager, second)
+    assert cached == first.block_table[:3]
+    assert second.block_table[:3] == first.block_table[:3]
+    assert second.num_computed_tokens == 12 and second.num_cached_tokens == 12
+    assert [manager.ref_counts[b] for b in first.block_table] == [2, 2, 2, 1]
+    # The partial last blocks are private.
+    assert first.block_table[3] != second.block_table[3]
+    manager.deallocate(first)
+    assert [manager.ref_counts[b] for b in second.block_table] == [1, 1, 1, 1]
+    manager.deallocate(second)
+    assert manager.num_free_blocks == 16
+
+
+def test_fully_cached_prompt_still_computes_its_last_token():
+    manager = BlockManager(num_blocks=16, block_size=BS)
+    prompt = list(range(200, 208))  # exactly 2 blocks
+    first = create_sequence(prompt)
+    admit(manager, first)
+    manager.deallocate(first)
+    again = create_sequence(prompt)
+    cached = admit(manager, again)
+    # Only the first block is reused: the block holding the last token is computed again, privately.
+    assert len(cached) == 1
+    assert again.num_computed_tokens == 4
+    assert again.num_tokens - again.num_computed_tokens == 4
+
+
+def test_freed_blocks_stay_cached_until_plain_blocks_run_out():
+    manager = BlockManager(num_blocks=6, block_size=BS)
+    old = create_sequence(list(range(300, 308)) + [1])  # 2 full blocks cached + 1 partial
+    admit(manager, old)
+    manager.deallocate(old)
+    assert manager.num_cached_blocks == 2
+    assert manager.num_free_blocks == 6
+    # 4 blocks of unrelated work fit in the plain free blocks: the cache survives.
+    other = create_sequence(range(400, 416))
+    admit(manager, other)
+    assert manager.num_cached_blocks == 2 + 4  # its own full blocks are cached too
+    hit = create_sequence(list(range(300, 308)) + [2])
+    assert len(manager.match_prefix(hit)) == 2
+    manager.deallocate(other)
+
+
+def test_eviction_is_least_recently_used():
+    manager = BlockManager(num_blocks=4, block_size=BS)
+    a = create_sequence(list(range(10, 14)) + [0])  # caches one block
+    b = create_sequence(list(range(20, 24)) + [0])
+    admit(manager, a)
+    admit(manager, b)
+    manager.deallocate(a)  # a's block freed first: least recently used
+    manager.deallocate(b)
+    assert manager.num_cached_blocks == 2
+    # Needs all 4 blocks: the 2 plain ones first, then evicts a's cached block, then b's.
+    big = create_sequence(range(500, 512))  # 3 blocks
+    admit(manager, big)
+    assert manager.match_prefix(create_sequence(list(range(10, 14)) + [0])) == []
+    assert len(manager.match_prefix(create_sequence(list(range(20, 24)) + [0]))) == 1
+    manager.deallocate(big)
+    assert manager.num_free_blocks == 4
+
+
+def test_claiming_a_free_cached_block_uses_up_a_free_block():
+    manager = BlockManager(num_blocks=3, block_size=BS)
+    a = create_sequence(list(range(10, 18)) + [0])  # 2 cached blocks + 1 partial
+    admit(manager, a)
+    manager.deallocate(a)
+    b = create_sequence(list(range(10, 18)) + [5, 6, 7, 8, 9])  # reuses 2, needs 2 more: 4 > 3
+    cached = manager.match_prefix(b)
+    assert len(cached) == 2
+    assert not manager.can_allocate(b, cached, b.num_tokens - 8)
+    assert manager.can_allocate(b, cached, 4)
+
+
+def test_prefix_caching_off_shares_nothing():
+    manager = BlockManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    first = create_sequence(range(10, 19))
+    admit(manager, first)
+    second = create_sequence(range(10, 19))
+    assert manager.match_prefix(second) == []
+    assert manager.num_cached_blocks == 0
+
+
+def test_bad_sizes_are_rejected():
+    with pytest.raises(ValueError):
+        BlockManager(num_blocks=0, block_size=16)

@@ -1,0 +1,135 @@
+"""EngineConfig.from_env and the model source order, on a config-only model folder (no weights needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from model_handler.config import EngineConfig, default_graph_sizes
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg-model")
+    LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, eos_token_id=2,
+    ).save_pretrained(path)
+    return path
+
+
+def from_env(model_dir: Path, device: str = "cpu", **env: str) -> EngineConfig:
+    return EngineConfig.from_env({"HF_MODEL_ID": str(model_dir), **env}, device=device)
+
+
+def test_cpu_defaults(model_dir):
+    config = from_env(model_dir)
+    assert config.model_dir == model_dir and config.model_id == str(model_dir)
+    assert config.dtype == "float32" and config.torch_dtype is torch.float32
+    assert config.max_model_len == 512  # the model's own limit, below the default cap
+    assert config.max_num_batched_tokens == 2048
+    assert config.max_num_seqs == 64
+    assert config.block_size == 16
+    assert config.kv_cache_cpu_bytes == 1 << 30
+    assert config.cuda_graph_sizes == []
+    assert config.enable_prefix_caching is True
+    assert config.tensor_parallel_size == 1
+
+
+def test_gpu_defaults_have_a_graph_ladder(model_dir):
+    config = from_env(model_dir, device="cuda")
+    assert config.dtype == "bfloat16"
+    assert config.max_num_batched_tokens == 8192 and config.max_num_seqs == 256
+    assert config.cuda_graph_sizes[:7] == [1, 2, 4, 8, 16, 24, 32]
+    assert config.cuda_graph_sizes[-1] == 256
+    assert default_graph_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert default_graph_sizes(1) == [1]
+
+
+def test_every_variable_is_read(model_dir):
+    config = from_env(
+        model_dir,
+        device="cuda",
+        DTYPE="float16",
+        MAX_TOTAL_TOKENS="300",
+        MAX_BATCH_PREFILL_TOKENS="1000",
+        MAX_BATCH_SIZE="12",
+        KV_CACHE_BLOCK_SIZE="32",
+        KV_CACHE_CPU_BYTES="512MiB",
+        CUDA_MEMORY_FRACTION="0.5",
+        CUDA_GRAPHS="4,1,2,64",
+        PREFIX_CACHING="false",
+        ATTENTION_BACKEND="torch",
+        SM_NUM_GPUS="2",
+        SEED="42",
+    )
+    assert config.dtype == "float16"
+    assert config.max_model_len == 300
+    assert config.max_num_batched_tokens == 1000 and config.max_num_seqs == 12
+    assert config.block_size == 32
+    assert config.kv_cache_cpu_bytes == 512 << 20
+    assert config.cuda_memory_fraction == 0.5
+    assert config.cuda_graph_sizes == [1, 2, 4]  # 64 > MAX_BATCH_SIZE would never replay
+    assert config.enable_prefix_caching is False
+    assert config.attention_backend == "torch"
+    assert config.tensor_parallel_size == 2 and config.seed == 42
+    assert from_env(model_dir, device="cuda", CUDA_GRAPHS="0").cuda_graph_sizes == []
+    assert from_env(model_dir, NUM_SHARD="4").tensor_parallel_size == 4
+    assert from_env(model_dir, DTYPE="bf16").dtype == "bfloat16"
+    # A small step budget also caps the default batch: every running sequence decodes in every step.
+    assert from_env(model_dir, MAX_BATCH_PREFILL_TOKENS="16").max_num_seqs == 16
+    with pytest.raises(ValueError, match="MAX_BATCH_SIZE=32 is larger than MAX_BATCH_PREFILL_TOKENS=16"):
+        from_env(model_dir, MAX_BATCH_PREFILL_TOKENS="16", MAX_BATCH_SIZE="32")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MAX_TOTAL_TOKENS", "many"),
+        ("MAX_TOTAL_TOKENS", "4096"),  # above max_position_embeddings
+        ("MAX_BATCH_PREFILL_TOKENS", "0"),
+        ("MAX_BATCH_SIZE", "-1"),
+        ("KV_CACHE_BLOCK_SIZE", "12"),
+        ("KV_CACHE_CPU_BYTES", "lots"),
+        ("CUDA_MEMORY_FRACTION", "1.5"),
+        ("CUDA_GRAPHS", "1,two"),
+        ("PREFIX_CACHING", "maybe"),
+        ("ATTENTION_BACKEND", "flash"),
+        ("DTYPE", "int8"),
+        ("SEED", "x"),
+    ],
+)
+def test_bad_values_name_the_variable(model_dir, name, value):
+    with pytest.raises(ValueError, match=name):
+        from_env(model_dir, device="cuda", **{name: value})
+
+
+def test_sagemaker_model_dir_is_used_when_it_holds_a_model(model_dir, tmp_path):
+    config = EngineConfig.from_env({"SM_MODEL_DIR": str(model_dir)}, device="cpu")
+    assert config.model_dir == model_dir
+    # HF_MODEL_ID wins over /opt/ml/model.
+    other = tmp_path / "other"
+    LlamaConfig(max_position_embeddings=64, num_hidden_layers=1).save_pretrained(other)
+    config = EngineConfig.from_env({"SM_MODEL_DIR": str(model_dir), "HF_MODEL_ID": str(other)}, device="cpu")
+    assert config.model_dir == other and config.max_model_len == 64
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="HF_MODEL_ID"):
+        EngineConfig.from_env({"HF_MODEL_ID": str(tmp_path / "nope")}, device="cpu")
+    with pytest.raises(ValueError, match="config.json"):
+        EngineConfig.from_env({"HF_MODEL_ID": str(tmp_path)}, device="cpu")
+
+
+def test_hub_id_offline_is_a_clear_error_without_network(tmp_path):
+    environ = {"HF_MODEL_ID": "some-org/some-model", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    with pytest.raises(ValueError, match="HF_MODEL_ID='some-org/some-model'.*offline"):
+        EngineConfig.from_env(environ, device="cpu")
+
+
+def test_embedded_tiny_model_is_the_last_resort(tiny_model_dir, tmp_path):
+    config = EngineConfig.from_env({"SM_MODEL_DIR": str(tmp_path)}, device="cpu")  # an empty /opt/ml/model
+    assert config.model_dir == tiny_model_dir
+    assert config.max_model_len == 2048

@@ -1,0 +1,103 @@
+"""Health, /info, /v1/models, /metrics, /tokenize, request ids, CORS and the per-request JSON log line."""
+from __future__ import annotations
+
+import logging
+
+from tests.openai_schema import validate
+
+
+def test_health_routes(scripted, make_client):
+    client = make_client(scripted)
+    for path in ("/ping", "/health", "/"):
+        reply = client.get(path)
+        assert reply.status_code == 200 and reply.data == b""
+    scripted.ready = False
+    reply = client.get("/ping")
+    assert reply.status_code == 503 and reply.get_json() == {"error": "unhealthy", "error_type": "healthcheck"}
+
+
+def test_health_without_an_engine_address_is_503():
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    client = create_app(Settings()).test_client()
+    assert client.get("/ping").status_code == 503
+
+
+def test_info_and_models(scripted, make_client):
+    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "1024", "SERVED_MODEL_NAME": "my-llm"})
+    info = client.get("/info").get_json()
+    assert info["model_id"] == "my-llm" and info["router"] == "text-generation-router"
+    assert (info["max_input_tokens"], info["max_total_tokens"]) == (1023, 1024)
+    assert (info["max_best_of"], info["max_stop_sequences"], info["max_client_batch_size"]) == (2, 4, 4)
+    assert info["max_concurrent_requests"] == 128 and info["model_pipeline_tag"] == "text-generation"
+    models = client.get("/v1/models").get_json()
+    validate(models, "ListModelsResponse")
+    assert models["data"][0]["id"] == "my-llm"
+
+
+def test_tokenize_gives_byte_offsets(scripted, make_client, tokenizer):
+    client = make_client(scripted)
+    tokens = client.post("/tokenize", json={"inputs": "é😀"}).get_json()
+    assert [t["id"] for t in tokens] == tokenizer.encode("é😀", add_special_tokens=True)
+    assert tokens[0]["start"] == 0 and tokens[-1]["stop"] == len("é😀".encode())
+    chat = client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).get_json()
+    assert chat["templated_text"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert [t["id"] for t in chat["tokenize_response"]] == tokenizer.encode(chat["templated_text"], False)
+
+
+def test_metrics_use_tgi_names_and_count_outcomes(scripted, make_client):
+    client = make_client(scripted)
+    client.post("/generate", json={"inputs": "hi"}, buffered=True)
+    client.post("/generate", json={"inputs": ""}, buffered=True)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "tgi_request_count 2.0" in text
+    assert "tgi_request_success 1.0" in text
+    assert 'tgi_request_failure{err="validation"} 1.0' in text
+    assert "tgi_request_generated_tokens_count 1.0" in text
+    assert "tgi_queue_size 0.0" in text and "tgi_request_duration_bucket" in text
+
+
+def test_request_id_header_and_one_log_line_per_request(scripted, make_client, caplog):
+    client = make_client(scripted)
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    with caplog.at_level(logging.INFO, logger="serve.access"):
+        reply = client.post("/v1/chat/completions", json=body, buffered=True)
+    request_id = reply.headers["X-Request-Id"]
+    assert len(request_id) == 32
+    records = [r for r in caplog.records if r.name == "serve.access"]
+    assert len(records) == 1
+    record = records[0]
+    assert record.request_id == request_id and record.route == "/v1/chat/completions" and record.status == 200
+    assert record.prompt_tokens > 0 and record.completion_tokens == 12 and record.finish_reason == "eos"
+    assert record.ttft_ms is not None and record.total_ms >= record.ttft_ms
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="serve.access"):
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True}, buffered=True)
+    records = [r for r in caplog.records if r.name == "serve.access"]
+    assert len(records) == 1 and records[0].request_id == streamed.headers["X-Request-Id"]
+    assert records[0].stream is True and records[0].completion_tokens == 12
+
+
+def test_cors_when_configured(scripted, make_client):
+    client = make_client(scripted, {"CORS_ALLOW_ORIGIN": "https://app.example"})
+    reply = client.get("/info", headers={"Origin": "https://app.example"})
+    assert reply.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Access-Control-Allow-Origin" not in client.get("/info", headers={"Origin": "https://evil"}).headers
+    preflight = client.options("/v1/chat/completions", headers={"Origin": "https://app.example"})
+    assert preflight.status_code == 204 and "POST" in preflight.headers["Access-Control-Allow-Methods"]
+
+
+def test_the_http_side_stays_torch_free_with_the_tokenizer_loaded(tiny_model_dir):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serve.app\n"
+        "from serve.tokenizer import TextTokenizer\n"
+        f"t = TextTokenizer.load({str(tiny_model_dir)!r})\n"
+        "t.decode(t.encode(t.apply_chat_template([{'role': 'user', 'content': 'hi'}]), False))\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,151 @@
+"""OpenAI routes reject bad bodies with OpenAI's error shape and status, before anything reaches the engine."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.openai_schema import validate
+from tests.serve.scripted_engine import ScriptedEngine, engine_info
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _error(reply, status: int, param: str | None = None, code: str | None = None) -> str:
+    assert reply.status_code == status, reply.data
+    assert reply.headers["Content-Type"] == "application/json"
+    body = reply.get_json()
+    validate(body, "ErrorResponse")
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({}, "messages", "Missing required parameter"),
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "system"),
+        ({"messages": [{"content": "x"}]}, "messages.0.role", "Missing"),
+        ({"messages": "hi"}, "messages", "list"),
+        ({"messages": MESSAGES, "max_tokens": "5"}, "max_tokens", "integer"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens", "below minimum"),
+        ({"messages": MESSAGES, "max_completion_tokens": -1}, "max_completion_tokens", "below minimum"),
+        ({"messages": MESSAGES, "temperature": 2.5}, "temperature", "above maximum"),
+        ({"messages": MESSAGES, "temperature": -0.1}, "temperature", "below minimum"),
+        ({"messages": MESSAGES, "top_p": 1.01}, "top_p", "above maximum"),
+        ({"messages": MESSAGES, "frequency_penalty": 2.5}, "frequency_penalty", "above maximum"),
+        ({"messages": MESSAGES, "presence_penalty": -3}, "presence_penalty", "below minimum"),
+        ({"messages": MESSAGES, "n": 0}, "n", "below minimum"),
+        ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop", "maximum length 4"),
+        ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 6}, "top_logprobs", "above maximum"),
+        ({"messages": MESSAGES, "stream": "yes"}, "stream", "boolean"),
+        ({"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages.0.content.0", "tag"),
+        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
+    ],
+)
+def test_bad_chat_bodies_are_400_and_never_queued(scripted, make_client, body, param, words):
+    reply = make_client(scripted).post(CHAT, json=body)
+    assert words in _error(reply, 400, param)
+    assert scripted.submitted == []
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe"])
+def test_invalid_json_is_400(scripted, make_client, raw):
+    reply = make_client(scripted).post(CHAT, data=raw, content_type="application/json")
+    _error(reply, 400, code="invalid_json")
+
+
+def test_edges_of_the_ranges_and_unknown_fields_are_accepted(scripted, make_client):
+    client = make_client(scripted)
+    body = {
+        "model": "dummy",
+        "messages": MESSAGES,
+        "temperature": 0,
+        "top_p": 1.0,
+        "frequency_penalty": -2,
+        "presence_penalty": 2,
+        "stop": "x",
+        "user": "u",
+        "metadata": {"a": 1},
+        "parallel_tool_calls": False,
+        "some_future_field": [1, 2],
+    }
+    reply = client.post(CHAT, json=body)
+    assert reply.status_code == 200, reply.data
+    assert reply.get_json()["model"] == "tiny-llama"  # the served model, whatever the client called it
+
+
+def test_prompt_longer_than_max_input_tokens(scripted, make_client):
+    client = make_client(scripted, {"MAX_INPUT_TOKENS": "20", "MAX_TOTAL_TOKENS": "40"})
+    long = [{"role": "user", "content": "word " * 40}]
+    message = _error(client.post(CHAT, json={"messages": long}), 400, "messages", "context_length_exceeded")
+    assert "maximum input length is 20 tokens" in message
+    assert scripted.submitted == []
+
+
+def test_prompt_plus_max_tokens_over_max_total_tokens(scripted, make_client):
+    client = make_client(scripted, {"MAX_INPUT_TOKENS": "30", "MAX_TOTAL_TOKENS": "40"})
+    reply = client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 35})
+    message = _error(reply, 400, "messages", "context_length_exceeded")
+    assert "maximum context length is 40 tokens" in message and "35 in the completion" in message
+    assert scripted.submitted == []
+
+
+def test_omitted_max_tokens_fills_the_context(scripted, make_client, tokenizer):
+    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    assert client.post(CHAT, json={"messages": MESSAGES}).status_code == 200
+    prompt = tokenizer.apply_chat_template(MESSAGES)
+    num_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert scripted.submitted[0].sampling_params.max_tokens == 64 - num_prompt
+
+
+def test_template_error_is_422(tmp_path, tiny_model_dir, make_client, scripted):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role here') }}{% endif %}x"
+    (model_dir / "chat_template.jinja").write_text(template)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = ScriptedEngine(engine_info(str(model_dir)), scripted.script)
+    reply = make_client(engine).post(CHAT, json={"messages": [{"role": "system", "content": "s"}]})
+    assert "no system role here" in _error(reply, 422, code="template_error")
+    assert engine.submitted == []
+
+
+def test_payload_limit_is_413(scripted, make_client):
+    client = make_client(scripted, {"PAYLOAD_LIMIT": "100"})
+    reply = client.post(CHAT, json={"messages": [{"role": "user", "content": "x" * 200}]})
+    assert "PAYLOAD_LIMIT" in _error(reply, 413)
+    assert scripted.submitted == []
+
+
+def test_api_key_is_required_when_set_but_not_for_health(scripted, make_client):
+    client = make_client(scripted, {"API_KEY": "s3cret"})
+    _error(client.post(CHAT, json={"messages": MESSAGES}), 401, code="invalid_api_key")
+    _error(client.post(CHAT, json={"messages": MESSAGES}, headers={"Authorization": "Bearer nope"}), 401)
+    assert scripted.submitted == []
+    ok = client.post(CHAT, json={"messages": MESSAGES}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert client.get("/ping").status_code == 200 and client.get("/v1/models").status_code == 200
+
+
+def test_unknown_route_and_method_are_json(scripted, make_client):
+    client = make_client(scripted)
+    _error(client.post("/v1/nothing", json={}), 404)
+    _error(client.get(CHAT), 405)
+
+
+def test_engine_not_ready_is_503_not_queued(scripted, make_client):
+    scripted.ready = False
+    client = make_client(scripted)
+    _error(client.post(CHAT, json={"messages": MESSAGES}), 503)
+    assert client.get("/ping").status_code == 503
+    assert scripted.submitted == []
