@@ -44,7 +44,7 @@ COPY . /tmp/src/
 RUN pip install --no-cache-dir --no-deps /tmp/src \
     && rm -rf /tmp/src
 
-# The launcher (`serve`) and gunicorn.conf.py. SageMaker runs `docker run IMAGE serve`: the argument replaces
+# container/: the launcher `serve` (local_test/ is in .dockerignore). SageMaker runs `docker run IMAGE serve`: the argument replaces
 # CMD and resolves through PATH (/opt/program comes first), as in AWS's bring-your-own-container example.
 # No ENTRYPOINT is needed; CMD makes a bare `docker run IMAGE` serve as well.
 COPY container/ /opt/program/

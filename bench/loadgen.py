@@ -118,7 +118,7 @@ async def _consume_sse(reader: asyncio.StreamReader, headers: dict[str, str], re
     buffer = b""
     async for piece in _iter_body(reader, headers):
         now = time.perf_counter()  # chunks that arrive in one read share an arrival time, as they did on the wire
-        buffer += piece.replace(b"\r\n", b"\n")
+        buffer = (buffer + piece).replace(b"\r\n", b"\n")  # on the joined bytes: a CRLF may straddle two reads
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
             for line in event.decode().split("\n"):

@@ -94,11 +94,7 @@ class BlockManager:
             block_id = self.free_plain.popleft()
         else:
             block_id, _ = self.free_cached.popitem(last=False)  # evict the least recently used
-            block_hash = self.block_hashes[block_id]
-            if block_hash is not None and self.hash_to_block.get(block_hash) == block_id:
-                del self.hash_to_block[block_hash]
-            self.block_hashes[block_id] = None
-            self.block_tokens[block_id] = None
+            self._uncache(block_id)
         self.ref_counts[block_id] = 1
         return block_id
 
@@ -142,14 +138,27 @@ class BlockManager:
         self._register_full_blocks(seq, num_tokens)
 
     def deallocate(self, seq: Sequence) -> None:
-        """Drop the sequence's references; its cached blocks stay findable until evicted."""
+        """Drop the sequence's references; its computed cached blocks stay findable until evicted."""
+        num_computed_blocks = seq.num_computed_tokens // self.block_size
         # Last block first, so the tail of a sequence is evicted before the prefix others may share.
-        for block_id in reversed(seq.block_table):
+        for i in range(len(seq.block_table) - 1, -1, -1):
+            block_id = seq.block_table[i]
             self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                if self.block_hashes[block_id] is None:
-                    self.free_plain.append(block_id)
-                else:
-                    self.free_cached[block_id] = None
+            if self.ref_counts[block_id] != 0:
+                continue
+            if self.block_hashes[block_id] is not None and i >= num_computed_blocks:
+                # Registered when scheduled, but preempted before the step computed it: no KV to share.
+                self._uncache(block_id)
+            if self.block_hashes[block_id] is None:
+                self.free_plain.append(block_id)
+            else:
+                self.free_cached[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+
+    def _uncache(self, block_id: int) -> None:
+        block_hash = self.block_hashes[block_id]
+        if block_hash is not None and self.hash_to_block.get(block_hash) == block_id:
+            del self.hash_to_block[block_hash]
+        self.block_hashes[block_id] = None
+        self.block_tokens[block_id] = None

@@ -140,7 +140,11 @@ def _graph_sizes(environ: Mapping[str, str], max_num_seqs: int) -> list[int]:
 def _dtype(environ: Mapping[str, str], kind: str) -> str:
     raw = (environ.get("DTYPE") or "auto").strip().lower()
     if raw == "auto":
-        return "bfloat16" if kind == "cuda" else "float32"
+        if kind != "cuda":
+            return "float32"
+        # bf16 needs Ampere or newer; older cards (T4 on ml.g4dn, V100) get fp16.
+        has_bf16 = not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 8
+        return "bfloat16" if has_bf16 else "float16"
     name = DTYPE_ALIASES.get(raw, raw)
     if name not in DTYPES:
         raise ValueError(f"DTYPE={raw!r} must be one of auto, float16, bfloat16, float32")

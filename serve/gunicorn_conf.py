@@ -12,7 +12,8 @@ worker_connections = 1000
 timeout = 120
 # SageMaker sends SIGKILL 30 s after SIGTERM: finish in-flight requests within that.
 graceful_timeout = 25
-keepalive = 75
+# Idle keep-alive connections hold a graceful stop until they time out: keep them short.
+keepalive = 5
 accesslog = None
 loglevel = "warning" if parse_log_level(os.environ) > 20 else "info"
 logconfig_dict = {

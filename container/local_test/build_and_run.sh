@@ -100,8 +100,14 @@ build_image() {
         if [[ -d "$WHEEL_DIR" ]]; then
             args+=(-v "$WHEEL_DIR:/run/wheels:ro" --build-arg PIP_FIND_LINKS=/run/wheels)
         fi
+        local old_id
+        old_id=$("${BUILDAH[@]}" images --quiet "$IMAGE" 2>/dev/null || true)
         log "buildah bud $IMAGE"
         "${BUILDAH[@]}" bud --isolation chroot "${args[@]}" -t "$IMAGE" "$REPO"
+        # vfs keeps a full copy per image: drop the build this one replaced (kept if a container uses it)
+        if [[ -n "$old_id" && "$old_id" != "$("${BUILDAH[@]}" images --quiet "$IMAGE")" ]]; then
+            "${BUILDAH[@]}" rmi "$old_id" >/dev/null 2>&1 || true
+        fi
     fi
     log "image $IMAGE built in $((SECONDS - t0)) s; size: $(image_size "$engine")"
 }

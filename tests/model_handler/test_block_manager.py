@@ -9,13 +9,16 @@ from tests.model_handler.engine_factories import create_sequence
 BS = 4
 
 
-def admit(manager: BlockManager, seq, num_new_tokens: int | None = None) -> list[int]:
-    """Admit a waiting sequence the way the scheduler does; returns the cached blocks it reused."""
+def admit(manager: BlockManager, seq, num_new_tokens: int | None = None, computed: bool = True) -> list[int]:
+    """Admit a waiting sequence the way the scheduler does and, when `computed`, record the step as run
+    (as update_from_output does); returns the cached blocks it reused."""
     cached = manager.match_prefix(seq)
     if num_new_tokens is None:
         num_new_tokens = seq.num_tokens - len(cached) * BS
     assert manager.can_allocate(seq, cached, num_new_tokens)
     manager.allocate(seq, cached, num_new_tokens)
+    if computed:
+        seq.num_computed_tokens += num_new_tokens
     return cached
 
 
@@ -63,7 +66,7 @@ def test_shared_prefix_reuses_blocks_and_counts_references():
     first = create_sequence(prefix + [1, 2])
     admit(manager, first)
     second = create_sequence(prefix + [3, 4, 5])
-    cached = admit(manager, second)
+    cached = admit(manager, second, computed=False)
     assert cached == first.block_table[:3]
     assert second.block_table[:3] == first.block_table[:3]
     assert second.num_computed_tokens == 12 and second.num_cached_tokens == 12
@@ -83,7 +86,7 @@ def test_fully_cached_prompt_still_computes_its_last_token():
     admit(manager, first)
     manager.deallocate(first)
     again = create_sequence(prompt)
-    cached = admit(manager, again)
+    cached = admit(manager, again, computed=False)
     # Only the first block is reused: the block holding the last token is computed again, privately.
     assert len(cached) == 1
     assert again.num_computed_tokens == 4
@@ -148,3 +151,19 @@ def test_prefix_caching_off_shares_nothing():
 def test_bad_sizes_are_rejected():
     with pytest.raises(ValueError):
         BlockManager(num_blocks=0, block_size=16)
+
+
+def test_blocks_freed_before_they_were_computed_are_not_cached():
+    manager = BlockManager(num_blocks=8, block_size=BS)
+    seq = create_sequence(range(10, 22))  # 12 tokens: 3 full blocks, registered when scheduled
+    admit(manager, seq, computed=False)
+    assert manager.num_cached_blocks == 3
+    manager.deallocate(seq)  # preempted in the same schedule() call: the step never ran
+    assert manager.num_cached_blocks == 0
+    assert manager.match_prefix(create_sequence(range(10, 23))) == []
+    # Once computed, the same blocks survive a free.
+    seq = create_sequence(range(10, 22))
+    admit(manager, seq)
+    manager.deallocate(seq)
+    assert manager.num_cached_blocks == 3
+    assert len(manager.match_prefix(create_sequence(range(10, 23)))) == 3

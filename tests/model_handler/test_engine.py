@@ -92,6 +92,15 @@ def test_chunked_prefill_with_decodes_in_the_same_steps_matches_transformers(chu
     assert tokens_of(collected["long"]) == expected[3]
 
 
+def test_long_prompt_alone_takes_several_steps_before_its_first_token(chunking_engine, hf_model):
+    prompt = random_prompt(40, seed=400)  # not in the prefix cache; 16 tokens per step
+    chunking_engine.add_request(greedy("alone", prompt, N))
+    assert chunking_engine.step() == [] and chunking_engine.step() == []
+    outputs = run_to_completion(chunking_engine)["alone"]
+    assert outputs[0].num_cached_tokens == 0
+    assert tokens_of(outputs) == hf_greedy(hf_model, prompt, N)
+
+
 def test_preemption_recomputes_and_still_matches_transformers(small_cache_engine, prompts, expected):
     engine = small_cache_engine
     before = engine.scheduler.num_preemptions
