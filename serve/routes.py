@@ -68,8 +68,29 @@ def info() -> Response:
             "version": SERVER_VERSION,
             "sha": None,
             "docker_label": None,
+            # Beyond TGI's fields: what the engine sized and chose at start-up.
+            "engine": _engine_section(engine.info),
         }
     )
+
+
+def _engine_section(info) -> dict:
+    return {
+        "architecture": info.architecture,
+        "device": info.device,
+        "dtype": info.dtype,
+        "attention_backend": info.attention_backend,
+        "cuda_graphs": info.cuda_graphs,
+        "prefix_caching": info.prefix_caching,
+        "tensor_parallel_size": info.tensor_parallel_size,
+        "max_model_len": info.max_model_len,
+        "max_batch_size": info.max_num_seqs,
+        "max_batch_prefill_tokens": info.max_num_batched_tokens,
+        "kv_cache_block_size": info.block_size,
+        "kv_cache_blocks": info.num_kv_blocks,
+        "kv_cache_tokens": info.num_kv_blocks * info.block_size,
+        "kv_cache_bytes": info.kv_cache_bytes,
+    }
 
 
 @blueprint.get("/v1/models")

@@ -106,3 +106,15 @@ def test_sagemaker_huggingface_predictor_messages(sagemaker_local_session, live_
 
     tgi_reply = predictor.predict({"inputs": "What is deep learning?", "parameters": {"max_new_tokens": 4}})
     assert isinstance(tgi_reply, list) and "generated_text" in tgi_reply[0]
+
+
+def test_info_reports_what_the_engine_sized_at_start_up(live_server):
+    with urllib.request.urlopen(f"{live_server.url}/info", timeout=10) as reply:
+        info = json.loads(reply.read())
+    engine = info["engine"]
+    # tests/live.py gives the engine a 64 MiB CPU budget; the tiny model's KV is 4 KiB per token in fp32.
+    assert engine["kv_cache_bytes"] <= 64 * 1024 * 1024
+    assert engine["kv_cache_tokens"] == engine["kv_cache_blocks"] * engine["kv_cache_block_size"]
+    assert engine["kv_cache_tokens"] * 4096 == engine["kv_cache_bytes"]
+    assert engine["device"] == "cpu" and engine["attention_backend"] == "torch" and engine["prefix_caching"]
+    assert info["max_total_tokens"] == engine["max_model_len"]
