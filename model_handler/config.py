@@ -90,7 +90,9 @@ class EngineConfig:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"CUDA_MEMORY_FRACTION={fraction} must be in (0, 1]")
         graphs = _graph_sizes(environ, max_num_seqs) if kind == "cuda" else []
-        tp_size = _int(environ, "SM_NUM_GPUS", 0, minimum=0) or _int(environ, "NUM_SHARD", 1, minimum=1)
+        tp_size = _tensor_parallel_size(environ, kind)
+        _check_quantize(environ)
+        _bool(environ, "HF_MODEL_TRUST_REMOTE_CODE", False)  # validated only: no remote code is ever run
         backend = (environ.get("ATTENTION_BACKEND") or "").strip().lower() or None
         if backend not in (None, "torch", "triton"):
             raise ValueError(f"ATTENTION_BACKEND={backend!r} must be 'torch' or 'triton'")
@@ -135,6 +137,33 @@ def _graph_sizes(environ: Mapping[str, str], max_num_seqs: int) -> list[int]:
         raise ValueError(f"CUDA_GRAPHS={raw!r}: batch sizes must be positive (use 0 alone to disable)")
     # Sizes above the largest batch would never replay.
     return [s for s in sizes if s <= max_num_seqs] or [max_num_seqs]
+
+
+def _tensor_parallel_size(environ: Mapping[str, str], kind: str) -> int:
+    """SM_NUM_GPUS (SageMaker's name; 0 means unset), else NUM_SHARD (TGI's); one rank per GPU on CUDA.
+
+    The GPU count is checked where CUDA is present (a config for CUDA can be built on a CPU machine)."""
+    tp_size = _int(environ, "SM_NUM_GPUS", 0, minimum=0) or _int(environ, "NUM_SHARD", 1, minimum=1)
+    if kind == "cuda" and tp_size > 1 and torch.cuda.is_available():
+        num_gpus = torch.cuda.device_count()
+        if tp_size > num_gpus:
+            name = "SM_NUM_GPUS" if (environ.get("SM_NUM_GPUS") or "").strip() not in ("", "0") else "NUM_SHARD"
+            raise ValueError(
+                f"{name}={tp_size} asks for {tp_size} tensor-parallel ranks, one per GPU, but {num_gpus} "
+                "CUDA device(s) are visible; set it to the instance's GPU count (4 on ml.g5.12xlarge) or fewer"
+            )
+    return tp_size
+
+
+def _check_quantize(environ: Mapping[str, str]) -> None:
+    """TGI's HF_MODEL_QUANTIZE (QUANTIZE): no quantized path exists yet, so say so instead of serving full precision."""
+    for name in ("HF_MODEL_QUANTIZE", "QUANTIZE"):
+        raw = (environ.get(name) or "").strip()
+        if raw:
+            raise ValueError(
+                f"{name}={raw!r} is not supported: this container serves unquantized weights only "
+                f"(float16/bfloat16/float32 via DTYPE); unset {name}"
+            )
 
 
 def _dtype(environ: Mapping[str, str], kind: str) -> str:

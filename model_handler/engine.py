@@ -21,16 +21,15 @@ logger = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
-        """Load the model, size and allocate the KV cache, warm up (and capture CUDA graphs on GPU)."""
-        if config.tensor_parallel_size != 1:
-            raise ValueError(
-                f"SM_NUM_GPUS/NUM_SHARD={config.tensor_parallel_size}: this engine runs on one device; "
-                "tensor parallelism is not wired into it yet (set SM_NUM_GPUS=1)"
-            )
+        """Load the model, size and allocate the KV cache, warm up (and capture CUDA graphs on GPU).
+
+        With `tensor_parallel_size` N > 1 this process is rank 0: the model runner starts ranks 1..N-1,
+        which hold the other shards; this process alone schedules and samples.
+        """
         self.config = config
         self.model_config = ModelConfig.from_model_dir(config.model_dir)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
-        self.model_runner = ModelRunner(config, self.model_config)
+        self.model_runner = ModelRunner(config, self.model_config, tp_size=config.tensor_parallel_size)
         self.block_manager = BlockManager(
             self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )

@@ -1,12 +1,13 @@
 """ModelRunner: the model and its KV cache on one device; a SchedulerOutput in, the sampled rows' logits out.
 
 Each step's flat batch (all sequences' new tokens concatenated) is built with a handful of numpy ops, not
-per-token Python: on CPU this is the hot loop of small models.
+per-token Python: on CPU this is the hot loop of small models. With tensor parallelism rank 0's runner
+starts the other ranks, sends them each step's batch, and every rank runs its shard of the same forward.
 """
 from __future__ import annotations
 
+import atexit
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,23 +20,10 @@ from model_handler.layers.attention_metadata import AttentionMetadata
 from model_handler.model_config import ModelConfig
 from model_handler.model_loader import load_model
 from model_handler.scheduler import SchedulerOutput
+from model_handler.step_broadcast import StepBroadcast, StepInputs
+from model_handler.tp_worker import TPWorkers, check_shardable
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepInputs:
-    """One step's flat batch on the host (pinned on CUDA), in scheduling order."""
-
-    input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    logits_indices: torch.Tensor  # [num_sampling] int64: the last new token of each sampling sequence
-    max_query_len: int
-    max_seq_len: int
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -44,18 +32,52 @@ def _cdiv(a: int, b: int) -> int:
 
 class ModelRunner:
     def __init__(
-        self, config: EngineConfig, model_config: ModelConfig, tp_rank: int = 0, tp_size: int = 1
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_init_method: str | None = None,
     ) -> None:
+        """Rank 0 of a `tp_size` > 1 group starts ranks 1..tp_size-1 itself; those pass their rank and the
+        group's `tp_init_method`."""
         self.config = config
         self.model_config = model_config
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.device = torch.device(config.device)
-        if self.device.type == "cuda" and self.device.index is None:
+        if self.device.type == "cuda" and tp_size > 1:
+            self.device = torch.device("cuda", tp_rank)  # one GPU per rank
+        elif self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # memory queries need an index
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = _cdiv(config.max_model_len, config.block_size)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.workers: TPWorkers | None = None
+        self.broadcast: StepBroadcast | None = None
+        if tp_size > 1:
+            check_shardable(model_config, tp_size)
+            if tp_rank == 0:
+                self.workers = TPWorkers(config, tp_size)
+                tp_init_method = self.workers.init_method
+            if tp_init_method is None:
+                raise ValueError(f"tensor-parallel rank {tp_rank} needs the group's init method")
+        try:
+            if tp_size > 1:
+                self.broadcast = StepBroadcast.join(tp_rank, tp_size, tp_init_method, self.device)
+            self._load_and_allocate()
+        except BaseException:
+            self._abort()
+            raise
+        if self.workers is not None:
+            # Before multiprocessing's own exit hook (atexit runs last-registered first), which would
+            # terminate the workers and so trip their watchdog.
+            atexit.register(self.shutdown)
+
+    def _load_and_allocate(self) -> None:
+        config, model_config = self.config, self.model_config
+        tp_rank, tp_size = self.tp_rank, self.tp_size
         self.backend = select_backend(self.device, config.attention_backend)
         self.model = load_model(
             config.model_dir,
@@ -69,7 +91,11 @@ class ModelRunner:
         self.block_bytes = kv_cache.block_bytes(
             model_config.num_layers, self.block_size, self.num_kv_heads, model_config.head_dim, self.dtype
         )
+        if self.broadcast is not None:
+            self.broadcast.barrier()  # ranks load at their own pace; the model group's timeout starts after
         self.num_kv_blocks = self._size_kv_cache()
+        if self.broadcast is not None:
+            self.num_kv_blocks = self.broadcast.min_over_ranks(self.num_kv_blocks)  # every rank holds as many
         self.kv_cache_bytes = self.num_kv_blocks * self.block_bytes
         self._cache, self.kv_caches = self._allocate(self.num_kv_blocks)
         logger.info(
@@ -101,7 +127,9 @@ class ModelRunner:
         config = self.config
         if self.device.type != "cuda":
             max_useful = config.max_num_seqs * self.max_blocks_per_seq
-            num_blocks = kv_cache.num_cpu_blocks(config.kv_cache_cpu_bytes, self.block_bytes, max_useful)
+            # KV_CACHE_CPU_BYTES is the machine's budget: CPU ranks share one memory, a block spans them all.
+            all_ranks_block_bytes = self.block_bytes * self.tp_size
+            num_blocks = kv_cache.num_cpu_blocks(config.kv_cache_cpu_bytes, all_ranks_block_bytes, max_useful)
             self._warm_up(min(config.max_num_batched_tokens, 256), num_seqs=4)  # first-call costs, off the clock
             return num_blocks
         torch.cuda.empty_cache()
@@ -202,15 +230,51 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Run one step; logits [num_sampling, vocab] float32 of the sequences that sample, in order."""
         inputs = self.prepare(out)
+        if self.broadcast is None:
+            return self.run(inputs)
+        try:
+            self.broadcast.send(inputs)  # the other ranks run the same forward on their shards
+            return self.run(inputs)
+        except Exception:
+            # The other ranks may be waiting in a collective this rank never reaches: no later step can run.
+            self.workers.fail("a tensor-parallel step failed on rank 0", exc_info=True)
+
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward of a prepared batch; decides from `inputs` alone, so every rank takes the same path."""
         graphs = self.graph_runner
-        if graphs is not None and inputs.max_query_len == 1 and graphs.can_run(len(out.scheduled)):
+        if graphs is not None and inputs.max_query_len == 1 and graphs.can_run(inputs.num_seqs):
             to = self._to_device
             hidden = graphs.run(
                 to(inputs.input_ids), to(inputs.positions), to(inputs.slot_mapping), to(inputs.seq_lens),
                 to(inputs.block_tables),
             )  # fmt: skip
-            return self.model.compute_logits(hidden[to(inputs.logits_indices)])
+            return self._logits(hidden, inputs)
         return self._forward(inputs, self.kv_caches)
+
+    def serve_steps(self) -> None:
+        """Ranks 1..N-1: run every step rank 0 sends until it says stop, then leave the group."""
+        if self.broadcast is None or self.tp_rank == 0:
+            raise RuntimeError("serve_steps runs on tensor-parallel ranks 1..N-1 only")
+        while (inputs := self.broadcast.recv()) is not None:
+            self.run(inputs)
+        self.broadcast.close()
+        self.broadcast = None
+
+    def shutdown(self) -> None:
+        """Rank 0: tell the other ranks to exit, wait for them, leave the group. Idempotent; also runs at exit."""
+        if self.workers is not None and self.broadcast is not None:
+            atexit.unregister(self.shutdown)
+            self.workers.stop(self.broadcast)
+        self.workers = self.broadcast = None
+
+    def _abort(self) -> None:
+        """Start-up failed on this rank: end the workers without a message (they may be in any collective)."""
+        if self.workers is not None:
+            self.workers.abort(self.broadcast)
+        elif self.broadcast is not None:
+            self.broadcast.close()
+        self.workers = self.broadcast = None
 
     def _forward(self, inputs: StepInputs, kv_caches: list[kv_cache.KVCache]) -> torch.Tensor:
         to = self._to_device
@@ -223,7 +287,14 @@ class ModelRunner:
             max_seq_len=inputs.max_seq_len,
         )
         hidden = self.model(to(inputs.input_ids), to(inputs.positions), kv_caches, metadata)  # [T, hidden]
-        return self.model.compute_logits(hidden[to(inputs.logits_indices)])  # [num_sampling, vocab]
+        return self._logits(hidden, inputs)
+
+    def _logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """[num_sampling, vocab] float32. A step where no sequence samples (a middle prefill chunk) skips the
+        LM head; the choice depends on `inputs` only, so every rank skips its vocab all-gather alike."""
+        if inputs.logits_indices.shape[0] == 0:
+            return torch.empty(0, self.model_config.vocab_size, device=self.device)  # [0, vocab]
+        return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])  # [num_sampling, vocab]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":

@@ -80,9 +80,11 @@ def start_engine(env: dict[str, str] | None = None, timeout_s: float = 120.0) ->
     handle = EngineHandle(address, process, log_path, directory)
     try:
         _wait_engine_ready(address, process, timeout_s)
-    except Exception:
+    except Exception as exc:
+        _stop(process, 10.0)
+        logs = log_path.read_text(errors="replace")
         handle.stop()
-        raise RuntimeError(f"engine did not become ready:\n{log_path.read_text(errors='replace')}") from None
+        raise RuntimeError(f"engine did not become ready ({exc}):\n{logs}") from None
     return handle
 
 

@@ -10,17 +10,23 @@ import threading
 import time
 import urllib.request
 
-from tests.live import REPO_ROOT, start_server
+import pytest
+
+from tests.live import REPO_ROOT, free_port, start_server
 
 
-def test_bad_configuration_stops_startup_naming_the_variable():
-    env = {**os.environ, "MAX_INPUT_TOKENS": "ten"}
+@pytest.mark.parametrize(
+    "name, value",
+    [("MAX_INPUT_TOKENS", "ten"), ("HF_MODEL_QUANTIZE", "gptq"), ("HF_MODEL_ID", "/no/such/model/folder")],
+)
+def test_bad_configuration_stops_startup_naming_the_variable(name, value):
+    env = {**os.environ, "PORT": str(free_port()), name: value}
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "container" / "serve"), "serve"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env, capture_output=True, text=True, timeout=90,
     )
     assert result.returncode != 0
-    assert "MAX_INPUT_TOKENS" in result.stderr + result.stdout
+    assert name in result.stderr + result.stdout
 
 
 def test_sigterm_finishes_in_flight_request_then_exits_zero():

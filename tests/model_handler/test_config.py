@@ -99,11 +99,28 @@ def test_every_variable_is_read(model_dir):
         ("ATTENTION_BACKEND", "flash"),
         ("DTYPE", "int8"),
         ("SEED", "x"),
+        ("HF_MODEL_QUANTIZE", "bitsandbytes"),
+        ("HF_MODEL_QUANTIZE", "awq"),
+        ("HF_MODEL_TRUST_REMOTE_CODE", "perhaps"),
     ],
 )
 def test_bad_values_name_the_variable(model_dir, name, value):
     with pytest.raises(ValueError, match=name):
         from_env(model_dir, device="cuda", **{name: value})
+
+
+def test_sagemaker_sdk_variables_are_accepted(model_dir):
+    config = from_env(
+        model_dir,
+        device="cpu",
+        HF_MODEL_TRUST_REMOTE_CODE="true",
+        HF_MODEL_QUANTIZE="",
+        SAGEMAKER_PROGRAM="",
+        SAGEMAKER_SUBMIT_DIRECTORY="",
+        SAGEMAKER_REGION="us-east-1",
+        SAGEMAKER_CONTAINER_LOG_LEVEL="20",
+    )
+    assert config.model_dir == model_dir
 
 
 def test_sagemaker_model_dir_is_used_when_it_holds_a_model(model_dir, tmp_path):

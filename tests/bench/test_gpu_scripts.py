@@ -1,0 +1,170 @@
+"""The GPU check without a GPU: shell syntax and usage, the random model folder, the report's verdicts, and the
+whole `bench/gpu_check.sh --cpu-smoke` run (same Python, tiny model of the same config, on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_engine, gpu_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+
+
+def run_script(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], check=False, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHON": sys.executable, **(env or {})})  # fmt: skip
+
+
+def test_script_parses_and_explains_itself():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False).returncode == 0
+    done = run_script("--help")
+    assert done.returncode == 0
+    for word in ("--cpu-smoke", "pytest -q -m gpu", "gpu_kernels.py", "generate_batch", "gpu_check.json"):
+        assert word in done.stdout
+
+
+@pytest.mark.parametrize("args", [("--bogus",), ("a", "b"), ("--budget-s", "soon"), ("--model-dir",)])
+def test_bad_usage_exits_2_before_doing_anything(args, tmp_path):
+    done = run_script(*args, env={"TMPDIR": str(tmp_path)})
+    assert done.returncode == 2 and "gpu_check.sh:" in done.stderr
+    assert not list(tmp_path.iterdir())  # no work folder, no results
+
+
+def test_model_folder_streams_valid_shards(tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "m"
+    record = gpu_model.build(out, "smoke", "cpu", shard_gb=0.003)
+    expected = gpu_model.tensor_shapes(gpu_model.SMOKE)
+    index = json.loads((out / gpu_model.INDEX_FILE).read_text())
+    assert record["num_shards"] == len(set(index["weight_map"].values())) > 1
+    tensors = {}
+    for name in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out / name), framework="pt") as f:
+            tensors |= {key: f.get_tensor(key) for key in f.keys()}
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+    assert index["metadata"]["total_size"] == record["weight_bytes"] == sum(2 * v.numel() for v in tensors.values())
+    assert all(str(v.dtype) == "torch.bfloat16" for v in tensors.values())
+    assert bool((tensors["model.norm.weight"] == 1).all())
+    q0, q1 = tensors["model.layers.0.self_attn.q_proj.weight"], tensors["model.layers.1.self_attn.q_proj.weight"]
+    assert abs(q0.float().std().item() - gpu_model.WEIGHT_STD) < 2e-3 and not q0.equal(q1)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_theta"] == 500000.0
+    again = gpu_model.build(out, "smoke", "cpu", shard_gb=0.003)
+    assert again["reused"] and again["weight_bytes"] == record["weight_bytes"]
+
+
+def test_llama3_8b_plan_matches_the_published_size():
+    shapes = gpu_model.tensor_shapes(gpu_model.LLAMA3_8B)
+    num_params = sum(int.__mul__(*s) if len(s) == 2 else s[0] for s in shapes.values())
+    assert num_params == 8_030_261_248  # Meta-Llama-3.1-8B
+    shards = gpu_model.plan_shards(shapes, 2 << 30)
+    assert [n for s in shards for n in s] == list(shapes) and len(shards) == 8
+
+
+def test_baseline_work_is_capped_only_when_it_would_pass_the_deadline():
+    history = [{"batch": 1, "num_requests": 1, "decode_ms_step_median": 30.0, "ttft_ms_max": 50.0},
+               {"batch": 32, "num_requests": 32, "decode_ms_step_median": 40.0, "ttft_ms_max": 400.0}]
+    assert gpu_engine.plan_hf_requests(128, [], 0.0, 128) == 128  # nothing measured yet: try it all
+    assert gpu_engine.plan_hf_requests(128, history, 200.0, 128) == 128
+    # 128 steps of ~71 ms plus 1.6 s of prefill, with margin ~19 s: half of it fits in 10 s.
+    capped = gpu_engine.plan_hf_requests(128, history, 10.0, 128)
+    assert 32 <= capped < 128
+    assert gpu_engine.plan_hf_requests(128, history, -1.0, 128) == 1
+
+
+def write_results(folder: Path, *, step_ms: float, ours_rates: dict, hf_rates: dict, kernels_pass: bool = True,
+                  exact: bool = True) -> None:
+    def runs(rates, ms):
+        return [{"batch": b, "num_requests": b, "output_tok_s": r, "decode_ms_step_median": ms, "ttft_ms_median": 20.0,
+                 "ttft_ms_max": 30.0, "exact_lengths": exact, "first_tokens": [[5, 6, 7]] * b, "capped": None,
+                 "num_decode_steps": 127, "graph_replays": 127, "total_output_tokens": 128 * b}
+                for b, r in rates.items()]
+
+    files = {
+        "gpu_model.json": {"model_dir": "/dev/shm/m", "weight_bytes": 16_060_522_496, "embedding_bytes": 1_050_673_152,
+                           "build_s": 30.0, "reused": False},
+        "gpu_kernels.json": {"passed": kernels_pass, "checks": [{"name": "decode", "passed": kernels_pass}]},
+        "gpu_engine_ours.json": {"device": "NVIDIA H100 80GB HBM3", "hbm_datasheet_gbs": 3350, "copy_gbs": 3000.0,
+                                 "engine": {"cuda_graphs": True}, "runs": runs(ours_rates, step_ms)},
+        "gpu_engine_hf.json": {"runs": runs(hf_rates, 35.0)},
+    }  # fmt: skip
+    for name, data in files.items():
+        (folder / name).write_text(json.dumps(data))
+
+
+def report(folder: Path, *stages: str) -> tuple[int, dict]:
+    argv = ["report", "--results", str(folder), "--require-gpu-tests"]
+    for stage in stages or ("build=0", "kernels=0", "ours=0", "hf=0"):
+        argv += ["--stage", stage]
+    rc = gpu_engine.main(argv)
+    return rc, json.loads((folder / gpu_engine.SUMMARY_FILE).read_text())
+
+
+def test_report_computes_roofline_and_speedups(tmp_path, capsys):
+    write_results(tmp_path, step_ms=6.0, ours_rates={1: 160.0, 32: 3000.0}, hf_rates={1: 30.0, 32: 1500.0})
+    rc, summary = report(tmp_path)
+    assert rc == 0
+    verdicts = {t["name"]: t["ok"] for t in summary["targets"]}
+    # 16.06 GB per 6 ms step = 2677 GB/s = 79.9% of 3350: just short of the 80% target.
+    assert summary["roofline"]["frac_datasheet"] == pytest.approx(0.799, abs=1e-3)
+    assert verdicts["batch-1 decode >= 80% of the HBM roofline"] is False
+    assert verdicts["ours >= 3x transformers generate_batch at batch 1"] is True
+    assert verdicts["ours >= 3x transformers generate_batch at batch 32"] is False
+    assert summary["agreement"]["first_token_match"] == 1.0
+    printed = capsys.readouterr().out
+    assert "FAIL batch-1 decode" in printed and "5.33x" in printed
+    assert "replayed as CUDA graphs: b1 127/127, b32 127/127" in printed
+
+
+def test_report_exit_status_separates_wrong_results_from_failed_stages(tmp_path):
+    write_results(tmp_path, step_ms=5.0, ours_rates={1: 190.0}, hf_rates={1: 30.0}, kernels_pass=False)
+    rc, summary = report(tmp_path)
+    assert rc == 1 and not next(c for c in summary["checks"] if c["name"].startswith("kernels"))["ok"]
+    write_results(tmp_path, step_ms=5.0, ours_rates={1: 190.0}, hf_rates={1: 30.0}, exact=False)
+    assert report(tmp_path)[0] == 1
+    write_results(tmp_path, step_ms=5.0, ours_rates={1: 190.0}, hf_rates={1: 30.0})
+    rc, summary = report(tmp_path, "build=0", "kernels=0", "ours=0", "hf=124")
+    assert rc == 2 and summary["stages"]["hf"] == "124"
+    # A gpu test stage where nothing passed is a failure on the GPU (the junit XML is missing here).
+    assert report(tmp_path, "build=0", "pytest=0", "ours=0")[0] == 1
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check-out")
+    work = tmp_path_factory.mktemp("gpu-check-tmp")
+    done = run_script(str(out), "--cpu-smoke", env={"TMPDIR": str(work)}, timeout=240)
+    return done, out
+
+
+def test_cpu_smoke_runs_every_stage_and_reports(smoke):
+    done, out = smoke
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_check.json", "gpu_check.log", "gpu_engine_hf.json", "gpu_engine_ours.json", "gpu_kernels.json",
+        "gpu_model.json"]  # fmt: skip
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["stages"] == {"build": "0", "pytest": "0", "kernels": "0", "ours": "0", "hf": "0"}
+    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 3
+    assert "gpu_check: exit 0" in (out / "gpu_check.log").read_text()
+
+
+def test_cpu_smoke_both_systems_generate_the_same_greedy_tokens(smoke):
+    _, out = smoke
+    ours = json.loads((out / "gpu_engine_ours.json").read_text())
+    hf = json.loads((out / "gpu_engine_hf.json").read_text())
+    for record in (ours, hf):
+        assert [r["batch"] for r in record["runs"]] == [1, 4]
+        assert all(r["exact_lengths"] and r["total_output_tokens"] == 8 * r["batch"] for r in record["runs"])
+        assert all(r["output_tok_s"] > 0 and r["ttft_ms_median"] > 0 for r in record["runs"])
+    assert ours["engine"]["max_num_seqs"] == 4 and ours["engine"]["dtype"] == "float32"
+    # float32 on both sides, same llama3-scaled rope config: our model computes transformers' function.
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["agreement"]["first_token_match"] == 1.0 and summary["agreement"]["requests"] == 5
