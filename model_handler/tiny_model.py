@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1  # bump when the folder layout or contents change, so caches rebuild
+FORMAT_VERSION = 2  # bump when the folder layout or contents change, so caches rebuild
 CACHE_ENV = "TINY_MODEL_CACHE"
 DEFAULT_CACHE_ROOT = Path("~/.cache/sagemaker-llm")
 
@@ -43,12 +43,17 @@ class TinyModelSpec:
     num_kv_heads: int = 2
     max_position_embeddings: int = 2048
     seed: int = 0
+    # Std of every random weight (norm weights are 1). HF's usual 0.02 leaves the layers' output small next to the
+    # tied embedding, so the model echoes its input token and greedy text repeats one token forever; ~1.6/sqrt(hidden)
+    # lets the layers dominate, so greedy text varies at nearly every step.
+    init_std: float = 0.1
 
 
 PRESETS: dict[str, TinyModelSpec] = {
     "tiny": TinyModelSpec(),  # 3.8M parameters: tests and the embedded default
     "llama-100m": TinyModelSpec(  # 110M parameters: the CPU benchmark model
-        vocab_size=8192, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4
+        vocab_size=8192, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4,
+        init_std=0.06,  # the same ~1.6/sqrt(hidden): varied text, activations far inside fp16's range
     ),
 }
 
@@ -112,7 +117,7 @@ def _write_configs(out: Path, spec: TinyModelSpec) -> None:
             "head_dim": spec.hidden_size // spec.num_heads,
             "hidden_act": "silu",
             "max_position_embeddings": spec.max_position_embeddings,
-            "initializer_range": 0.02,
+            "initializer_range": spec.init_std,
             "rms_norm_eps": 1e-6,
             "rope_theta": rope_theta,  # the 4.x spelling; 5.x reads rope_parameters
             "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
@@ -139,7 +144,7 @@ def _write_weights(out: Path, spec: TinyModelSpec) -> None:
     h, i = spec.hidden_size, spec.intermediate_size
 
     def normal(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(spec.init_std)
 
     tensors = {"model.embed_tokens.weight": normal(spec.vocab_size, h), "model.norm.weight": np.ones(h, np.float32)}
     for layer in range(spec.num_layers):
@@ -169,16 +174,20 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     max_position_embeddings: int = 2048,
     seed: int = 0,
+    init_std: float = 0.1,
 ) -> Path:
     """Write a complete model folder into `out_dir` (created if needed) and return its path."""
     spec = TinyModelSpec(
-        vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, max_position_embeddings, seed
+        vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, max_position_embeddings, seed,
+        init_std,
     )
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(
             f"hidden_size ({hidden_size}) must divide by num_heads ({num_heads}), "
             f"and num_heads by num_kv_heads ({num_kv_heads})"
         )
+    if not init_std > 0:
+        raise ValueError(f"init_std ({init_std}) must be positive")
     if vocab_size < 300:
         raise ValueError(f"vocab_size ({vocab_size}) must hold the 256 byte tokens and the special tokens")
     out = Path(out_dir)

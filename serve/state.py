@@ -127,8 +127,11 @@ class ServeState:
     def start_job(
         self, record: RequestRecord, specs: list[SequenceSpec], stops: list[str], include_stop: bool
     ) -> Job:
-        """Admit and submit; 429 when this worker already serves its share of MAX_CONCURRENT_REQUESTS."""
+        """Admit and submit; 503 unless the engine is ready now (the tokenizer, once loaded, no longer asks);
+        429 when this worker already serves its share of MAX_CONCURRENT_REQUESTS."""
         tokenizer = self.tokenizer()
+        if not self.engine.is_ready():  # a dead engine would only fail the request after the heartbeat timeout
+            raise ApiError(ErrorKind.NOT_READY, "the model is not ready")
         with self._lock:
             if self._in_flight >= self.settings.max_concurrent_per_worker:
                 raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded")

@@ -61,6 +61,32 @@ def test_model_reloads_with_transformers_and_generates(tiny_model_dir):
     assert out.shape[1] == prompt["input_ids"].shape[1] + 4
 
 
+@pytest.mark.parametrize("text", [CHATML, "Deep learning is"])
+def test_greedy_text_of_the_default_model_varies(tiny_model_dir, text):
+    # With HF's 0.02 init the model echoes its input: greedy output is one token repeated (1-2 distinct in 32).
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    new_ids = out[0, prompt["input_ids"].shape[1] :].tolist()
+    assert len(new_ids) == 32 and len(set(new_ids)) >= 24, new_ids
+
+
+def test_init_std_sets_the_weights_and_norms_stay_one(tmp_path):
+    from safetensors.numpy import load_file
+
+    out = tiny_model.build_tiny_model(tmp_path / "m", **SMALL, init_std=0.3)
+    weights = load_file(str(out / "model.safetensors"))
+    assert abs(float(weights["model.embed_tokens.weight"].std()) - 0.3) < 0.01
+    assert abs(float(weights["model.layers.0.mlp.up_proj.weight"].std()) - 0.3) < 0.01
+    norms = [w for name, w in weights.items() if "norm" in name]
+    assert len(norms) == 2 * SMALL["num_layers"] + 1 and all((w == 1).all() for w in norms)
+    assert json.loads((out / "config.json").read_text())["initializer_range"] == 0.3
+    with pytest.raises(ValueError, match="init_std"):
+        tiny_model.build_tiny_model(tmp_path / "bad", **SMALL, init_std=0.0)
+
+
 def test_model_config_of_the_tiny_model(tiny_model_dir):
     config = ModelConfig.from_model_dir(tiny_model_dir)
     assert (config.architecture, config.vocab_size, config.num_layers) == ("LlamaForCausalLM", 4096, 4)
@@ -84,8 +110,9 @@ def test_cache_is_reused_on_the_second_call(tmp_path, monkeypatch):
 
 def test_cache_key_changes_with_the_parameters():
     spec = tiny_model.TinyModelSpec(**SMALL)
-    other = tiny_model.TinyModelSpec(**{**SMALL, "seed": 1})
-    assert tiny_model.model_dir_name("small", spec) != tiny_model.model_dir_name("small", other)
+    for change in ({"seed": 1}, {"init_std": 0.05}):
+        other = tiny_model.TinyModelSpec(**{**SMALL, **change})
+        assert tiny_model.model_dir_name("small", spec) != tiny_model.model_dir_name("small", other)
     same = tiny_model.TinyModelSpec(**SMALL)
     assert tiny_model.model_dir_name("small", spec) == tiny_model.model_dir_name("small", same)
 
@@ -123,5 +150,6 @@ def test_presets_include_the_100m_benchmark_model():
     )
     num_params = spec.num_layers * per_layer + spec.vocab_size * spec.hidden_size + spec.hidden_size
     assert 100e6 < num_params < 120e6
+    assert spec.init_std < tiny_model.PRESETS["tiny"].init_std  # wider layers sum more terms: a smaller std
     with pytest.raises(ValueError, match="unknown tiny model preset"):
         tiny_model.default_model_dir("no-such-preset")

@@ -1,4 +1,5 @@
-"""Fixtures for the HTTP layer: the tiny model's tokenizer, one real engine process, apps wired to either."""
+"""Fixtures for the HTTP layer: the tiny model's tokenizer, one real engine process, apps wired to it (or, for
+the few outcomes the real engine cannot produce on demand, to a scripted stand-in)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 
 from model_handler.tiny_model import default_model_dir
 from serve.tokenizer import TextTokenizer
+from tests.serve.helpers import wait_idle
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +26,8 @@ DEFAULT_REPLY = "Hello world! This is a test."
 
 @pytest.fixture()
 def scripted(tiny_model_dir, tokenizer):
-    """A scripted engine answering DEFAULT_REPLY then EOS (or cut at max_tokens, finish length)."""
+    """A scripted engine answering DEFAULT_REPLY then EOS (or cut at max_tokens, finish length): for the tests
+    that check what happens before anything reaches the engine, and for outcomes the real one cannot produce."""
     from model_handler.request import FinishReason
     from tests.serve.scripted_engine import ScriptedEngine, engine_info, outputs_for
 
@@ -68,3 +71,11 @@ def live_engine_client(live_engine):
     assert client.wait_ready(30), "the engine never reported ready"
     yield client
     client.close()
+
+
+@pytest.fixture()
+def live_client(live_engine_client, make_client):
+    """live_client(env) -> a test client of an app on the real engine; afterwards the engine must be idle with
+    every KV block free (so each test also checks that finished, stopped and abandoned requests give theirs back)."""
+    yield lambda env=None: make_client(live_engine_client, env)
+    wait_idle(live_engine_client)

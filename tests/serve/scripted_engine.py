@@ -1,5 +1,6 @@
-"""An EngineClient stand-in that replays chosen token ids, for outcomes the random-weight tiny model cannot be
-made to produce on demand: EOS at a given step, a character split over tokens, an engine error, engine death.
+"""An EngineClient stand-in that replays chosen token ids, for outcomes the real engine cannot be made to produce
+on demand (a character split over tokens at a chosen point, an engine error mid-generation), and as a spy for
+the checks that must stop a request before it is queued.
 
 Everything else in the request path (routes, tokenizer, detokenizer, stop strings, SSE) is the real code.
 """
@@ -9,7 +10,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from model_handler.request import EngineInfo, EngineRequest, FinishReason, Heartbeat, RequestOutput, TokenLogprob
-from serve.engine_client import EngineDeadError
 
 Script = Callable[[EngineRequest], list]
 """Given a request, the items its stream yields: RequestOutputs, or an exception to raise at that point."""
@@ -106,14 +106,3 @@ class ScriptedEngine:
         self.submitted.append(request)
         return ScriptedStream(self, request, self.script(request))
 
-
-def dead_after(token_ids: list[int]) -> Script:
-    """A script whose engine dies after these tokens."""
-
-    def script(request: EngineRequest) -> list:
-        outputs = outputs_for(request, token_ids)
-        outputs[-1].finished = False
-        outputs[-1].finish_reason = None
-        return [*outputs, EngineDeadError("the engine process stopped responding")]
-
-    return script
