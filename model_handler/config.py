@@ -48,6 +48,8 @@ class EngineConfig:
     attention_backend: str | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
+    cpu_threads: int | None = None
+    """torch threads of the engine process (ENGINE_CPU_THREADS); None keeps torch's default."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -56,6 +58,7 @@ class EngineConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str], device: str | None = None) -> EngineConfig:
         """Read every engine variable from `environ` (pure apart from reading the model's config.json)."""
+        from model_handler.cpu_threads import num_threads_from_env
         from model_handler.model_config import ModelConfig
         from model_handler.model_source import resolve_model_dir
 
@@ -112,6 +115,7 @@ class EngineConfig:
             attention_backend=backend,
             tensor_parallel_size=tp_size,
             seed=_int(environ, "SEED", 0, minimum=0),
+            cpu_threads=num_threads_from_env(environ, kind),
         )
 
 

@@ -103,7 +103,8 @@ class ModelRunner:
             self.num_kv_blocks, self.block_size, self.kv_cache_bytes / 2**20,
         )  # fmt: skip
         self.graph_runner: CudaGraphRunner | None = None
-        if self.device.type == "cuda" and config.cuda_graph_sizes:
+        # Graphs need a backend with no host syncs: the torch reference reads lengths on the host.
+        if self.device.type == "cuda" and config.cuda_graph_sizes and self.backend.name != "torch":
             self.graph_runner = CudaGraphRunner(
                 self.model,
                 self.kv_caches,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model_handler.request import TokenLogprob
@@ -34,6 +35,55 @@ def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) 
     return counts[:, :vocab_size]
 
 
+def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's largest value (the first on ties): [N, V] -> [N] int64. On CPU numpy's vectorised
+    argmax is ~10x faster than torch's (0.01 vs 0.11 ms for [32, 4096])."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.detach().numpy().argmax(axis=-1))
+    return x.argmax(dim=-1)
+
+
+NUCLEUS_CANDIDATES = 64
+"""Tokens per row that top-p looks at before it sorts the whole row."""
+
+
+def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    """Values only, each row descending; numpy's sort is 3-5x faster than torch's on CPU."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+    return x.sort(dim=-1, descending=True).values
+
+
+def _top_k_top_p_by_sort(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """Top-k then top-p with one sort of every row: no host sync, the GPU path."""
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]).to(device)  # [N]
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype).to(device)  # [N]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
+    rank = torch.arange(vocab_size, device=device)[None, :]  # [1, V]
+    drop = rank >= top_k[:, None]  # [N, V]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)  # [N, V]
+    # Keep the smallest head whose mass reaches top_p: drop a token once the mass before it does.
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _nucleus_threshold(
+    best: torch.Tensor, log_norm: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From each row's best logits (descending, [N, C]) and log normaliser: the smallest logit of the smallest
+    head whose mass reaches top_p, and whether that head ends before the C-th value (if not, and the row has
+    more tokens, the head may be wider)."""
+    probs = (best - log_norm).exp()  # [N, C]
+    keep = (probs.cumsum(dim=-1) - probs) < top_p  # [N, C]: the mass before the token is short of top_p
+    keep[:, 0] = True
+    threshold = best.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # [N, 1]
+    return threshold, ~keep[:, -1:]
+
+
 class Sampler:
     def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.device = torch.device(device)
@@ -52,7 +102,7 @@ class Sampler:
         )
         wants_logprobs = any(p.logprobs is not None for p in params)
         if not suppress and not has_penalty and not wants_logprobs and all(p.is_greedy for p in params):
-            return SamplerOutput(logits.argmax(dim=-1).tolist())  # the common greedy path: one op, one sync
+            return SamplerOutput(_argmax_rows(logits).tolist())  # the common greedy path: one op, one sync
 
         raw = logits
         logits = logits.float().clone()  # [N, V]
@@ -61,7 +111,7 @@ class Sampler:
             logits[list(rows), list(cols)] = float("-inf")
         if has_penalty:
             logits = self._apply_penalties(logits, seqs)
-        chosen = logits.argmax(dim=-1)  # [N], greedy rows keep this
+        chosen = _argmax_rows(logits)  # [N], greedy rows keep this
         sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sample_rows:
             sampled = self._sample(logits, seqs, sample_rows)  # [N]
@@ -114,23 +164,40 @@ class Sampler:
                 seq.generator.manual_seed(params[i].seed)
             noise[i].uniform_(generator=seq.generator)  # the row's own stream: batch-independent
         noise.log_().neg_()
-        return (probs / noise).argmax(dim=-1)
+        return _argmax_rows(probs / noise)
 
     @staticmethod
     def _top_k_top_p(logits: torch.Tensor, params: list) -> torch.Tensor:
-        num_rows, vocab_size = logits.shape
+        """Mask the logits outside each row's top-k, then outside its top-p nucleus.
+
+        On CPU both cut-offs come from one `topk` of NUCLEUS_CANDIDATES (or the largest k) values per row,
+        10-60x cheaper than sorting the vocabulary; only rows whose nucleus is wider than that (flat
+        distributions) sort their whole row. A cut keeps every token tied at it. The GPU sorts (no sync).
+        """
         device = logits.device
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]).to(device)  # [N]
-        top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype).to(device)  # [N]
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
-        rank = torch.arange(vocab_size, device=device)[None, :]  # [1, V]
-        drop = rank >= top_k[:, None]  # [N, V]
-        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)  # [N, V]
-        # Keep the smallest head whose mass reaches top_p: drop a token once the mass before it does.
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        if device.type != "cpu":
+            return _top_k_top_p_by_sort(logits, params)
+        vocab_size = logits.shape[1]
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]  # vocab_size: no cut
+        k_t = torch.tensor(top_ks).to(device)[:, None]  # [N, 1]
+        top_p = [p.top_p for p in params]
+        p_t = torch.tensor(top_p, dtype=logits.dtype).to(device)[:, None]  # [N, 1]
+        num_candidates = min(vocab_size, max([k for k in top_ks if k < vocab_size] + [NUCLEUS_CANDIDATES]))
+        best = logits.topk(num_candidates, dim=-1).values  # [N, C], descending
+        if any(k < vocab_size for k in top_ks):
+            kth = best.gather(1, (k_t - 1).clamp(max=num_candidates - 1))  # [N, 1]
+            logits = logits.masked_fill((logits < kth) & (k_t < vocab_size), float("-inf"))
+            rank = torch.arange(num_candidates, device=device)[None, :]  # [1, C]
+            best = best.masked_fill(rank >= k_t, float("-inf"))
+        if all(p >= 1.0 for p in top_p):
+            return logits
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [N, 1]
+        threshold, ends_early = _nucleus_threshold(best, log_norm, p_t)  # [N, 1] each
+        wide = ((p_t < 1.0) & ~ends_early & (k_t > num_candidates))[:, 0].nonzero()[:, 0].tolist()
+        if wide:  # the nucleus reaches past the candidates: sort those rows whole
+            rows = torch.tensor(wide, device=device)
+            threshold[rows] = _nucleus_threshold(_sorted_descending(logits[rows]), log_norm[rows], p_t[rows])[0]
+        return logits.masked_fill((logits < threshold) & (p_t < 1.0), float("-inf"))
 
     @staticmethod
     def _with_logprobs(raw: torch.Tensor, chosen: torch.Tensor, params: list) -> SamplerOutput:

@@ -227,10 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     io.start()
 
     try:
+        import torch
+
         from model_handler.config import EngineConfig
+        from model_handler.cpu_threads import configure_engine_process
         from model_handler.engine import Engine
 
         config = EngineConfig.from_env(os.environ)
+        configure_engine_process(config.cpu_threads, torch.device(config.device).type)
         started = time.monotonic()
         engine = Engine(config)
     except Exception as exc:  # tell the workers why, then exit non-zero so the launcher stops the container

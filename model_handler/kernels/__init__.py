@@ -46,6 +46,10 @@ class TorchReferenceBackend:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
     def attention(self, query, k_cache, v_cache, metadata, scale, out=None) -> torch.Tensor:
+        if metadata.backend_plan is None:  # first layer of the step
+            metadata.backend_plan = reference.build_plan(
+                metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, k_cache.shape[1]
+            )
         return reference.paged_attention(
             query,
             k_cache,
@@ -55,6 +59,7 @@ class TorchReferenceBackend:
             metadata.query_start_loc,
             scale,
             out=out,
+            plan=metadata.backend_plan,
         )
 
 

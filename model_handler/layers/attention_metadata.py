@@ -6,6 +6,7 @@ Built once per step by the model runner and passed down the model; the layout is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,6 +19,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     max_query_len: int
     max_seq_len: int
+    backend_plan: Any = None
+    """Filled by the attention backend at the first layer of a step and reused by the others (the torch
+    backend's row split and gather indices); one metadata object lives for exactly one step."""
 
     @property
     def num_seqs(self) -> int:

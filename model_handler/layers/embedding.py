@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_handler.distributed import all_gather_last_dim, all_reduce
+from model_handler.layers.cpu_linear import PackedWeight, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -29,8 +30,8 @@ class VocabParallelEmbedding(nn.Module):
                 f"expected {(self.num_embeddings, param.shape[1])}"
             )
         rows = max(0, min(self.num_embeddings_per_rank, self.num_embeddings - self.vocab_start))
-        param.data.zero_()
-        param.data[:rows].copy_(loaded_weight[self.vocab_start : self.vocab_start + rows])
+        param.detach().zero_()
+        param.detach()[:rows].copy_(loaded_weight[self.vocab_start : self.vocab_start + rows])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -44,8 +45,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection; shares its Parameter with the embedding when embeddings are tied."""
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(num_embeddings, embedding_dim, tp_rank=tp_rank, tp_size=tp_size)
+        self.packed_weight = PackedWeight()  # oneDNN's copy of the weight, made on the first CPU forward
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, vocab_per_rank]
+        logits = linear(hidden, self.weight, None, self.packed_weight)  # [N, vocab_per_rank]
         if self.tp_size > 1:
             logits = all_gather_last_dim(logits, self.tp_size)[:, : self.num_embeddings]  # [N, vocab]
         return logits.float()

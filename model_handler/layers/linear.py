@@ -1,16 +1,17 @@
 """Tensor-parallel linear layers and the weight loaders that cut each rank's shard out of an HF tensor.
 
 Every parameter carries `weight_loader(param, loaded_weight, shard_id=None)`; `weights.py` calls it with
-the full checkpoint tensor and the loader copies (and converts) this rank's slice. With tp_size == 1 the
-layers are plain linears and never touch torch.distributed.
+the full checkpoint tensor and the loader copies (and converts) this rank's slice; it writes through
+`param.detach()`, not `.data`, so the parameter's version moves and a packed CPU copy (cpu_linear) follows.
+With tp_size == 1 the layers are plain linears and never touch torch.distributed.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model_handler.distributed import all_reduce
+from model_handler.layers.cpu_linear import PackedWeight, linear
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -27,7 +28,7 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
-    copy_checked(param.data, loaded_weight)
+    copy_checked(param.detach(), loaded_weight)
 
 
 class LinearBase(nn.Module):
@@ -43,12 +44,13 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight = PackedWeight()  # oneDNN's copy of the weight, made on the first CPU forward
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
-        copy_checked(param.data, loaded_weight)
+        copy_checked(param.detach(), loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class ReplicatedLinear(LinearBase):
@@ -68,7 +70,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         size = param.shape[0]
-        copy_checked(param.data, loaded_weight.narrow(0, self.tp_rank * size, size))
+        copy_checked(param.detach(), loaded_weight.narrow(0, self.tp_rank * size, size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -85,7 +87,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError(f"merged linear expects a shard index below {len(self.output_sizes)}, got {shard_id!r}")
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
-        copy_checked(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
+        copy_checked(param.detach().narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -123,7 +125,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, start = self.kv_size, (self.tp_rank // self.num_kv_replicas) * self.kv_size
         else:
             raise ValueError(f"qkv linear expects shard 'q', 'k' or 'v', got {shard_id!r}")
-        copy_checked(param.data.narrow(0, offset, size), loaded_weight.narrow(0, start, size))
+        copy_checked(param.detach().narrow(0, offset, size), loaded_weight.narrow(0, start, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -138,10 +140,10 @@ class RowParallelLinear(LinearBase):
         if param.dim() == 2:
             size = param.shape[1]
             loaded_weight = loaded_weight.narrow(1, self.tp_rank * size, size)
-        copy_checked(param.data, loaded_weight)  # the bias is whole: it is added once, after the reduce
+        copy_checked(param.detach(), loaded_weight)  # the bias is whole: it is added once, after the reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias, self.packed_weight)
+        y = all_reduce(linear(x, self.weight, None, self.packed_weight))
         return y if self.bias is None else y + self.bias

@@ -48,14 +48,15 @@ class RotaryEmbedding(nn.Module):
         cache = torch.stack((cos, sin), dim=1)  # [max_position, 2, rotary_dim]
         self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device(), dtype), persistent=False)
 
-    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
-        """cos/sin rows for this step, shared by every layer: [num_tokens, 2, 1, rotary_dim]."""
-        return self.cos_sin_cache.index_select(0, positions).unsqueeze(2)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) rows for this step, each [num_tokens, 1, rotary_dim], shared by every layer."""
+        rows = self.cos_sin_cache.index_select(0, positions)  # [num_tokens, 2, rotary_dim]
+        return rows[:, 0:1], rows[:, 1:2]
 
 
-def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate x [num_tokens, num_heads, head_dim] (any row stride) by `lookup`'s rows; returns a new tensor."""
-    cos, sin = cos_sin[:, 0], cos_sin[:, 1]  # [num_tokens, 1, rotary_dim] each
+    cos, sin = cos_sin  # [num_tokens, 1, rotary_dim] each
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
         return torch.addcmul(x * cos, x.roll(rotary_dim // 2, dims=-1), sin)

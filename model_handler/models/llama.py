@@ -24,6 +24,7 @@ from model_handler.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_
 from model_handler.model_config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -71,7 +72,7 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: KVCache, attn_metadata: AttentionMetadata
+        self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         num_qk_heads = self.num_heads + self.num_kv_heads
@@ -122,7 +123,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos_sin: torch.Tensor,
+        cos_sin: CosSin,
         kv_cache: KVCache,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +161,7 @@ class LlamaModel(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos_sin = self.rotary_emb.lookup(positions)  # [T, 2, 1, rotary_dim], shared by all layers
+        cos_sin = self.rotary_emb.lookup(positions)  # ([T, 1, rotary_dim], same), shared by all layers
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos_sin, kv_cache, attn_metadata)

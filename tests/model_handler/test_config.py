@@ -64,8 +64,9 @@ def test_every_variable_is_read(model_dir):
         ATTENTION_BACKEND="torch",
         SM_NUM_GPUS="2",
         SEED="42",
+        ENGINE_CPU_THREADS="3",
     )
-    assert config.dtype == "float16"
+    assert config.dtype == "float16" and config.cpu_threads == 3
     assert config.max_model_len == 300
     assert config.max_num_batched_tokens == 1000 and config.max_num_seqs == 12
     assert config.block_size == 32
@@ -102,6 +103,7 @@ def test_every_variable_is_read(model_dir):
         ("HF_MODEL_QUANTIZE", "bitsandbytes"),
         ("HF_MODEL_QUANTIZE", "awq"),
         ("HF_MODEL_TRUST_REMOTE_CODE", "perhaps"),
+        ("ENGINE_CPU_THREADS", "0"),
     ],
 )
 def test_bad_values_name_the_variable(model_dir, name, value):

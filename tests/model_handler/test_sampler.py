@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from model_handler.sampler import Sampler
+from model_handler.sampler import Sampler, _top_k_top_p_by_sort
 from tests.model_handler.engine_factories import EOS, create_sequence
 
 V = 32
@@ -156,3 +156,32 @@ def test_logprobs_equal_log_softmax():
     assert [t for t, _ in first.top] == top.indices.tolist()
     assert torch.allclose(torch.tensor([lp for _, lp in first.top]), top.values, atol=1e-5)
     assert third.top == [] and abs(third.logprob - expected[2, third.token_id].item()) < 1e-5
+
+
+def _sorted_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """The textbook filter (sort, cumulative mass), to check the sort-free one against."""
+    out = torch.full_like(logits, float("-inf"))
+    for i, row in enumerate(logits):
+        order = row.argsort(descending=True)
+        keep = order[: top_k[i]] if top_k[i] > 0 else order
+        probs = torch.softmax(row[keep], dim=-1)
+        mass_before = probs.cumsum(0) - probs
+        keep = keep[mass_before < top_p[i]]
+        out[i, keep] = row[keep]
+    return out
+
+
+def test_top_k_top_p_mask_matches_sort_and_cumsum_per_row():
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(7)) * torch.linspace(0.1, 6, 64)[:, None]
+    gen = torch.Generator().manual_seed(8)
+    top_k = [int(k) for k in torch.randint(0, 40, (64,), generator=gen)]  # 0 = no top-k, mixed with cut rows
+    top_p = [float(p) for p in torch.rand(64, generator=gen).clamp(min=0.05)]
+    top_p[::5] = [1.0] * len(top_p[::5])
+    params = [s.sampling_params for s in seqs(64, temperature=1.0)]
+    for p, k, q in zip(params, top_k, top_p):
+        p.top_k, p.top_p = k, q
+    expected = _sorted_top_k_top_p(logits, top_k, top_p).isfinite()
+    # The CPU filter (top-k candidates, sorting only wide rows) and the GPU one (one sort, run here on CPU).
+    for filtered in (Sampler._top_k_top_p(logits.clone(), params), _top_k_top_p_by_sort(logits.clone(), params)):
+        assert torch.equal(filtered.isfinite(), expected)
+        assert torch.equal(filtered[filtered.isfinite()], logits[filtered.isfinite()])

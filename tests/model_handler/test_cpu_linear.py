@@ -1,0 +1,54 @@
+"""CPU linears through oneDNN with a packed weight: same results as F.linear, and a changed weight is seen."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_handler.layers import cpu_linear
+from model_handler.layers.cpu_linear import PackedWeight, linear, packed_linear_available
+from model_handler.layers.linear import ColumnParallelLinear
+
+needs_onednn = pytest.mark.skipif(not packed_linear_available(), reason="oneDNN packed linear unavailable here")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(32, 256), (3, 5, 256)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_f_linear(shape, with_bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    weight = torch.randn(512, 256, generator=gen) * 0.05
+    bias = torch.randn(512, generator=gen) if with_bias else None
+    packed = PackedWeight()
+    out = linear(x, weight, bias, packed)
+    assert packed.packed is not None  # the oneDNN path ran
+    torch.testing.assert_close(out, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_small_products_stay_on_f_linear():
+    packed = PackedWeight()
+    x, weight = torch.randn(1, 64), torch.randn(64, 64)
+    assert torch.equal(linear(x, weight, None, packed), F.linear(x, weight))
+    assert packed.packed is None
+
+
+@needs_onednn
+def test_weight_loaded_after_a_forward_is_repacked():
+    layer = ColumnParallelLinear(256, 512)
+    layer.weight.weight_loader(layer.weight, torch.ones(512, 256))
+    x = torch.randn(32, 256)
+    with torch.inference_mode():
+        first = layer(x)
+        layer.weight.weight_loader(layer.weight, torch.full((512, 256), 2.0))  # a new checkpoint, in place
+        second = layer(x)
+    torch.testing.assert_close(second, 2 * first)
+
+
+def test_disabled_means_f_linear(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "enabled", False)
+    packed = PackedWeight()
+    x, weight = torch.randn(64, 256), torch.randn(512, 256)
+    assert torch.equal(linear(x, weight, None, packed), F.linear(x, weight))
+    assert packed.packed is None
