@@ -19,7 +19,10 @@ DTYPES = {
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 # Without MAX_TOTAL_TOKENS the context is the model's, capped so block tables and graphs stay small.
 DEFAULT_MAX_MODEL_LEN_CAP = {"cpu": 4096, "cuda": 8192}
-DEFAULT_MAX_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+# On CPU a step's prefill is compute-bound (~20k tokens/s on 2 cores for the tiny model): small chunks let the
+# first requests of a burst start streaming sooner at no cost in throughput (bench: TTFT p50 at 32 streams
+# 250 -> 120-150 ms going from 2048 to 512).
+DEFAULT_MAX_BATCHED_TOKENS = {"cpu": 512, "cuda": 8192}
 DEFAULT_MAX_NUM_SEQS = {"cpu": 64, "cuda": 256}
 DEFAULT_KV_CACHE_CPU_BYTES = 1 << 30
 _BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

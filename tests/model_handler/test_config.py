@@ -29,7 +29,7 @@ def test_cpu_defaults(model_dir):
     assert config.model_dir == model_dir and config.model_id == str(model_dir)
     assert config.dtype == "float32" and config.torch_dtype is torch.float32
     assert config.max_model_len == 512  # the model's own limit, below the default cap
-    assert config.max_num_batched_tokens == 2048
+    assert config.max_num_batched_tokens == 512
     assert config.max_num_seqs == 64
     assert config.block_size == 16
     assert config.kv_cache_cpu_bytes == 1 << 30
