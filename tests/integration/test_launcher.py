@@ -63,3 +63,56 @@ def test_engine_death_stops_the_server_with_an_error_code():
         assert server.process.wait(timeout=40) != 0
     finally:
         server.stop()
+
+
+def test_busy_server_answers_ping_takes_sagemaker_headers_and_logs_json_lines():
+    """SageMaker's contract on a real launcher: /ping within 2 s while a long generation runs, its request
+    headers accepted, every stdout line one JSON object (CloudWatch filters on level and request id)."""
+    server = start_server({"SAGEMAKER_CONTAINER_LOG_LEVEL": "20"})
+    try:
+        long_body = json.dumps(
+            {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 400, "ignore_eos": True,
+             "stream": True}
+        ).encode()
+        finished = threading.Event()
+
+        def generate() -> None:
+            request = urllib.request.Request(
+                f"{server.url}/v1/chat/completions", long_body, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                reply.read()
+            finished.set()
+
+        worker = threading.Thread(target=generate)
+        worker.start()
+        time.sleep(0.3)  # the generation is under way
+        pings = []
+        for _ in range(5):
+            with urllib.request.urlopen(f"{server.url}/ping", timeout=2) as reply:
+                pings.append(reply.status)
+        assert pings == [200] * 5 and not finished.is_set()
+
+        headers = {
+            "Content-Type": "application/json",
+            "X-Amzn-SageMaker-Custom-Attributes": "trace=1",
+            "X-Amzn-SageMaker-Target-Model": "model.tar.gz",
+            "X-Amzn-SageMaker-Inference-Id": "inference-42",
+            "X-Some-Unknown-Header": "ignored",
+        }
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
+        request = urllib.request.Request(f"{server.url}/invocations", body, headers)
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert reply.status == 200
+            request_id = reply.headers["X-Request-Id"]
+            assert json.loads(reply.read())["usage"]["completion_tokens"] == 4
+        worker.join(timeout=120)
+        assert finished.is_set()
+    finally:
+        assert server.stop() == 0
+
+    records = [json.loads(line) for line in server.logs().splitlines() if line.strip()]
+    assert all({"level", "message", "time"} <= record.keys() for record in records)
+    access = [r for r in records if r.get("request_id") == request_id]
+    assert len(access) == 1 and access[0]["route"] == "/invocations" and access[0]["status"] == 200
+    assert access[0]["completion_tokens"] == 4 and access[0]["total_ms"] >= access[0]["ttft_ms"] > 0
