@@ -4,23 +4,22 @@ The handlers take an already decoded body so `/invocations` can dispatch to them
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
+from typing import TypeVar
 
 from flask import Blueprint, Response
 
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
-from serve.engine_client import EngineDeadError
 from serve.errors import ApiError, Dialect, ErrorKind
 from serve.generation import Finish
 from serve.schemas import parse_body, resolve_max_new_tokens
 from serve.schemas_openai import ChatCompletionRequest, CompletionRequest
-from serve.state import Job, SequenceSpec
-from serve.streaming import SSE_DONE, sse_data, sse_response
+from serve.logging_setup import RequestRecord
+from serve.state import ServeState, Job, SequenceSpec
+from serve.streaming import SSE_DONE, guarded_events, sse_data, sse_response
 from serve.tokenizer import TextTokenizer
 
-logger = logging.getLogger("serve.routes_openai")
 blueprint = Blueprint("openai", __name__)
 
 
@@ -34,13 +33,22 @@ def completions_route() -> Response:
     return handle_completions(read_json())
 
 
-def handle_chat(body: object) -> Response:
+RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
+
+
+def _start(body: object, schema: type[RequestT]) -> tuple[ServeState, RequestRecord, RequestT]:
+    """The common start of an OpenAI generation: the error dialect, the body parsed and checked, the log record."""
     set_dialect(Dialect.OPENAI)
     state, record = current_state(), current_record()
     record.is_generation = True
-    req = parse_body(ChatCompletionRequest, body, Dialect.OPENAI)
+    req = parse_body(schema, body, Dialect.OPENAI)
     req.check(state.settings)
     record.stream = bool(req.stream)
+    return state, record, req
+
+
+def handle_chat(body: object) -> Response:
+    state, record, req = _start(body, ChatCompletionRequest)
     tokenizer, limits = state.tokenizer(), state.limits()
     prompt = tokenizer.apply_chat_template(req.template_messages())
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -53,7 +61,8 @@ def handle_chat(body: object) -> Response:
     job = state.start_job(record, specs, req.stop_list, include_stop=False)
     reply = responses.OpenAIReply(model=state.model_name(), object_prefix="chatcmpl")
     if req.stream:
-        return sse_response(_chat_stream(job, reply, req, tokenizer, len(prompt_ids)), job.close)
+        events = _chat_stream(job, reply, req, tokenizer, len(prompt_ids))
+        return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
         job.collect()
     finally:
@@ -65,46 +74,26 @@ def _chat_stream(
     job: Job, reply: responses.OpenAIReply, req: ChatCompletionRequest, tokenizer: TextTokenizer, num_prompt: int
 ) -> Iterator[bytes]:
     include_usage = req.include_usage
-    try:
-        for generation in job.generations:
-            delta = {"role": "assistant", "content": ""}
-            yield sse_data(responses.chat_chunk(reply, generation.index, delta, include_usage=include_usage))
-        for update in job.updates():
-            if update.finish is Finish.ERROR:
-                yield from _openai_stream_error(job, ApiError(ErrorKind.GENERATION, update.error or "engine error"))
-                return
-            delta = {"content": update.text} if update.text else {}
-            logprobs = responses.chat_logprobs(tokenizer, update.tokens) if req.logprobs and update.tokens else None
-            finish = update.finish.openai if update.finish is not None else None
-            if not delta and logprobs is None and finish is None:
-                continue
-            yield sse_data(responses.chat_chunk(reply, update.index, delta, finish, logprobs, include_usage))
-        if include_usage:
-            usage = responses.usage(job.generations, num_prompt)
-            yield sse_data(responses.usage_chunk(reply, "chat.completion.chunk", usage))
-        yield SSE_DONE
-    except EngineDeadError as exc:
-        yield from _openai_stream_error(job, ApiError(ErrorKind.GENERATION, str(exc)))
-    except Exception as exc:  # the status line is sent: the error can only go in the stream now
-        logger.exception("chat stream failed", extra={"request_id": job.record.request_id})
-        yield from _openai_stream_error(job, ApiError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
-    finally:
-        job.close()
-
-
-def _openai_stream_error(job: Job, error: ApiError) -> Iterator[bytes]:
-    job.record.error, job.record.error_kind = error.message, error.kind.value
-    yield sse_data(error.openai_body())
+    for generation in job.generations:
+        delta = {"role": "assistant", "content": ""}
+        yield sse_data(responses.chat_chunk(reply, generation.index, delta, include_usage=include_usage))
+    for update in job.updates():
+        if update.finish is Finish.ERROR:
+            raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
+        delta = {"content": update.text} if update.text else {}
+        logprobs = responses.chat_logprobs(tokenizer, update.tokens) if req.logprobs and update.tokens else None
+        finish = update.finish.openai if update.finish is not None else None
+        if not delta and logprobs is None and finish is None:
+            continue
+        yield sse_data(responses.chat_chunk(reply, update.index, delta, finish, logprobs, include_usage))
+    if include_usage:
+        usage = responses.usage(job.generations, num_prompt)
+        yield sse_data(responses.usage_chunk(reply, "chat.completion.chunk", usage))
     yield SSE_DONE
 
 
 def handle_completions(body: object) -> Response:
-    set_dialect(Dialect.OPENAI)
-    state, record = current_state(), current_record()
-    record.is_generation = True
-    req = parse_body(CompletionRequest, body, Dialect.OPENAI)
-    req.check(state.settings)
-    record.stream = bool(req.stream)
+    state, record, req = _start(body, CompletionRequest)
     tokenizer, limits = state.tokenizer(), state.limits()
     prompt_ids, prompt_texts = [], []
     for prompt in req.prompts():
@@ -126,7 +115,8 @@ def handle_completions(body: object) -> Response:
     reply = responses.OpenAIReply(model=state.model_name(), object_prefix="cmpl")
     echoes = [prompt_texts[i // req.num_choices] if req.echo else "" for i in range(len(specs))]
     if req.stream:
-        return sse_response(_completion_stream(job, reply, req, tokenizer, echoes), job.close)
+        events = _completion_stream(job, reply, req, tokenizer, echoes)
+        return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
         job.collect()
     finally:
@@ -146,32 +136,23 @@ def _completion_stream(
 ) -> Iterator[bytes]:
     include_usage = req.include_usage
     offsets = [len(echo) for echo in echoes]
-    try:
-        for generation in job.generations:
-            if echoes[generation.index]:
-                choice = responses.completion_choice(generation.index, echoes[generation.index], None, None)
-                yield sse_data(responses.completion_chunk(reply, choice, include_usage))
-        for update in job.updates():
-            if update.finish is Finish.ERROR:
-                yield from _openai_stream_error(job, ApiError(ErrorKind.GENERATION, update.error or "engine error"))
-                return
-            logprobs = None
-            if req.logprobs is not None and update.tokens:
-                logprobs = responses.completion_logprobs(tokenizer, update.tokens, offsets[update.index])
-            offsets[update.index] += len(update.text)
-            finish = update.finish.openai if update.finish is not None else None
-            if not update.text and logprobs is None and finish is None:
-                continue
-            choice = responses.completion_choice(update.index, update.text, finish, logprobs)
+    for generation in job.generations:
+        if echoes[generation.index]:
+            choice = responses.completion_choice(generation.index, echoes[generation.index], None, None)
             yield sse_data(responses.completion_chunk(reply, choice, include_usage))
-        if include_usage:
-            usage = responses.usage(job.generations, job.record.prompt_tokens)
-            yield sse_data(responses.usage_chunk(reply, "text_completion", usage))
-        yield SSE_DONE
-    except EngineDeadError as exc:
-        yield from _openai_stream_error(job, ApiError(ErrorKind.GENERATION, str(exc)))
-    except Exception as exc:
-        logger.exception("completion stream failed", extra={"request_id": job.record.request_id})
-        yield from _openai_stream_error(job, ApiError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
-    finally:
-        job.close()
+    for update in job.updates():
+        if update.finish is Finish.ERROR:
+            raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
+        logprobs = None
+        if req.logprobs is not None and update.tokens:
+            logprobs = responses.completion_logprobs(tokenizer, update.tokens, offsets[update.index])
+        offsets[update.index] += len(update.text)
+        finish = update.finish.openai if update.finish is not None else None
+        if not update.text and logprobs is None and finish is None:
+            continue
+        choice = responses.completion_choice(update.index, update.text, finish, logprobs)
+        yield sse_data(responses.completion_chunk(reply, choice, include_usage))
+    if include_usage:
+        usage = responses.usage(job.generations, job.record.prompt_tokens)
+        yield sse_data(responses.usage_chunk(reply, "text_completion", usage))
+    yield SSE_DONE

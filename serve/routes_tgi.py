@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import enum
-import logging
 import time
 from collections.abc import Iterator
 
@@ -13,16 +12,14 @@ from flask import Blueprint, Response
 
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
-from serve.engine_client import EngineDeadError
 from serve.errors import ApiError, Dialect, ErrorKind
 from serve.generation import Finish, Generation
 from serve.schemas import parse_body, resolve_max_new_tokens
 from serve.schemas_tgi import GenerateRequest
 from serve.state import Job, SequenceSpec
-from serve.streaming import sse_data, sse_response
+from serve.streaming import guarded_events, sse_data, sse_response
 from serve.tokenizer import TextTokenizer
 
-logger = logging.getLogger("serve.routes_tgi")
 blueprint = Blueprint("tgi", __name__)
 
 
@@ -71,7 +68,8 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
     job = state.start_job(record, specs, params.stop, include_stop=True)
     top_n = params.top_n_tokens or 0
     if streaming:
-        return sse_response(_generate_stream(job, tokenizer, prefix, params.details, top_n), job.close, _headers(state))
+        events = _generate_stream(job, tokenizer, prefix, params.details, top_n)
+        return sse_response(guarded_events(job, events, Dialect.TGI), job.close, _headers(state))
     try:
         job.collect()
     finally:
@@ -88,44 +86,29 @@ def _generate_stream(job: Job, tokenizer: TextTokenizer, prefix: str, details: b
     generation = job.generations[0]
     index = 0
     last_token = None
-    try:
-        for update in job.updates():
-            if update.finish is Finish.ERROR:
-                yield from _tgi_stream_error(job, ApiError(ErrorKind.GENERATION, update.error or "engine error"))
-                return
-            tokens = update.tokens
-            if update.finish is not None and not tokens and last_token is not None:
-                tokens = [last_token]  # the engine ended without a new token: repeat the last one as the final event
-                index -= 1
-            for position, token in enumerate(tokens):
-                index += 1
-                last_token = token
-                is_last = update.finish is not None and position == len(tokens) - 1
-                yield sse_data(
-                    responses.tgi_stream_event(
-                        tokenizer,
-                        index,
-                        token,
-                        top_n,
-                        generated_text=prefix + generation.text if is_last else None,
-                        details=responses.tgi_stream_details(generation) if is_last and details else None,
-                    )
+    for update in job.updates():
+        if update.finish is Finish.ERROR:
+            raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
+        tokens = update.tokens
+        if update.finish is not None and not tokens and last_token is not None:
+            tokens = [last_token]  # the engine ended without a new token: repeat the last one as the final event
+            index -= 1
+        for position, token in enumerate(tokens):
+            index += 1
+            last_token = token
+            is_last = update.finish is not None and position == len(tokens) - 1
+            yield sse_data(
+                responses.tgi_stream_event(
+                    tokenizer,
+                    index,
+                    token,
+                    top_n,
+                    generated_text=prefix + generation.text if is_last else None,
+                    details=responses.tgi_stream_details(generation) if is_last and details else None,
                 )
-            if update.finish is not None and not tokens:
-                yield from _tgi_stream_error(job, ApiError(ErrorKind.INTERNAL, "Incomplete generation stream"))
-                return
-    except EngineDeadError as exc:
-        yield from _tgi_stream_error(job, ApiError(ErrorKind.GENERATION, str(exc)))
-    except Exception as exc:
-        logger.exception("generate stream failed", extra={"request_id": job.record.request_id})
-        yield from _tgi_stream_error(job, ApiError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
-    finally:
-        job.close()
-
-
-def _tgi_stream_error(job: Job, error: ApiError) -> Iterator[bytes]:
-    job.record.error, job.record.error_kind = error.message, error.kind.value
-    yield sse_data(error.tgi_body())
+            )
+        if update.finish is not None and not tokens:
+            raise ApiError(ErrorKind.INTERNAL, "Incomplete generation stream")
 
 
 def _headers(state) -> dict[str, str]:

@@ -5,10 +5,19 @@ Frames are exactly `data: <compact json>\\n\\n`; OpenAI streams end with `data: 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response
+
+from serve.engine_client import EngineDeadError
+from serve.errors import ApiError, Dialect, ErrorKind
+
+if TYPE_CHECKING:
+    from serve.state import Job
+
+logger = logging.getLogger("serve.streaming")
 
 SSE_CONTENT_TYPE = "text/event-stream"
 SSE_DONE = b"data: [DONE]\n\n"
@@ -22,6 +31,33 @@ def dumps(obj: Any) -> str:
 
 def sse_data(obj: Any) -> bytes:
     return f"data: {dumps(obj)}\n\n".encode()
+
+
+def guarded_events(job: Job, events: Iterator[bytes], dialect: Dialect) -> Iterator[bytes]:
+    """A stream's events, any failure turned into the dialect's error event, the job released however it ends.
+
+    The status line went out with the first event, so an error can only travel in the stream: OpenAI's
+    `{"error": {...}}` then `[DONE]`, TGI's `{"error", "error_type"}`. Event builders raise ApiError for
+    failures they detect (an engine error on a sequence, a stream that ended without tokens).
+    """
+    try:
+        yield from events
+    except ApiError as error:
+        yield from _error_events(job, error, dialect)
+    except EngineDeadError as exc:
+        yield from _error_events(job, ApiError(ErrorKind.GENERATION, str(exc)), dialect)
+    except Exception as exc:
+        logger.exception("stream failed", extra={"request_id": job.record.request_id})
+        yield from _error_events(job, ApiError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), dialect)
+    finally:
+        job.close()
+
+
+def _error_events(job: Job, error: ApiError, dialect: Dialect) -> Iterator[bytes]:
+    job.record.error, job.record.error_kind = error.message, error.kind.value
+    yield sse_data(error.body(dialect))
+    if dialect is Dialect.OPENAI:
+        yield SSE_DONE
 
 
 class ClosingStream:

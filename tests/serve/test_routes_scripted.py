@@ -44,6 +44,8 @@ def test_engine_error_mid_generation(scripted, make_client):
     chunks = openai_chunks(client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True}))
     assert "CUDA out of memory" in chunks[-1]["error"]["message"]
     validate(chunks[-1], "ErrorResponse")
+    frames = sse_frames(client.post("/v1/completions", json={"prompt": "x", "stream": True}))
+    assert frames[-1] == "[DONE]" and "CUDA out of memory" in json.loads(frames[-2])["error"]["message"]
     frames = sse_frames(client.post("/generate_stream", json={"inputs": "x"}))
     assert json.loads(frames[-1]) == {
         "error": "Request failed during generation: CUDA out of memory",
