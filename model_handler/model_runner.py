@@ -245,11 +245,11 @@ class ModelRunner:
         """The forward of a prepared batch; decides from `inputs` alone, so every rank takes the same path."""
         graphs = self.graph_runner
         if graphs is not None and inputs.max_query_len == 1 and graphs.can_run(inputs.num_seqs):
-            to = self._to_device
             hidden = graphs.run(
-                to(inputs.input_ids), to(inputs.positions), to(inputs.slot_mapping), to(inputs.seq_lens),
-                to(inputs.block_tables),
-            )  # fmt: skip
+                inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables
+            )  # host tensors: the runner stages them itself
+            if inputs.logits_indices.shape[0] == inputs.num_seqs:  # every decode row samples: no gather
+                return self.model.compute_logits(hidden)  # [num_seqs, vocab]
             return self._logits(hidden, inputs)
         return self._forward(inputs, self.kv_caches)
 

@@ -2,7 +2,8 @@
 
 Every backend has the same two entry points with the layout documented in `reference.py`:
 `store_kv(key, value, k_cache, v_cache, slot_mapping)` and
-`attention(query, k_cache, v_cache, metadata, scale, out) -> out`.
+`attention(query, k_cache, v_cache, metadata, scale, out) -> out`,
+and says in `fused` which fused elementwise kernels the layers use with it (None: plain torch ops).
 """
 from __future__ import annotations
 
@@ -14,8 +15,21 @@ from model_handler.kernels import reference
 from model_handler.layers.attention_metadata import AttentionMetadata
 
 
+class FusedKernels(Protocol):
+    """Single-launch versions of a layer's elementwise ops (`triton_fused` implements them)."""
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rotary_(self, x: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+
 class AttentionBackend(Protocol):
     name: str
+    fused: FusedKernels | None
 
     def store_kv(
         self,
@@ -41,6 +55,7 @@ class TorchReferenceBackend:
     """Plain torch (SDPA over gathered blocks): the CPU path."""
 
     name = "torch"
+    fused = None
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from model_handler.kernels import triton_attention, triton_kv_store
+from model_handler.kernels import triton_attention, triton_fused, triton_kv_store
 from model_handler.layers.attention_metadata import AttentionMetadata
 
 
@@ -11,6 +11,7 @@ class TritonBackend:
     """GPU path (and CPU under TRITON_INTERPRET=1). Neither call syncs the device, so both can be graph-captured."""
 
     name = "triton"
+    fused = triton_fused
 
     def __init__(self, num_splits: int | None = None) -> None:
         # None: splits chosen per call from the batch size and the SM count (static shapes only).

@@ -7,10 +7,16 @@ the original context; HF recomputes them once a sequence outgrows it, so beyond 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+if TYPE_CHECKING:
+    from model_handler.kernels import FusedKernels
 
 
 def rope_inv_freq(hf_config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -32,9 +38,15 @@ class RotaryEmbedding(nn.Module):
     """Owns `cos_sin_cache` [max_position, 2, rotary_dim]: row p holds cos(p·f) and sign-folded sin(p·f)."""
 
     def __init__(
-        self, inv_freq: torch.Tensor, attention_scaling: float, max_position: int, dtype: torch.dtype
+        self,
+        inv_freq: torch.Tensor,
+        attention_scaling: float,
+        max_position: int,
+        dtype: torch.dtype,
+        fused: FusedKernels | None = None,
     ) -> None:
         super().__init__()
+        self.fused = fused  # the attention backend's kernels: one in-place launch per layer, no lookup
         self.rotary_dim = 2 * inv_freq.numel()
         # Built on the CPU in fp32 whatever the target, then moved to the default device (the loader's).
         positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
@@ -48,10 +60,29 @@ class RotaryEmbedding(nn.Module):
         cache = torch.stack((cos, sin), dim=1)  # [max_position, 2, rotary_dim]
         self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device(), dtype), persistent=False)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) rows for this step, each [num_tokens, 1, rotary_dim], shared by every layer."""
+    def lookup(self, positions: torch.Tensor) -> RopeRows:
+        """This step's rotation, shared by every layer."""
+        if self.fused is not None:
+            return RopeRows(positions=positions, cache=self.cos_sin_cache, fused=self.fused)
         rows = self.cos_sin_cache.index_select(0, positions)  # [num_tokens, 2, rotary_dim]
-        return rows[:, 0:1], rows[:, 1:2]
+        return RopeRows(cos=rows[:, 0:1], sin=rows[:, 1:2])
+
+
+@dataclass(slots=True)
+class RopeRows:
+    """Either the step's (cos, sin) rows, each [num_tokens, 1, rotary_dim], or what the fused kernel reads."""
+
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # [num_tokens] int64, with `cache` and `fused`
+    cache: torch.Tensor | None = None  # [max_position, 2, rotary_dim]
+    fused: FusedKernels | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [num_tokens, num_heads, head_dim]; the fused kernel does it in place and returns x."""
+        if self.fused is not None:
+            return self.fused.rotary_(x, self.cache, self.positions)
+        return apply_rotary(x, (self.cos, self.sin))
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

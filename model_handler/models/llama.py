@@ -13,18 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from model_handler.kernels import AttentionBackend
+from model_handler.kernels import AttentionBackend, FusedKernels
 from model_handler.layers.activation import SiluAndMul
 from model_handler.layers.attention import PagedAttention
 from model_handler.layers.attention_metadata import AttentionMetadata
 from model_handler.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from model_handler.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from model_handler.layers.norm import RMSNorm
-from model_handler.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from model_handler.layers.rotary import RopeRows, RotaryEmbedding, rope_inv_freq
 from model_handler.model_config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -72,7 +71,7 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache, attn_metadata: AttentionMetadata
+        self, x: torch.Tensor, rope: RopeRows, kv_cache: KVCache, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         num_qk_heads = self.num_heads + self.num_kv_heads
@@ -84,7 +83,7 @@ class LlamaAttention(nn.Module):
                 (self.q_norm.weight.expand(self.num_heads, -1), self.k_norm.weight.expand(self.num_kv_heads, -1))
             )  # [H + Hkv, D]
             qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * weight
-        qk = apply_rotary(qk, cos_sin)  # [T, H + Hkv, D]
+        qk = rope.apply(qk)  # [T, H + Hkv, D] (the fused kernel rotates qkv's q and k in place)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, Hkv, D]
         v = qkv[:, num_qk_heads:]  # [T, Hkv, D]
         out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, H * D]
@@ -92,13 +91,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: ParallelSpec) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, bias: bool, tp: ParallelSpec, fused: FusedKernels | None
+    ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size, [intermediate_size, intermediate_size], bias, **tp.kwargs
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, **tp.kwargs)
-        self.act_fn = SiluAndMul()
+        self.act_fn = SiluAndMul(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I/tp] -> [T, I/tp] -> [T, hidden]
@@ -115,20 +116,20 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(hf_config, config, spec, backend, tp)
-        self.mlp = LlamaMLP(config.hidden_size, hf_config.intermediate_size, spec.mlp_bias, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps)
+        self.mlp = LlamaMLP(config.hidden_size, hf_config.intermediate_size, spec.mlp_bias, tp, backend.fused)
+        self.input_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps, backend.fused)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps, backend.fused)
 
     def forward(
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos_sin: CosSin,
+        rope: RopeRows,
         kv_cache: KVCache,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = self.input_layernorm.forward_with_residual(x, residual)
-        x = self.self_attn(x, cos_sin, kv_cache, attn_metadata)
+        x = self.self_attn(x, rope, kv_cache, attn_metadata)
         x, residual = self.post_attention_layernorm.forward_with_residual(x, residual)
         return self.mlp(x), residual
 
@@ -146,12 +147,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp.kwargs)
         inv_freq, attention_scaling = rope_inv_freq(hf_config, config.head_dim)
         self.rotary_emb = RotaryEmbedding(
-            inv_freq, attention_scaling, hf_config.max_position_embeddings, torch.get_default_dtype()
+            inv_freq, attention_scaling, hf_config.max_position_embeddings, torch.get_default_dtype(), backend.fused
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(hf_config, config, spec, backend, tp) for _ in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps, backend.fused)
 
     def forward(
         self,
@@ -161,10 +162,10 @@ class LlamaModel(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos_sin = self.rotary_emb.lookup(positions)  # ([T, 1, rotary_dim], same), shared by all layers
+        rope = self.rotary_emb.lookup(positions)  # shared by all layers
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos_sin, kv_cache, attn_metadata)
+            x, residual = layer(x, residual, rope, kv_cache, attn_metadata)
         x, _ = self.norm.forward_with_residual(x, residual)
         return x  # [T, hidden]
 
