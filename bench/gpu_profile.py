@@ -179,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.model_runner, "prepare", "prepare")
     timer.wrap(engine.model_runner, "run", "launch_forward")
-    timer.wrap(engine, "sampler", "sample_and_sync")
-    timer.wrap(engine.scheduler, "update_from_output", "update")
+    timer.wrap(engine.sampler, "choose", "sample")
+    if engine.config.async_scheduling:  # tokens are read (the host waits for the GPU) one step later
+        timer.wrap(engine, "_read", "read_tokens_and_update")
+        timer.wrap(engine.scheduler, "advance", "advance")
+    else:
+        timer.wrap(engine.scheduler, "update_from_output", "update")
     record: dict[str, Any] = {**device_record(args.device), "engine": str(engine.info()), "runs": []}
     for i, batch in enumerate(args.batch_sizes):
         record["runs"].append(profile_batch(engine, timer, batch, args, args.trace if i == 0 else None))

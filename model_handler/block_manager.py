@@ -46,6 +46,8 @@ class BlockManager:
         hashes, bs, tokens = seq.block_hashes, self.block_size, seq.token_ids
         parent = hashes[-1] if hashes else 0
         for i in range(len(hashes), num_full_blocks):
+            if tokens[(i + 1) * bs - 1] < 0:
+                break  # ends in a placeholder (async scheduling): hashed once its token is known
             parent = hash((parent, tuple(tokens[i * bs : (i + 1) * bs])))
             hashes.append(parent)
         return hashes
@@ -73,13 +75,23 @@ class BlockManager:
         """Make the blocks that are full once `num_tokens` tokens are computed findable by later requests."""
         if not self.enable_prefix_caching:
             return
-        first = seq.num_computed_tokens // self.block_size
-        num_full = num_tokens // self.block_size
+        self._register_blocks(seq, seq.num_computed_tokens // self.block_size, num_tokens // self.block_size)
+
+    def register_resolved_block(self, seq: Sequence, token_index: int) -> None:
+        """Async scheduling: the token at `token_index` was a placeholder when the step computing it was
+        scheduled, so its block, if that token fills it, could not be keyed then; key it now."""
+        if not self.enable_prefix_caching or (token_index + 1) % self.block_size:
+            return
+        if seq.num_computed_tokens > token_index:  # its KV is written (or being written) by a launched step
+            block = token_index // self.block_size
+            self._register_blocks(seq, block, block + 1)
+
+    def _register_blocks(self, seq: Sequence, first: int, num_full: int) -> None:
         if num_full <= first:
             return
         hashes = self._hashes(seq, num_full)
         bs, tokens = self.block_size, seq.token_ids
-        for i in range(first, num_full):
+        for i in range(first, min(num_full, len(hashes))):
             block_id = seq.block_table[i]
             if self.block_hashes[block_id] is not None or hashes[i] in self.hash_to_block:
                 continue  # already cached, or the same content lives in another block

@@ -53,6 +53,9 @@ class EngineConfig:
     seed: int = 0
     cpu_threads: int | None = None
     """torch threads of the engine process (ENGINE_CPU_THREADS); None keeps torch's default."""
+    async_scheduling: bool = False
+    """Launch the next decode step before reading this one's tokens (ASYNC_SCHEDULING; default on CUDA,
+    one rank): the host's bookkeeping then overlaps the GPU's work instead of leaving it idle."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -99,6 +102,8 @@ class EngineConfig:
         tp_size = _tensor_parallel_size(environ, kind)
         _check_quantize(environ)
         _bool(environ, "HF_MODEL_TRUST_REMOTE_CODE", False)  # validated only: no remote code is ever run
+        if tp_size > 1 and _bool(environ, "ASYNC_SCHEDULING", False):
+            raise ValueError("ASYNC_SCHEDULING needs one rank: the other ranks never see the sampled tokens")
         backend = (environ.get("ATTENTION_BACKEND") or "").strip().lower() or None
         if backend not in (None, "torch", "triton"):
             raise ValueError(f"ATTENTION_BACKEND={backend!r} must be 'torch' or 'triton'")
@@ -119,6 +124,7 @@ class EngineConfig:
             tensor_parallel_size=tp_size,
             seed=_int(environ, "SEED", 0, minimum=0),
             cpu_threads=num_threads_from_env(environ, kind),
+            async_scheduling=_bool(environ, "ASYNC_SCHEDULING", kind == "cuda" and tp_size == 1),
         )
 
 

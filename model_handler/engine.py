@@ -2,21 +2,40 @@
 
 `step()` is the whole loop: schedule -> model runner -> sampler -> scheduler update -> RequestOutputs.
 The engine process (`server.py`) drives it; tests and benchmarks can drive it directly.
+
+With async scheduling (the default on one GPU) one step stays in flight: `step()` launches the next step,
+its inputs patched on the device with the tokens the step before sampled, and only then reads those
+tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
+leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
+penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+
+import torch
 
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
 from model_handler.model_config import ModelConfig
-from model_handler.model_runner import ModelRunner
+from model_handler.model_runner import InputPatch, ModelRunner
 from model_handler.request import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
 from model_handler.sampler import Sampler
-from model_handler.scheduler import Scheduler
+from model_handler.scheduler import Scheduler, SchedulerOutput
 from model_handler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """A launched step whose sampled tokens are still on the device (async scheduling)."""
+
+    sampled_seqs: list[Sequence]
+    """The sequences that sample in it, in row order; each holds a placeholder for its token."""
+    token_ids: torch.Tensor
+    """[len(sampled_seqs)] int64 on the device."""
 
 
 class Engine:
@@ -42,6 +61,7 @@ class Engine:
         )
         self.sampler = Sampler(self.model_runner.device, config.seed)
         self._aborted: list[RequestOutput] = []
+        self._in_flight: InFlightStep | None = None
         logger.info("engine ready: %s", self.info())
 
     def add_request(self, request: EngineRequest) -> None:
@@ -56,6 +76,14 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted = self._aborted, []
+        previous, self._in_flight = self._in_flight, None
+        if self.config.async_scheduling and self._all_requests_can_overlap():
+            self._in_flight = self._launch(previous)  # before reading `previous`: the GPU keeps busy
+            if previous is not None:
+                outputs += self._read(previous)
+            return outputs
+        if previous is not None:  # a request that needs the host-side path arrived: drain first
+            return outputs + self._read(previous)
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
@@ -66,8 +94,51 @@ class Engine:
         outputs += [self._output(seq, [seq.token_ids[-1]], lp) for seq, lp in zip(seqs, logprobs)]
         return outputs
 
+    def _all_requests_can_overlap(self) -> bool:
+        """Penalties read the output tokens and logprobs go back with them: both need them on the host."""
+        return not any(
+            p.logprobs is not None or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+            for p in (seq.sampling_params for seq in self.scheduler.requests.values())
+        )
+
+    def _launch(self, previous: InFlightStep | None) -> InFlightStep | None:
+        """Schedule and launch a step without waiting for its tokens; inputs that are `previous`'s still
+        unread tokens are filled in on the device."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return None
+        patch = self._patch_for(scheduled, previous)
+        logits = self.model_runner.execute(scheduled, patch)  # [num_sampling, vocab]
+        sampling = [e.seq for e in scheduled.scheduled if e.samples]
+        token_ids = self.sampler.choose(logits, sampling)  # [num_sampling] on the device
+        return InFlightStep(self.scheduler.advance(scheduled), token_ids)
+
+    @staticmethod
+    def _patch_for(scheduled: SchedulerOutput, previous: InFlightStep | None) -> InputPatch | None:
+        """Where this step's flat batch holds placeholders, and which of `previous`'s rows replace them."""
+        if previous is None:
+            return None
+        row_of = {id(seq): row for row, seq in enumerate(previous.sampled_seqs)}
+        rows, source_rows = [], []
+        flat = 0
+        for entry in scheduled.scheduled:
+            seq = entry.seq
+            if seq.num_pending_tokens:  # its last token is the placeholder; this step computes it
+                rows.append(flat + seq.num_tokens - 1 - entry.num_computed_tokens)
+                source_rows.append(row_of[id(seq)])
+            flat += entry.num_new_tokens
+        if not rows:
+            return None
+        return InputPatch(torch.tensor(rows), torch.tensor(source_rows), previous.token_ids)
+
+    def _read(self, step: InFlightStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and hand them to their sequences."""
+        token_ids = step.token_ids.tolist()  # the one host sync of a step
+        resolved = self.scheduler.resolve(step.sampled_seqs, token_ids)
+        return [self._output(seq, [token], None) for seq, token in resolved]
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._aborted)
+        return self.scheduler.num_unfinished > 0 or bool(self._aborted) or self._in_flight is not None
 
     def stats(self) -> tuple[int, int, int]:
         """(num_running, num_waiting, num_free_blocks)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +30,17 @@ logger = logging.getLogger(__name__)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass(slots=True)
+class InputPatch:
+    """Async scheduling: input tokens that are still on the device, sampled by the step launched before.
+
+    input_ids[rows] = source[source_rows] is applied on the device before the forward."""
+
+    rows: torch.Tensor  # [P] int64, host: positions in this step's flat token batch
+    source_rows: torch.Tensor  # [P] int64, host: rows of `source`
+    source: torch.Tensor  # [num_sampled] int64 on the device: the previous step's sampled token ids
 
 
 class ModelRunner:
@@ -228,11 +241,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, patch: InputPatch | None = None) -> torch.Tensor:
         """Run one step; logits [num_sampling, vocab] float32 of the sequences that sample, in order."""
         inputs = self.prepare(out)
         if self.broadcast is None:
-            return self.run(inputs)
+            return self.run(inputs, patch)
+        if patch is not None:
+            raise ValueError("input patches (async scheduling) need a single rank")
         try:
             self.broadcast.send(inputs)  # the other ranks run the same forward on their shards
             return self.run(inputs)
@@ -241,17 +256,23 @@ class ModelRunner:
             self.workers.fail("a tensor-parallel step failed on rank 0", exc_info=True)
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> torch.Tensor:
+    def run(self, inputs: StepInputs, patch: InputPatch | None = None) -> torch.Tensor:
         """The forward of a prepared batch; decides from `inputs` alone, so every rank takes the same path."""
         graphs = self.graph_runner
+        apply_patch = None if patch is None else lambda input_ids: self._apply_patch(input_ids, patch)
         if graphs is not None and inputs.max_query_len == 1 and graphs.can_run(inputs.num_seqs):
             hidden = graphs.run(
-                inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables
-            )  # host tensors: the runner stages them itself
+                inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables,
+                apply_patch,
+            )  # host tensors: the runner stages them itself  # fmt: skip
             if inputs.logits_indices.shape[0] == inputs.num_seqs:  # every decode row samples: no gather
                 return self.model.compute_logits(hidden)  # [num_seqs, vocab]
             return self._logits(hidden, inputs)
-        return self._forward(inputs, self.kv_caches)
+        return self._forward(inputs, self.kv_caches, apply_patch)
+
+    def _apply_patch(self, input_ids: torch.Tensor, patch: InputPatch) -> None:
+        to = self._to_device
+        input_ids.index_copy_(0, to(patch.rows), patch.source.index_select(0, to(patch.source_rows)))
 
     def serve_steps(self) -> None:
         """Ranks 1..N-1: run every step rank 0 sends until it says stop, then leave the group."""
@@ -277,7 +298,12 @@ class ModelRunner:
             self.broadcast.close()
         self.workers = self.broadcast = None
 
-    def _forward(self, inputs: StepInputs, kv_caches: list[kv_cache.KVCache]) -> torch.Tensor:
+    def _forward(
+        self,
+        inputs: StepInputs,
+        kv_caches: list[kv_cache.KVCache],
+        apply_patch: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         to = self._to_device
         metadata = AttentionMetadata(
             slot_mapping=to(inputs.slot_mapping),
@@ -287,7 +313,10 @@ class ModelRunner:
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
         )
-        hidden = self.model(to(inputs.input_ids), to(inputs.positions), kv_caches, metadata)  # [T, hidden]
+        input_ids = to(inputs.input_ids)  # [T]
+        if apply_patch is not None:
+            apply_patch(input_ids)
+        hidden = self.model(input_ids, to(inputs.positions), kv_caches, metadata)  # [T, hidden]
         return self._logits(hidden, inputs)
 
     def _logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:

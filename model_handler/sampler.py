@@ -1,6 +1,8 @@
 """Batched token choice: penalties, min_tokens, temperature, top-k/top-p, seeds, logprobs.
 
-One `.tolist()` of the chosen ids is the only host sync (plus one for logprobs when a row asks for them).
+One `.tolist()` of the chosen ids is the only host sync (plus one for logprobs when a row asks for them);
+`choose` stops before it, so async scheduling can read the ids a step later. Small per-row parameter tensors
+go to the GPU from pinned memory: a copy from pageable memory would wait for the queued forward.
 Sampling uses the exponential race `argmax(probs / Exponential(1))`: it needs no multinomial, and a seeded
 row draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
 """
@@ -23,13 +25,20 @@ class SamplerOutput:
     """Per row, when any row asked for logprobs; None for the rows that did not."""
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the work queued there."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """How often each token occurs in each row: [num_rows, vocab_size] float32."""
     width = max((len(r) for r in rows), default=0)
     if width == 0:
         return torch.zeros(len(rows), vocab_size, device=device)
     padded = [r + [vocab_size] * (width - len(r)) for r in rows]  # vocab_size is a spill column for padding
-    ids = torch.tensor(padded, dtype=torch.int64).to(device, non_blocking=True)  # [N, width]
+    ids = _to(torch.tensor(padded, dtype=torch.int64), device)  # [N, width]
     counts = torch.zeros(len(rows), vocab_size + 1, device=device)  # [N, V + 1]
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab_size]
@@ -58,8 +67,8 @@ def _top_k_top_p_by_sort(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Top-k then top-p with one sort of every row: no host sync, the GPU path."""
     num_rows, vocab_size = logits.shape
     device = logits.device
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]).to(device)  # [N]
-    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype).to(device)  # [N]
+    top_k = _to(torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]), device)  # [N]
+    top_p = _to(torch.tensor([p.top_p for p in params], dtype=logits.dtype), device)  # [N]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
     rank = torch.arange(vocab_size, device=device)[None, :]  # [1, V]
     drop = rank >= top_k[:, None]  # [N, V]
@@ -93,6 +102,14 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> SamplerOutput:
         """Choose one token per row of `logits` [num_seqs, vocab] for the matching sequence."""
+        chosen = self.choose(logits, seqs)
+        params = [s.sampling_params for s in seqs]
+        if not any(p.logprobs is not None for p in params):
+            return SamplerOutput(chosen.tolist())
+        return self._with_logprobs(logits, chosen, params)
+
+    def choose(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> torch.Tensor:
+        """The chosen token ids [num_seqs] int64, left on the logits' device (no host sync)."""
         params = [s.sampling_params for s in seqs]
         suppress = [
             (i, t) for i, s in enumerate(seqs) if s.num_output_tokens < params[i].min_tokens for t in s.stop_token_ids
@@ -100,15 +117,13 @@ class Sampler:
         has_penalty = any(
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params
         )
-        wants_logprobs = any(p.logprobs is not None for p in params)
-        if not suppress and not has_penalty and not wants_logprobs and all(p.is_greedy for p in params):
-            return SamplerOutput(_argmax_rows(logits).tolist())  # the common greedy path: one op, one sync
+        if not suppress and not has_penalty and all(p.is_greedy for p in params):
+            return _argmax_rows(logits)  # the common greedy path: one op
 
-        raw = logits
         logits = logits.float().clone()  # [N, V]
         if suppress:
-            rows, cols = zip(*suppress)
-            logits[list(rows), list(cols)] = float("-inf")
+            rows, cols = (_to(torch.tensor(ix), logits.device) for ix in zip(*suppress))
+            logits[rows, cols] = float("-inf")
         if has_penalty:
             logits = self._apply_penalties(logits, seqs)
         chosen = _argmax_rows(logits)  # [N], greedy rows keep this
@@ -117,10 +132,8 @@ class Sampler:
             sampled = self._sample(logits, seqs, sample_rows)  # [N]
             is_sampled = torch.zeros(len(params), dtype=torch.bool)
             is_sampled[sample_rows] = True
-            chosen = torch.where(is_sampled.to(logits.device, non_blocking=True), sampled, chosen)
-        if not wants_logprobs:
-            return SamplerOutput(chosen.tolist())
-        return self._with_logprobs(raw, chosen, params)
+            chosen = torch.where(_to(is_sampled, logits.device), sampled, chosen)
+        return chosen
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> torch.Tensor:
         num_rows, vocab_size = logits.shape
@@ -136,11 +149,11 @@ class Sampler:
                 device,
             )
             seen = (prompt_counts + out_counts) > 0  # [N, V]
-            penalty = torch.tensor(rep, dtype=logits.dtype).to(device)[:, None].expand_as(logits)  # [N, V]
+            penalty = _to(torch.tensor(rep, dtype=logits.dtype), device)[:, None].expand_as(logits)  # [N, V]
             penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
             logits = torch.where(seen, penalized, logits)
-        freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype).to(device)  # [N]
-        pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype).to(device)  # [N]
+        freq = _to(torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype), device)  # [N]
+        pres = _to(torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype), device)  # [N]
         return logits - freq[:, None] * out_counts - pres[:, None] * (out_counts > 0).to(logits.dtype)
 
     def _sample(self, logits: torch.Tensor, seqs: SequenceOf[Sequence], rows: list[int]) -> torch.Tensor:
@@ -148,7 +161,7 @@ class Sampler:
         params = [s.sampling_params for s in seqs]
         device = logits.device
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=logits.dtype)
-        logits = logits / temps.to(device, non_blocking=True)[:, None]  # [N, V]
+        logits = logits / _to(temps, device)[:, None]  # [N, V]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             logits = self._top_k_top_p(logits, params)
         probs = torch.softmax(logits, dim=-1)  # [N, V]

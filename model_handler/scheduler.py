@@ -96,8 +96,14 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled: dict[int, ScheduledSequence] = {}  # id(seq) -> entry, in scheduling order
-        # Decodes first (one token each), then running prefill chunks, oldest first within each group.
-        order = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        # Decodes first (one token each), then running prefill chunks, oldest first within each group. A
+        # sequence whose pending token is its last (async scheduling) only waits for that token to be read.
+        order = [
+            s
+            for s in self.running
+            if s.num_tokens - s.num_computed_tokens == 1
+            and not (s.num_pending_tokens and s.reached_length_limit(self.max_model_len))
+        ]
         order += [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in order:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
@@ -151,6 +157,40 @@ class Scheduler:
                 self.running.remove(seq)
                 self._finish(seq)
         return sampled
+
+    def advance(self, out: SchedulerOutput) -> list[Sequence]:
+        """Async scheduling: a launched step's progress before its tokens are read. Each sampling sequence
+        gets a placeholder, so the next step can be scheduled now; returns them in sampling order."""
+        sampled: list[Sequence] = []
+        for entry in out.scheduled:
+            seq = entry.seq
+            seq.num_computed_tokens = entry.num_computed_tokens + entry.num_new_tokens
+            if entry.samples:
+                seq.append_placeholder()
+                sampled.append(seq)
+        return sampled
+
+    def resolve(self, seqs: list[Sequence], token_ids: list[int]) -> list[tuple[Sequence, int]]:
+        """Async scheduling: the tokens `advance` held places for have been read; finish the done sequences.
+
+        Returns (sequence, token) for each that got one. A sequence that finished or was aborted since its
+        step was launched is skipped (its token came from a step run in vain)."""
+        resolved: list[tuple[Sequence, int]] = []
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            if seq.is_finished:
+                continue
+            index = seq.num_tokens - seq.num_pending_tokens
+            done = seq.resolve_placeholder(token_id, self.max_model_len, self.eos_token_ids)
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.register_resolved_block(seq, index)
+            resolved.append((seq, token_id))
+            if done:
+                if seq.status is SequenceStatus.RUNNING:
+                    self.running.remove(seq)
+                else:  # preempted after its step was launched: its token still counts
+                    self.waiting.remove(seq)
+                self._finish(seq)
+        return resolved
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

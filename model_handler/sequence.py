@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     import torch
 
 
+PLACEHOLDER_TOKEN = -1
+"""Stands for a token sampled by a step still running on the device (async scheduling) until it is read."""
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -38,6 +42,7 @@ class Sequence:
         "block_hashes",
         "generator",
         "stop_token_ids",
+        "num_pending_tokens",
     )
 
     def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = ()) -> None:
@@ -61,6 +66,8 @@ class Sequence:
         self.stop_token_ids: frozenset[int] = frozenset(
             () if params.ignore_eos else eos_token_ids
         ) | frozenset(params.stop_token_ids)
+        self.num_pending_tokens = 0
+        """Trailing PLACEHOLDER_TOKENs in `token_ids` whose values the device has not handed back yet."""
 
     @property
     def num_tokens(self) -> int:
@@ -85,12 +92,37 @@ class Sequence:
     def append_token(self, token_id: int, max_model_len: int, eos_token_ids: frozenset[int]) -> bool:
         """Add a sampled token; return True (and set `finish_reason`) when the request is done."""
         self.token_ids.append(token_id)
+        return self._check_finish(token_id, self.num_tokens, max_model_len, eos_token_ids)
+
+    def append_placeholder(self) -> None:
+        """Hold the place of a token the device is still sampling (see `resolve_placeholder`)."""
+        self.token_ids.append(PLACEHOLDER_TOKEN)
+        self.num_pending_tokens += 1
+
+    def resolve_placeholder(self, token_id: int, max_model_len: int, eos_token_ids: frozenset[int]) -> bool:
+        """Put the sampled token in the oldest placeholder's place; True (with `finish_reason`) when that
+        token ends the request, in which case any later placeholder (a step run in vain) is dropped."""
+        index = self.num_tokens - self.num_pending_tokens
+        self.token_ids[index] = token_id
+        self.num_pending_tokens -= 1
+        if not self._check_finish(token_id, index + 1, max_model_len, eos_token_ids):
+            return False
+        del self.token_ids[index + 1 :]
+        self.num_pending_tokens = 0
+        return True
+
+    def reached_length_limit(self, max_model_len: int) -> bool:
+        """No more tokens may follow: max_tokens or the model length is used up."""
+        return self.num_output_tokens >= self.sampling_params.max_tokens or self.num_tokens >= max_model_len
+
+    def _check_finish(self, token_id: int, num_tokens: int, max_model_len: int, eos_token_ids: frozenset[int]) -> bool:
+        """Whether the token at position num_tokens - 1 ends the request; sets `finish_reason`."""
         params = self.sampling_params
-        num_output = self.num_output_tokens
+        num_output = num_tokens - self.num_prompt_tokens
         if token_id in self.stop_token_ids and num_output >= params.min_tokens:
             is_eos = token_id in eos_token_ids and not params.ignore_eos
             self.finish_reason = FinishReason.EOS if is_eos else FinishReason.STOP_TOKEN
-        elif num_output >= params.max_tokens or self.num_tokens >= max_model_len:
+        elif num_output >= params.max_tokens or num_tokens >= max_model_len:
             self.finish_reason = FinishReason.LENGTH
         return self.finish_reason is not None
 

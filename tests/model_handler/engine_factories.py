@@ -120,12 +120,13 @@ def random_prompt(length: int, seed: int, vocab_size: int = 512) -> list[int]:
     return [rng.randrange(4, vocab_size) for _ in range(length)]
 
 
-def hf_greedy(hf_model, prompt: list[int], num_tokens: int) -> list[int]:
+def hf_greedy(hf_model, prompt: list[int], num_tokens: int, **generate_kwargs) -> list[int]:
     """transformers' own greedy continuation, unpadded, with EOS masked for `num_tokens` steps."""
     import torch
 
     with torch.no_grad():
         out = hf_model.generate(
-            torch.tensor([prompt]), do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens
-        )
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens,
+            **generate_kwargs,
+        )  # fmt: skip
     return out[0, len(prompt) :].tolist()

@@ -36,10 +36,13 @@ def test_cpu_defaults(model_dir):
     assert config.cuda_graph_sizes == []
     assert config.enable_prefix_caching is True
     assert config.tensor_parallel_size == 1
+    assert config.async_scheduling is False  # nothing to overlap: the CPU both schedules and computes
 
 
 def test_gpu_defaults_have_a_graph_ladder(model_dir):
     config = from_env(model_dir, device="cuda")
+    assert config.async_scheduling is True
+    assert from_env(model_dir, device="cuda", SM_NUM_GPUS="2").async_scheduling is False  # ranks 1.. never sample
     assert config.dtype == "bfloat16"
     assert config.max_num_batched_tokens == 8192 and config.max_num_seqs == 256
     assert config.cuda_graph_sizes[:7] == [1, 2, 4, 8, 16, 24, 32]
@@ -65,6 +68,7 @@ def test_every_variable_is_read(model_dir):
         SM_NUM_GPUS="2",
         SEED="42",
         ENGINE_CPU_THREADS="3",
+        ASYNC_SCHEDULING="false",
     )
     assert config.dtype == "float16" and config.cpu_threads == 3
     assert config.max_model_len == 300
@@ -76,6 +80,10 @@ def test_every_variable_is_read(model_dir):
     assert config.enable_prefix_caching is False
     assert config.attention_backend == "torch"
     assert config.tensor_parallel_size == 2 and config.seed == 42
+    assert config.async_scheduling is False
+    assert from_env(model_dir, ASYNC_SCHEDULING="1").async_scheduling is True  # forced on, CPU
+    with pytest.raises(ValueError, match="ASYNC_SCHEDULING needs one rank"):
+        from_env(model_dir, device="cuda", SM_NUM_GPUS="2", ASYNC_SCHEDULING="true")
     assert from_env(model_dir, device="cuda", CUDA_GRAPHS="0").cuda_graph_sizes == []
     assert from_env(model_dir, NUM_SHARD="4").tensor_parallel_size == 4
     assert from_env(model_dir, DTYPE="bf16").dtype == "bfloat16"
@@ -104,6 +112,7 @@ def test_every_variable_is_read(model_dir):
         ("HF_MODEL_QUANTIZE", "awq"),
         ("HF_MODEL_TRUST_REMOTE_CODE", "perhaps"),
         ("ENGINE_CPU_THREADS", "0"),
+        ("ASYNC_SCHEDULING", "sometimes"),
     ],
 )
 def test_bad_values_name_the_variable(model_dir, name, value):

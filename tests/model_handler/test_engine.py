@@ -16,23 +16,33 @@ from tests.model_handler.engine_factories import (
 )
 
 N = 12  # tokens generated per request
+# Every engine test runs twice: steps read one at a time, and with async scheduling (one step in flight,
+# its outputs returned by the next step() call), which must give the very same tokens.
+MODES = {"sync": "0", "async": "1"}
 
 
-@pytest.fixture(scope="module")
-def engine(test_model_dir):
-    return create_engine(test_model_dir)
+@pytest.fixture(scope="module", params=MODES)
+def engine(test_model_dir, request):
+    return create_engine(test_model_dir, ASYNC_SCHEDULING=MODES[request.param])
 
 
-@pytest.fixture(scope="module")
-def chunking_engine(test_model_dir):
-    return create_engine(test_model_dir, MAX_BATCH_PREFILL_TOKENS="16")
+@pytest.fixture(scope="module", params=MODES)
+def chunking_engine(test_model_dir, request):
+    return create_engine(test_model_dir, MAX_BATCH_PREFILL_TOKENS="16", ASYNC_SCHEDULING=MODES[request.param])
 
 
-@pytest.fixture(scope="module")
-def small_cache_engine(test_model_dir):
+@pytest.fixture(scope="module", params=MODES)
+def small_cache_engine(test_model_dir, request):
     # 12 blocks of 8 tokens (8 KiB each): prompts of 11, 24 and 40 tokens fit (10 blocks), but not
     # once each has grown by 12 tokens (15 blocks).
-    return create_engine(test_model_dir, KV_CACHE_CPU_BYTES="96KiB", PREFIX_CACHING="false")
+    return create_engine(
+        test_model_dir, KV_CACHE_CPU_BYTES="96KiB", PREFIX_CACHING="false", ASYNC_SCHEDULING=MODES[request.param]
+    )
+
+
+def lag(engine) -> int:
+    """Steps between a step's launch and its outputs: 1 with async scheduling."""
+    return int(engine.config.async_scheduling)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +83,8 @@ def test_mixed_batch_with_a_request_joining_midway_matches_transformers(engine, 
 def test_chunked_prefill_with_decodes_in_the_same_steps_matches_transformers(chunking_engine, prompts, expected):
     engine = chunking_engine
     engine.add_request(greedy("short", prompts[0], N))
+    for _ in range(lag(engine)):
+        assert engine.step() == []  # launched, not read yet
     first = engine.step()
     assert [o.request_id for o in first] == ["short"]
     engine.add_request(greedy("long", prompts[3], N))  # 40 tokens under a 16-token budget
@@ -85,7 +97,7 @@ def test_chunked_prefill_with_decodes_in_the_same_steps_matches_transformers(chu
         assert "short" in [o.request_id for o in outs]
         for out in outs:
             collected.setdefault(out.request_id, []).append(out)
-    assert steps_until_first_token == 3  # 15 + 15 + 10 prompt tokens next to one decode each step
+    assert steps_until_first_token == 3 + lag(engine)  # 15 + 15 + 10 prompt tokens next to a decode each
     for request_id, outs in run_to_completion(engine).items():
         collected.setdefault(request_id, []).extend(outs)
     assert tokens_of(collected["short"]) == expected[0]
@@ -115,18 +127,18 @@ def test_preemption_recomputes_and_still_matches_transformers(small_cache_engine
 def test_abort_frees_blocks_and_reports_the_request(engine, prompts, expected):
     engine.add_request(greedy("keep", prompts[1], N))
     engine.add_request(greedy("drop", prompts[2], N))
-    engine.step()
-    engine.step()
+    outs = engine.step() + engine.step()
     free_before = engine.block_manager.num_free_blocks
-    engine.abort_requests(["drop", "never-seen"])
+    engine.abort_requests(["drop", "never-seen"])  # with async scheduling, while a step of it is in flight
     assert engine.block_manager.num_free_blocks > free_before  # freed at once, not at the next step
-    outs = engine.step()
-    aborted = [o for o in outs if o.request_id == "drop"]
+    after = engine.step()
+    aborted = [o for o in after if o.request_id == "drop"]
     assert len(aborted) == 1 and aborted[0].finished and aborted[0].finish_reason is FinishReason.ABORTED
     assert aborted[0].new_token_ids == []
     rest = run_to_completion(engine)
     assert "drop" not in rest
-    assert len(tokens_of(rest["keep"])) == N - 3
+    keep = [o for o in outs + after if o.request_id == "keep"] + rest["keep"]
+    assert tokens_of(keep) == expected[1]
 
 
 def test_stop_token_ends_the_request_and_is_included(engine, prompts, expected):
@@ -137,6 +149,22 @@ def test_stop_token_ends_the_request_and_is_included(engine, prompts, expected):
     outputs = run_to_completion(engine)["stop"]
     assert tokens_of(outputs) == expected[2][: first_hit + 1]
     assert outputs[-1].finish_reason is FinishReason.STOP_TOKEN
+
+
+def test_a_penalty_request_joining_greedy_ones_matches_transformers(engine, hf_model, prompts, expected):
+    """A repetition penalty needs each output token on the host before the next step: async scheduling
+    reads the step in flight and runs synchronously while such a request is there, then overlaps again."""
+    engine.add_request(greedy("plain", prompts[1], N))
+    collected: dict[str, list] = {}
+    for _ in range(3):
+        for out in engine.step():
+            collected.setdefault(out.request_id, []).append(out)
+    engine.add_request(greedy("penalty", prompts[2], N, repetition_penalty=1.3))
+    for request_id, outs in run_to_completion(engine).items():
+        collected.setdefault(request_id, []).extend(outs)
+    assert tokens_of(collected["plain"]) == expected[1]
+    assert tokens_of(collected["penalty"]) == hf_greedy(hf_model, prompts[2], N, repetition_penalty=1.3)
+    assert tokens_of(collected["penalty"]) != expected[2]  # the penalty changed something
 
 
 def test_logprobs_match_transformers(engine, hf_model, prompts, expected):
@@ -216,7 +244,8 @@ def count_replays(graph_runner, replays: list[int]) -> None:
 
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager_on_gpu(test_model_dir, prompts):
-    """Decode under CUDA graphs (padded batches, and a batch too large for any graph) gives eager's tokens."""
+    """Decode under CUDA graphs (padded batches, and a batch too large for any graph) gives eager's tokens,
+    with async scheduling (input tokens patched on the device before the replay) and without."""
     import gc
 
     def run(engine, batch: list[list[int]]) -> dict[str, list[int]]:
@@ -228,19 +257,21 @@ def test_cuda_graph_decode_matches_eager_on_gpu(test_model_dir, prompts):
                [random_prompt(7 + i, seed=70 + i) for i in range(10)]]  # 1, 3 -> 4, 6 -> 8, 10 > 8: eager
     env = dict(DTYPE="float32", CUDA_MEMORY_FRACTION="0.2", MAX_BATCH_SIZE="16")
     results = {}
-    for graphs in ("1,2,4,8", "0"):
-        engine = create_engine(test_model_dir, device="cuda", CUDA_GRAPHS=graphs, **env)
+    for graphs, overlap in (("1,2,4,8", "1"), ("1,2,4,8", "0"), ("0", "1"), ("0", "0")):
+        engine = create_engine(test_model_dir, device="cuda", CUDA_GRAPHS=graphs, ASYNC_SCHEDULING=overlap, **env)
+        assert engine.config.async_scheduling == (overlap == "1")
         info = engine.info()
         assert info.cuda_graphs == (graphs != "0") and info.attention_backend == "triton"
         assert info.num_kv_blocks > 0 and info.device.startswith("cuda")
         replays = []
         if engine.model_runner.graph_runner is not None:
             count_replays(engine.model_runner.graph_runner, replays)
-        results[graphs] = [run(engine, batch) for batch in batches]
+        results[graphs, overlap] = [run(engine, batch) for batch in batches]
         if graphs != "0":
             assert {1, 3, 6} <= set(replays) and 10 not in replays
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    assert results["1,2,4,8"] == results["0"]
+    eager_sync = results["0", "0"]
+    assert all(result == eager_sync for result in results.values())

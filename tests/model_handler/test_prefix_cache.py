@@ -16,9 +16,12 @@ N = 8
 BS = 8  # KV_CACHE_BLOCK_SIZE of create_engine
 
 
-@pytest.fixture(scope="module")
-def engine(test_model_dir):
-    return create_engine(test_model_dir)
+MODES = {"sync": "0", "async": "1"}  # async scheduling keys generated blocks only once their tokens are read
+
+
+@pytest.fixture(scope="module", params=MODES)
+def engine(test_model_dir, request):
+    return create_engine(test_model_dir, ASYNC_SCHEDULING=MODES[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +29,9 @@ def no_prefix_engine(test_model_dir):
     return create_engine(test_model_dir, PREFIX_CACHING="false")
 
 
-@pytest.fixture(scope="module")
-def small_cache_engine(test_model_dir):
-    return create_engine(test_model_dir, KV_CACHE_CPU_BYTES="96KiB")  # 12 blocks
+@pytest.fixture(scope="module", params=MODES)
+def small_cache_engine(test_model_dir, request):
+    return create_engine(test_model_dir, KV_CACHE_CPU_BYTES="96KiB", ASYNC_SCHEDULING=MODES[request.param])
 
 
 @pytest.fixture
@@ -37,10 +40,10 @@ def computed(engine):
     counts: dict[str, int] = {}
     execute = engine.model_runner.execute
 
-    def counting_execute(out):
+    def counting_execute(out, *patch):
         for entry in out.scheduled:
             counts[entry.seq.request_id] = counts.get(entry.seq.request_id, 0) + entry.num_new_tokens
-        return execute(out)
+        return execute(out, *patch)
 
     engine.model_runner.execute = counting_execute
     yield counts

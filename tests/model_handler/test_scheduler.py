@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from model_handler.request import FinishReason
-from model_handler.sequence import SequenceStatus
+from model_handler.sequence import PLACEHOLDER_TOKEN, SequenceStatus
 from tests.model_handler.engine_factories import (
     EOS,
     add_requests,
@@ -203,3 +203,65 @@ def test_shared_prefix_is_computed_once():
     assert b.num_cached_tokens == 16 and a.num_cached_tokens == 0
     run_until_done(scheduler)
     assert scheduler.block_manager.num_free_blocks == 64
+
+
+# ---- async scheduling: a launched step's tokens are read one step later ---------------------------------
+
+
+def launch(scheduler):
+    """Schedule and `advance` as the engine does when it launches a step without reading its tokens."""
+    out = scheduler.schedule()
+    return out, scheduler.advance(out)
+
+
+def test_next_step_is_scheduled_on_placeholders_and_resolved_in_order():
+    scheduler = create_scheduler()
+    (a,) = add_requests(scheduler, create_requests(1, prompt_len=6, max_tokens=3))
+    _, first = launch(scheduler)  # the prefill
+    assert first == [a] and a.token_ids[-1] == PLACEHOLDER_TOKEN and a.num_pending_tokens == 1
+    out, second = launch(scheduler)  # the first decode computes the placeholder's position
+    assert num_new_tokens(out) == {a.request_id: 1} and a.num_pending_tokens == 2
+    assert scheduler.resolve(first, [21]) == [(a, 21)]
+    assert a.output_token_ids == [21, PLACEHOLDER_TOKEN] and a.num_pending_tokens == 1
+    _, third = launch(scheduler)
+    assert scheduler.resolve(second, [22]) == [(a, 22)]
+    # Its third token is its last (max_tokens): nothing is scheduled on that placeholder.
+    assert scheduler.schedule().is_empty and not a.is_finished
+    assert scheduler.resolve(third, [23]) == [(a, 23)]
+    assert a.is_finished and a.finish_reason is FinishReason.LENGTH and a.output_token_ids == [21, 22, 23]
+    assert scheduler.block_manager.num_free_blocks == 64
+
+
+def test_eos_read_late_drops_the_step_run_in_vain():
+    scheduler = create_scheduler()
+    a, b = add_requests(scheduler, create_requests(2, prompt_len=5, max_tokens=10))
+    _, first = launch(scheduler)
+    _, second = launch(scheduler)  # both decode on placeholders
+    assert scheduler.resolve(first, [EOS, 30]) == [(a, EOS), (b, 30)]
+    assert a.is_finished and a.finish_reason is FinishReason.EOS
+    assert a.output_token_ids == [EOS] and a.num_pending_tokens == 0  # the second placeholder is gone
+    assert scheduler.running == [b]
+    assert scheduler.resolve(second, [99, 31]) == [(b, 31)]  # a's token from the wasted row is dropped
+    assert b.output_token_ids == [30, 31]
+
+
+def test_sequence_preempted_while_its_step_is_in_flight_keeps_its_token():
+    scheduler = create_scheduler(num_blocks=4, block_size=4)  # two 8-token prompts fill it; a 9th token won't fit
+    a, b = add_requests(scheduler, create_requests(2, prompt_len=8, max_tokens=4))
+    _, first = launch(scheduler)
+    out, _ = launch(scheduler)
+    assert out.preempted == [b] and b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0
+    scheduler.resolve(first, [40, 41])
+    assert b.output_token_ids == [41] and b.num_pending_tokens == 0
+    assert list(scheduler.waiting) == [b]  # recomputed from its tokens, the read one included, later
+
+
+def test_generated_block_is_keyed_for_the_prefix_cache_once_its_token_is_read():
+    scheduler = create_scheduler(block_size=4)
+    (a,) = add_requests(scheduler, create_requests(1, prompt_len=3, max_tokens=6))
+    _, first = launch(scheduler)  # prompt 3 tokens; the 4th (a placeholder) completes block 0
+    _, second = launch(scheduler)
+    manager = scheduler.block_manager
+    assert manager.num_cached_blocks == 0  # a block ending in a placeholder has no key yet
+    scheduler.resolve(first, [50])
+    assert manager.num_cached_blocks == 1 and manager.block_tokens[a.block_table[0]] == (*a.token_ids[:3], 50)
