@@ -16,10 +16,12 @@ Stages (each under its own timeout, all inside --budget-s, default 570 s):
   kernels  python bench/gpu_kernels.py --out OUT_DIR/gpu_kernels.json  (after the build: quiet GPU)
   ours     python -m bench.gpu_engine ours: Engine.add_request/step at batch 1, 32, 128; 128 in / 128 out
   hf       python -m bench.gpu_engine hf: model.generate_batch, same folder, prompts and lengths
+  profile  python -m bench.gpu_profile, once step by step and once with ASYNC_SCHEDULING=1 (information:
+           host phases and GPU busy time per decode step; runs only if the budget has room)
   report   one table, PASS/FAIL per correctness check and target -> OUT_DIR/gpu_check.json
 
 OUT_DIR (default bench/results/) receives gpu_model.json, gpu_kernels.json, gpu_engine_ours.json,
-gpu_engine_hf.json, gpu_check.json and gpu_check.log. Exit status: 0 all checks correct (targets may
+gpu_engine_hf.json, profile-sync.json, profile-async.json, gpu_check.json and gpu_check.log. Exit status: 0 all checks correct (targets may
 still FAIL), 1 a correctness check failed, 2 a stage failed or timed out (or bad usage), 3 no report.
 
   --cpu-smoke         the same Python on CPU: a tiny model of the same config, batches 1 and 4,
@@ -70,14 +72,15 @@ trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1
 
 if [ "$SMOKE" = 1 ]; then
-    DEVICE=cpu PRESET=smoke DTYPE=float32 BATCHES=1,4 PROMPT=16 OUTPUT=8 MAX_TOKENS=256
+    DEVICE=cpu PRESET=smoke DTYPE=float32 BATCHES=1,4 PROFILE_BATCHES=1,4 PROMPT=16 OUTPUT=8 MAX_TOKENS=256
     KERNEL_ARGS=(--device cpu --small --skip-timing) CAP_BUILD=60 CAP_PYTEST=90 CAP_KERNELS=60 CAP_OURS=90
     MODEL_DIR="${MODEL_DIR:-$WORK/smoke-model}"
     # Tiny ops on a shared CPU: one thread each avoids OpenMP spin-waiting against the other processes
     # (seen here: 0.2 ms per attention call with one thread, 47 ms with two on a loaded 2-core box).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 else
-    DEVICE=cuda PRESET=llama3-8b DTYPE=bfloat16 BATCHES=1,32,128 PROMPT=128 OUTPUT=128 MAX_TOKENS=8192
+    DEVICE=cuda PRESET=llama3-8b DTYPE=bfloat16 BATCHES=1,32,128 PROFILE_BATCHES=1,32 PROMPT=128 OUTPUT=128
+    MAX_TOKENS=8192
     KERNEL_ARGS=() CAP_BUILD=240 CAP_PYTEST=120 CAP_KERNELS=110 CAP_OURS=170
     if [ -z "$MODEL_DIR" ]; then
         # tmpfs writes and reads at memory speed; a folder there from an earlier run is reused.
@@ -90,7 +93,7 @@ else
     fi
 fi
 RESERVE_S=15 # kept back at every stage for the report
-declare -A RC=([build]=skip [pytest]=skip [kernels]=skip [ours]=skip [hf]=skip)
+declare -A RC=([build]=skip [pytest]=skip [kernels]=skip [ours]=skip [hf]=skip [profile]=skip)
 
 limit_for() { # limit_for CAP: the stage's timeout, capped by what is left of the budget
     local left=$((BUDGET_S - SECONDS - RESERVE_S))
@@ -129,7 +132,7 @@ torch.cuda.is_available() and torch.cuda.get_device_name())' || return 2
         }
     fi
     rm -f "$OUT"/gpu_model.json "$OUT"/gpu_kernels.json "$OUT"/gpu_engine_ours.json "$OUT"/gpu_engine_hf.json \
-        "$OUT"/gpu_check.json
+        "$OUT"/gpu_check.json "$OUT"/profile-sync.json "$OUT"/profile-async.json
 
     # The folder is written while the correctness tests run (they need little GPU memory); the kernel
     # timings wait for it so they see a quiet GPU.
@@ -164,8 +167,15 @@ torch.cuda.is_available() and torch.cuda.get_device_name())' || return 2
             stage hf 300 "$PY" -m bench.gpu_engine hf "$MODEL_DIR" --out "$OUT/gpu_engine_hf.json" \
                 "${common[@]}" --deadline-s $((hf_limit - 20))
         fi
+        # Information only (not in the report's verdicts): is async scheduling faster on this GPU?
+        local mode
+        for mode in sync async; do
+            ASYNC_SCHEDULING=$([ "$mode" = async ] && echo 1 || echo 0) stage profile 60 "$PY" -m bench.gpu_profile \
+                "$MODEL_DIR" --out "$OUT/profile-$mode.json" --device "$DEVICE" --dtype "$DTYPE" \
+                --batch-sizes "$PROFILE_BATCHES" --prompt-tokens "$PROMPT" --steps 30 --profiled-steps 4
+        done
     else
-        echo "== ours, hf: not run, the model folder was not built"
+        echo "== ours, hf, profile: not run, the model folder was not built"
     fi
 
     echo "== report"

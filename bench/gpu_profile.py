@@ -134,7 +134,7 @@ def profile_batch(engine, timer: PhaseTimer, batch: int, args: argparse.Namespac
         for _ in range(args.profiled_steps):
             engine.step()
         sync(engine)
-    busy_ms, kernels = kernel_table(prof, args.profiled_steps)
+    busy_ms, kernels = kernel_table(prof, args.profiled_steps) if on_gpu else (None, [])
     if trace is not None:
         raw = trace.with_suffix("")
         prof.export_chrome_trace(str(raw))
@@ -154,8 +154,9 @@ def profile_batch(engine, timer: PhaseTimer, batch: int, args: argparse.Namespac
     while engine.has_unfinished_requests():
         engine.step()
     step = record["step_wall_ms_median"]
-    print(f"b={batch}: step {step} ms, GPU busy {busy_ms} ms/step ({busy_ms / step:.0%} of the step), replay "
-          f"{record.get('graph_replay_ms')} ms, LM head {record.get('lm_head_ms')} ms", flush=True)
+    busy = f"GPU busy {busy_ms} ms/step ({busy_ms / step:.0%} of the step)" if busy_ms is not None else "no GPU"
+    print(f"b={batch}: step {step} ms, {busy}, graph replay {record.get('graph_replay_ms')} ms, LM head "
+          f"{record.get('lm_head_ms')} ms, async scheduling {engine.config.async_scheduling}", flush=True)
     print(f"  host phases (median ms): {phases}", flush=True)
     for row in kernels:
         print(f"  {row['us_per_step']:>9} us/step {row['calls_per_step']:>7} calls  {row['kernel']}", flush=True)
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         timer.wrap(engine.scheduler, "advance", "advance")
     else:
         timer.wrap(engine.scheduler, "update_from_output", "update")
-    record: dict[str, Any] = {**device_record(args.device), "engine": str(engine.info()), "runs": []}
+    record: dict[str, Any] = {**device_record(args.device), "engine": str(engine.info()),
+                              "async_scheduling": engine.config.async_scheduling, "runs": []}  # fmt: skip
     for i, batch in enumerate(args.batch_sizes):
         record["runs"].append(profile_batch(engine, timer, batch, args, args.trace if i == 0 else None))
     args.out.write_text(json.dumps(record, indent=1))

@@ -54,8 +54,9 @@ class EngineConfig:
     cpu_threads: int | None = None
     """torch threads of the engine process (ENGINE_CPU_THREADS); None keeps torch's default."""
     async_scheduling: bool = False
-    """Launch the next decode step before reading this one's tokens (ASYNC_SCHEDULING; default on CUDA,
-    one rank): the host's bookkeeping then overlaps the GPU's work instead of leaving it idle."""
+    """Launch the next step before reading this one's tokens (ASYNC_SCHEDULING, one rank only), so the
+    host's bookkeeping overlaps the GPU's work. Off by default until a GPU run shows it faster: the one
+    GPU run so far measured a first version that read tokens with a whole-stream sync (no gain)."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -124,7 +125,7 @@ class EngineConfig:
             tensor_parallel_size=tp_size,
             seed=_int(environ, "SEED", 0, minimum=0),
             cpu_threads=num_threads_from_env(environ, kind),
-            async_scheduling=_bool(environ, "ASYNC_SCHEDULING", kind == "cuda" and tp_size == 1),
+            async_scheduling=_bool(environ, "ASYNC_SCHEDULING", False),
         )
 
 

@@ -3,7 +3,7 @@
 `step()` is the whole loop: schedule -> model runner -> sampler -> scheduler update -> RequestOutputs.
 The engine process (`server.py`) drives it; tests and benchmarks can drive it directly.
 
-With async scheduling (the default on one GPU) one step stays in flight: `step()` launches the next step,
+With async scheduling (ASYNC_SCHEDULING, opt-in, one rank) one step stays in flight: `step()` launches the next step,
 its inputs patched on the device with the tokens the step before sampled, and only then reads those
 tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
 leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
@@ -36,6 +36,11 @@ class InFlightStep:
     """The sequences that sample in it, in row order; each holds a placeholder for its token."""
     token_ids: torch.Tensor
     """[len(sampled_seqs)] int64 on the device."""
+    host_token_ids: torch.Tensor
+    """Their copy in pinned host memory, queued right after the sampling."""
+    copied: torch.cuda.Event | None
+    """Recorded after that copy. `.tolist()` on the device tensor would wait for the whole stream, the
+    step launched after this one included; this waits for this step only."""
 
 
 class Engine:
@@ -111,7 +116,13 @@ class Engine:
         logits = self.model_runner.execute(scheduled, patch)  # [num_sampling, vocab]
         sampling = [e.seq for e in scheduled.scheduled if e.samples]
         token_ids = self.sampler.choose(logits, sampling)  # [num_sampling] on the device
-        return InFlightStep(self.scheduler.advance(scheduled), token_ids)
+        if token_ids.device.type != "cuda":
+            return InFlightStep(self.scheduler.advance(scheduled), token_ids, token_ids, None)
+        host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host.copy_(token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return InFlightStep(self.scheduler.advance(scheduled), token_ids, host, copied)
 
     @staticmethod
     def _patch_for(scheduled: SchedulerOutput, previous: InFlightStep | None) -> InputPatch | None:
@@ -133,7 +144,9 @@ class Engine:
 
     def _read(self, step: InFlightStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and hand them to their sequences."""
-        token_ids = step.token_ids.tolist()  # the one host sync of a step
+        if step.copied is not None:
+            step.copied.synchronize()  # the one host sync of a step: this step's tokens, not the next one's
+        token_ids = step.host_token_ids.tolist()
         resolved = self.scheduler.resolve(step.sampled_seqs, token_ids)
         return [self._output(seq, [token], None) for seq, token in resolved]
 

@@ -149,7 +149,13 @@ def test_cpu_smoke_runs_every_stage_and_reports(smoke):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu_check.json", "gpu_check.log", "gpu_engine_hf.json", "gpu_engine_ours.json", "gpu_kernels.json",
-        "gpu_model.json"]  # fmt: skip
+        "gpu_model.json", "profile-async.json", "profile-sync.json"]  # fmt: skip
+    # The profile stage ran the engine in both modes: the async one reads each step's tokens a step later.
+    profiles = {mode: json.loads((out / f"profile-{mode}.json").read_text()) for mode in ("sync", "async")}
+    assert profiles["sync"]["async_scheduling"] is False and profiles["async"]["async_scheduling"] is True
+    assert "update" in profiles["sync"]["runs"][0]["host_phases_ms_median"]
+    assert "read_tokens_and_update" in profiles["async"]["runs"][0]["host_phases_ms_median"]
+    assert [r["batch"] for r in profiles["async"]["runs"]] == [1, 4]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["stages"] == {"build": "0", "pytest": "0", "kernels": "0", "ours": "0", "hf": "0"}
     assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 3
