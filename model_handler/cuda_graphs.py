@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable
 
 import torch
 
+from model_handler.input_patch import InputPatch
 from model_handler.kv_cache import KVCache
 from model_handler.layers.attention_metadata import AttentionMetadata
 
@@ -97,12 +97,11 @@ class CudaGraphRunner:
         slot_mapping: torch.Tensor,  # [n] int64
         seq_lens: torch.Tensor,  # [n] int32
         block_tables: torch.Tensor,  # [n, width] int32
-        patch_input_ids: Callable[[torch.Tensor], None] | None = None,
+        patch: InputPatch | None = None,
     ) -> torch.Tensor:
         """Decode hidden states of `n` one-token sequences: [n, hidden] (a view into the static output).
 
-        `patch_input_ids`, if given, edits the staged input ids on the device before the replay (async
-        scheduling fills in tokens the previous step sampled there)."""
+        `patch` (async scheduling) fills in, on the device, input ids the previous step sampled."""
         n = input_ids.shape[0]
         batch_size = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
         ids, pos, slots, lens, tables = self._staging_np
@@ -116,7 +115,7 @@ class CudaGraphRunner:
         for static, staged in zip(statics, self._staging):
             static[:batch_size].copy_(staged[:batch_size], non_blocking=True)
         self._staged.record()
-        if patch_input_ids is not None:
-            patch_input_ids(self.input_ids[:n])
+        if patch is not None:
+            patch.apply(self.input_ids[:n])
         self.graphs[batch_size].replay()
         return self.hidden[:n]

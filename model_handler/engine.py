@@ -19,7 +19,8 @@ import torch
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
 from model_handler.model_config import ModelConfig
-from model_handler.model_runner import InputPatch, ModelRunner
+from model_handler.input_patch import InputPatch
+from model_handler.model_runner import ModelRunner
 from model_handler.request import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
 from model_handler.sampler import Sampler
 from model_handler.scheduler import Scheduler, SchedulerOutput

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +15,8 @@ import torch
 from model_handler import kv_cache
 from model_handler.config import EngineConfig
 from model_handler.cuda_graphs import CudaGraphRunner
+from model_handler.host_to_device import to_device
+from model_handler.input_patch import InputPatch
 from model_handler.kernels import select_backend
 from model_handler.layers.attention_metadata import AttentionMetadata
 from model_handler.model_config import ModelConfig
@@ -30,17 +30,6 @@ logger = logging.getLogger(__name__)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@dataclass(slots=True)
-class InputPatch:
-    """Async scheduling: input tokens that are still on the device, sampled by the step launched before.
-
-    input_ids[rows] = source[source_rows] is applied on the device before the forward."""
-
-    rows: torch.Tensor  # [P] int64, host: positions in this step's flat token batch
-    source_rows: torch.Tensor  # [P] int64, host: rows of `source`
-    source: torch.Tensor  # [num_sampled] int64 on the device: the previous step's sampled token ids
 
 
 class ModelRunner:
@@ -259,20 +248,12 @@ class ModelRunner:
     def run(self, inputs: StepInputs, patch: InputPatch | None = None) -> torch.Tensor:
         """The forward of a prepared batch; decides from `inputs` alone, so every rank takes the same path."""
         graphs = self.graph_runner
-        apply_patch = None if patch is None else lambda input_ids: self._apply_patch(input_ids, patch)
         if graphs is not None and inputs.max_query_len == 1 and graphs.can_run(inputs.num_seqs):
             hidden = graphs.run(
-                inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables,
-                apply_patch,
-            )  # host tensors: the runner stages them itself  # fmt: skip
-            if inputs.logits_indices.shape[0] == inputs.num_seqs:  # every decode row samples: no gather
-                return self.model.compute_logits(hidden)  # [num_seqs, vocab]
+                inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables, patch
+            )  # host tensors: the runner stages them itself
             return self._logits(hidden, inputs)
-        return self._forward(inputs, self.kv_caches, apply_patch)
-
-    def _apply_patch(self, input_ids: torch.Tensor, patch: InputPatch) -> None:
-        to = self._to_device
-        input_ids.index_copy_(0, to(patch.rows), patch.source.index_select(0, to(patch.source_rows)))
+        return self._forward(inputs, self.kv_caches, patch)
 
     def serve_steps(self) -> None:
         """Ranks 1..N-1: run every step rank 0 sends until it says stop, then leave the group."""
@@ -299,10 +280,7 @@ class ModelRunner:
         self.workers = self.broadcast = None
 
     def _forward(
-        self,
-        inputs: StepInputs,
-        kv_caches: list[kv_cache.KVCache],
-        apply_patch: Callable[[torch.Tensor], None] | None = None,
+        self, inputs: StepInputs, kv_caches: list[kv_cache.KVCache], patch: InputPatch | None = None
     ) -> torch.Tensor:
         to = self._to_device
         metadata = AttentionMetadata(
@@ -314,8 +292,8 @@ class ModelRunner:
             max_seq_len=inputs.max_seq_len,
         )
         input_ids = to(inputs.input_ids)  # [T]
-        if apply_patch is not None:
-            apply_patch(input_ids)
+        if patch is not None:
+            patch.apply(input_ids)
         hidden = self.model(input_ids, to(inputs.positions), kv_caches, metadata)  # [T, hidden]
         return self._logits(hidden, inputs)
 
@@ -324,9 +302,9 @@ class ModelRunner:
         LM head; the choice depends on `inputs` only, so every rank skips its vocab all-gather alike."""
         if inputs.logits_indices.shape[0] == 0:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)  # [0, vocab]
+        if inputs.logits_indices.shape[0] == hidden.shape[0]:  # every token samples (decodes): no gather
+            return self.model.compute_logits(hidden)  # [num_sampling, vocab]
         return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])  # [num_sampling, vocab]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(t, self.device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model_handler.host_to_device import to_device
 from model_handler.request import TokenLogprob
 from model_handler.sequence import Sequence
 
@@ -25,20 +26,13 @@ class SamplerOutput:
     """Per row, when any row asked for logprobs; None for the rows that did not."""
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device` without waiting for the work queued there."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """How often each token occurs in each row: [num_rows, vocab_size] float32."""
     width = max((len(r) for r in rows), default=0)
     if width == 0:
         return torch.zeros(len(rows), vocab_size, device=device)
     padded = [r + [vocab_size] * (width - len(r)) for r in rows]  # vocab_size is a spill column for padding
-    ids = _to(torch.tensor(padded, dtype=torch.int64), device)  # [N, width]
+    ids = to_device(torch.tensor(padded, dtype=torch.int64), device)  # [N, width]
     counts = torch.zeros(len(rows), vocab_size + 1, device=device)  # [N, V + 1]
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab_size]
@@ -67,8 +61,8 @@ def _top_k_top_p_by_sort(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Top-k then top-p with one sort of every row: no host sync, the GPU path."""
     num_rows, vocab_size = logits.shape
     device = logits.device
-    top_k = _to(torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]), device)  # [N]
-    top_p = _to(torch.tensor([p.top_p for p in params], dtype=logits.dtype), device)  # [N]
+    top_k = to_device(torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]), device)  # [N]
+    top_p = to_device(torch.tensor([p.top_p for p in params], dtype=logits.dtype), device)  # [N]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
     rank = torch.arange(vocab_size, device=device)[None, :]  # [1, V]
     drop = rank >= top_k[:, None]  # [N, V]
@@ -122,7 +116,7 @@ class Sampler:
 
         logits = logits.float().clone()  # [N, V]
         if suppress:
-            rows, cols = (_to(torch.tensor(ix), logits.device) for ix in zip(*suppress))
+            rows, cols = (to_device(torch.tensor(ix), logits.device) for ix in zip(*suppress))
             logits[rows, cols] = float("-inf")
         if has_penalty:
             logits = self._apply_penalties(logits, seqs)
@@ -132,7 +126,7 @@ class Sampler:
             sampled = self._sample(logits, seqs, sample_rows)  # [N]
             is_sampled = torch.zeros(len(params), dtype=torch.bool)
             is_sampled[sample_rows] = True
-            chosen = torch.where(_to(is_sampled, logits.device), sampled, chosen)
+            chosen = torch.where(to_device(is_sampled, logits.device), sampled, chosen)
         return chosen
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> torch.Tensor:
@@ -149,11 +143,11 @@ class Sampler:
                 device,
             )
             seen = (prompt_counts + out_counts) > 0  # [N, V]
-            penalty = _to(torch.tensor(rep, dtype=logits.dtype), device)[:, None].expand_as(logits)  # [N, V]
+            penalty = to_device(torch.tensor(rep, dtype=logits.dtype), device)[:, None].expand_as(logits)  # [N, V]
             penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
             logits = torch.where(seen, penalized, logits)
-        freq = _to(torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype), device)  # [N]
-        pres = _to(torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype), device)  # [N]
+        freq = to_device(torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype), device)  # [N]
+        pres = to_device(torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype), device)  # [N]
         return logits - freq[:, None] * out_counts - pres[:, None] * (out_counts > 0).to(logits.dtype)
 
     def _sample(self, logits: torch.Tensor, seqs: SequenceOf[Sequence], rows: list[int]) -> torch.Tensor:
@@ -161,7 +155,7 @@ class Sampler:
         params = [s.sampling_params for s in seqs]
         device = logits.device
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=logits.dtype)
-        logits = logits / _to(temps, device)[:, None]  # [N, V]
+        logits = logits / to_device(temps, device)[:, None]  # [N, V]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             logits = self._top_k_top_p(logits, params)
         probs = torch.softmax(logits, dim=-1)  # [N, V]

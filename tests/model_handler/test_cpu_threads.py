@@ -41,6 +41,7 @@ def test_gpu_engine_keeps_torch_threads_unless_asked(restore_threads):
     assert cpu_threads.configure_engine_process(2, device_type="cuda") == 2
 
 
+# mallopt exists only in glibc (CI and the container are glibc; musl or macOS have no such call).
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_malloc_thresholds_are_accepted_by_glibc():
     assert cpu_threads.keep_freed_memory_mapped()
