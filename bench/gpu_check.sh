@@ -14,14 +14,17 @@ Stages (each under its own timeout, all inside --budget-s, default 570 s):
            --model-dir (default /dev/shm/gpu-check-llama3-8b when it has room, else $TMPDIR); reused when built
   pytest   python -m pytest -q -m gpu tests/model_handler          (runs while the folder is written)
   kernels  python bench/gpu_kernels.py --out OUT_DIR/gpu_kernels.json  (after the build: quiet GPU)
-  ours     python -m bench.gpu_engine ours: Engine.add_request/step at batch 1, 32, 128; 128 in / 128 out
+  ours     python -m bench.gpu_engine ours: Engine.add_request/step at batch 1, 32, 128; 128 in / 128 out,
+           step by step (ASYNC_SCHEDULING=0)
+  ours-async  the same with ASYNC_SCHEDULING=1 (the next step launched before this one's tokens are read);
+           its own rows and verdicts, and a check that it generates the step-by-step tokens
   hf       python -m bench.gpu_engine hf: model.generate_batch, same folder, prompts and lengths
   profile  python -m bench.gpu_profile, once step by step and once with ASYNC_SCHEDULING=1 (information:
            host phases and GPU busy time per decode step; runs only if the budget has room)
   report   one table, PASS/FAIL per correctness check and target -> OUT_DIR/gpu_check.json
 
 OUT_DIR (default bench/results/) receives gpu_model.json, gpu_kernels.json, gpu_engine_ours.json,
-gpu_engine_hf.json, profile-sync.json, profile-async.json, gpu_check.json and gpu_check.log. Exit status:
+gpu_engine_ours-async.json, gpu_engine_hf.json, profile-sync.json, profile-async.json, gpu_check.json and gpu_check.log. Exit status:
 0 all checks correct (targets may still FAIL), 1 a correctness check failed, 2 a stage failed or timed out (or
 bad usage), 3 no report. The profile stage is information only: it changes no verdict and no exit status.
 
@@ -94,7 +97,7 @@ else
     fi
 fi
 RESERVE_S=15 # kept back at every stage for the report
-declare -A RC=([build]=skip [pytest]=skip [kernels]=skip [ours]=skip [hf]=skip [profile]=skip)
+declare -A RC=([build]=skip [pytest]=skip [kernels]=skip [ours]=skip [ours-async]=skip [hf]=skip [profile]=skip)
 
 limit_for() { # limit_for CAP: the stage's timeout, capped by what is left of the budget
     local left=$((BUDGET_S - SECONDS - RESERVE_S))
@@ -133,6 +136,7 @@ torch.cuda.is_available() and torch.cuda.get_device_name())' || return 2
         }
     fi
     rm -f "$OUT"/gpu_model.json "$OUT"/gpu_kernels.json "$OUT"/gpu_engine_ours.json "$OUT"/gpu_engine_hf.json \
+        "$OUT"/gpu_engine_ours-async.json \
         "$OUT"/gpu_check.json "$OUT"/profile-sync.json "$OUT"/profile-async.json
 
     # The folder is written while the correctness tests run (they need little GPU memory); the kernel
@@ -159,8 +163,10 @@ torch.cuda.is_available() and torch.cuda.get_device_name())' || return 2
     local common=(--device "$DEVICE" --dtype "$DTYPE" --batch-sizes "$BATCHES" --prompt-tokens "$PROMPT"
         --output-tokens "$OUTPUT" --max-batch-tokens "$MAX_TOKENS")
     if [ "${RC[build]}" = 0 ]; then
-        stage ours "$CAP_OURS" "$PY" -m bench.gpu_engine ours "$MODEL_DIR" --out "$OUT/gpu_engine_ours.json" \
-            "${common[@]}"
+        ASYNC_SCHEDULING=0 stage ours "$CAP_OURS" "$PY" -m bench.gpu_engine ours "$MODEL_DIR" \
+            --out "$OUT/gpu_engine_ours.json" "${common[@]}"
+        ASYNC_SCHEDULING=1 stage ours-async "$CAP_OURS" "$PY" -m bench.gpu_engine ours "$MODEL_DIR" \
+            --out "$OUT/gpu_engine_ours-async.json" "${common[@]}"
         if [ "$SKIP_BASELINE" = 0 ]; then
             # Whatever is left; the stage plans its own work to end 20 s before its timeout.
             local hf_limit
@@ -176,12 +182,12 @@ torch.cuda.is_available() and torch.cuda.get_device_name())' || return 2
                 --batch-sizes "$PROFILE_BATCHES" --prompt-tokens "$PROMPT" --steps 30 --profiled-steps 4
         done
     else
-        echo "== ours, hf, profile: not run, the model folder was not built"
+        echo "== ours, ours-async, hf, profile: not run, the model folder was not built"
     fi
 
     echo "== report"
     local report_args=(--results "$OUT" --tests-xml "$WORK/gpu_tests.xml") name
-    for name in build pytest kernels ours hf; do report_args+=(--stage "$name=${RC[$name]}"); done
+    for name in build pytest kernels ours ours-async hf; do report_args+=(--stage "$name=${RC[$name]}"); done
     [ "$SMOKE" = 1 ] || report_args+=(--require-gpu-tests)
     "$PY" -m bench.gpu_engine report "${report_args[@]}"
     local rc=$?

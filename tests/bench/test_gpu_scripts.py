@@ -80,10 +80,10 @@ def test_baseline_work_is_capped_only_when_it_would_pass_the_deadline():
 
 
 def write_results(folder: Path, *, step_ms: float, ours_rates: dict, hf_rates: dict, kernels_pass: bool = True,
-                  exact: bool = True) -> None:
-    def runs(rates, ms):
+                  exact: bool = True, async_step_ms: float | None = None, async_tokens: list | None = None) -> None:
+    def runs(rates, ms, tokens=(5, 6, 7)):
         return [{"batch": b, "num_requests": b, "output_tok_s": r, "decode_ms_step_median": ms, "ttft_ms_median": 20.0,
-                 "ttft_ms_max": 30.0, "exact_lengths": exact, "first_tokens": [[5, 6, 7]] * b, "capped": None,
+                 "ttft_ms_max": 30.0, "exact_lengths": exact, "first_tokens": [list(tokens)] * b, "capped": None,
                  "num_decode_steps": 127, "graph_replays": 127, "total_output_tokens": 128 * b}
                 for b, r in rates.items()]
 
@@ -95,6 +95,12 @@ def write_results(folder: Path, *, step_ms: float, ours_rates: dict, hf_rates: d
                                  "engine": {"cuda_graphs": True}, "runs": runs(ours_rates, step_ms)},
         "gpu_engine_hf.json": {"runs": runs(hf_rates, 35.0)},
     }  # fmt: skip
+    if async_step_ms is not None:
+        rates = {b: r * step_ms / async_step_ms for b, r in ours_rates.items()}
+        files["gpu_engine_ours-async.json"] = {**files["gpu_engine_ours.json"], "async_scheduling": True,
+                                              "runs": runs(rates, async_step_ms, async_tokens or (5, 6, 7))}
+    else:
+        (folder / "gpu_engine_ours-async.json").unlink(missing_ok=True)
     for name, data in files.items():
         (folder / name).write_text(json.dumps(data))
 
@@ -123,6 +129,31 @@ def test_report_computes_roofline_and_speedups(tmp_path, capsys):
     assert "replayed as CUDA graphs: b1 127/127, b32 127/127" in printed
 
 
+def test_report_gives_async_scheduling_its_own_rows_and_verdicts(tmp_path, capsys):
+    # The step-by-step run misses the roofline target at 6 ms per step; the async one makes it at 5.5 ms.
+    write_results(tmp_path, step_ms=6.0, ours_rates={1: 160.0}, hf_rates={1: 30.0}, async_step_ms=5.5)
+    rc, summary = report(tmp_path, "build=0", "kernels=0", "ours=0", "ours-async=0", "hf=0")
+    assert rc == 0
+    verdicts = {t["name"]: t["ok"] for t in summary["targets"]}
+    assert verdicts["batch-1 decode >= 80% of the HBM roofline"] is False
+    assert verdicts["batch-1 decode >= 80% of the HBM roofline (async)"] is True
+    assert verdicts["ours >= 3x transformers generate_batch at batch 1 (async)"] is True
+    assert summary["roofline_async"]["frac_datasheet"] == pytest.approx(0.872, abs=1e-3)
+    same = next(c for c in summary["checks"] if c["name"] == "ours (async) generates the step-by-step tokens")
+    assert same["ok"] and same["detail"].startswith("1/1 requests identical")
+    printed = capsys.readouterr().out
+    assert "ours (async) decode steps replayed as CUDA graphs: b1 127/127" in printed
+    assert "5.82x" in printed  # async tok/s over generate_batch, in the table
+
+
+def test_report_fails_when_async_scheduling_changes_a_token(tmp_path):
+    write_results(tmp_path, step_ms=6.0, ours_rates={1: 160.0, 8: 900.0}, hf_rates={1: 30.0}, async_step_ms=5.5,
+                  async_tokens=(5, 6, 8))
+    rc, summary = report(tmp_path, "build=0", "kernels=0", "ours=0", "ours-async=0", "hf=0")
+    same = next(c for c in summary["checks"] if c["name"] == "ours (async) generates the step-by-step tokens")
+    assert rc == 1 and not same["ok"] and same["detail"].startswith("0/9 requests identical")
+
+
 def test_report_exit_status_separates_wrong_results_from_failed_stages(tmp_path):
     write_results(tmp_path, step_ms=5.0, ours_rates={1: 190.0}, hf_rates={1: 30.0}, kernels_pass=False)
     rc, summary = report(tmp_path)
@@ -148,8 +179,8 @@ def test_cpu_smoke_runs_every_stage_and_reports(smoke):
     done, out = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "gpu_check.json", "gpu_check.log", "gpu_engine_hf.json", "gpu_engine_ours.json", "gpu_kernels.json",
-        "gpu_model.json", "profile-async.json", "profile-sync.json"]  # fmt: skip
+        "gpu_check.json", "gpu_check.log", "gpu_engine_hf.json", "gpu_engine_ours-async.json", "gpu_engine_ours.json",
+        "gpu_kernels.json", "gpu_model.json", "profile-async.json", "profile-sync.json"]  # fmt: skip
     # The profile stage ran the engine in both modes: the async one reads each step's tokens a step later.
     profiles = {mode: json.loads((out / f"profile-{mode}.json").read_text()) for mode in ("sync", "async")}
     assert profiles["sync"]["async_scheduling"] is False and profiles["async"]["async_scheduling"] is True
@@ -157,16 +188,19 @@ def test_cpu_smoke_runs_every_stage_and_reports(smoke):
     assert "read_tokens_and_update" in profiles["async"]["runs"][0]["host_phases_ms_median"]
     assert [r["batch"] for r in profiles["async"]["runs"]] == [1, 4]
     summary = json.loads((out / "gpu_check.json").read_text())
-    assert summary["stages"] == {"build": "0", "pytest": "0", "kernels": "0", "ours": "0", "hf": "0"}
-    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 3
+    assert summary["stages"] == {"build": "0", "pytest": "0", "kernels": "0", "ours": "0", "ours-async": "0",
+                                 "hf": "0"}
+    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 5
     assert "gpu_check: exit 0" in (out / "gpu_check.log").read_text()
 
 
 def test_cpu_smoke_both_systems_generate_the_same_greedy_tokens(smoke):
     _, out = smoke
     ours = json.loads((out / "gpu_engine_ours.json").read_text())
+    ours_async = json.loads((out / "gpu_engine_ours-async.json").read_text())
     hf = json.loads((out / "gpu_engine_hf.json").read_text())
-    for record in (ours, hf):
+    assert ours["async_scheduling"] is False and ours_async["async_scheduling"] is True
+    for record in (ours, ours_async, hf):
         assert [r["batch"] for r in record["runs"]] == [1, 4]
         assert all(r["exact_lengths"] and r["total_output_tokens"] == 8 * r["batch"] for r in record["runs"])
         assert all(r["output_tok_s"] > 0 and r["ttft_ms_median"] > 0 for r in record["runs"])
