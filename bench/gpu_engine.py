@@ -179,6 +179,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     info = engine.info()
     record["engine"] = dataclasses.asdict(info)
     record["async_scheduling"] = engine.config.async_scheduling
+    from model_handler.layers import gpu_linear
+
+    record["one_row_linears"] = [{"shape": c.shape, "dtype": c.dtype, "winner": str(c.winner),
+                                  "timings_ms": c.timings_ms} for c in gpu_linear.choices()]  # fmt: skip
     graph_runner = getattr(engine.model_runner, "graph_runner", None)
     replays = [0]
     if graph_runner is not None:

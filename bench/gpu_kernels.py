@@ -285,6 +285,42 @@ def time_prefill_and_store(report: Report, shapes: Shapes, device) -> None:
         print(f"store_kv tokens={num_tokens:<5} {us:9.2f} us")
 
 
+# (N, K) of Llama-3-8B's one-row linears: qkv, o, gate_up, down, LM head; small ones for the interpreter.
+GEMV_SHAPES = {"llama3-8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)),
+               "small": ((48, 64), (37, 300))}  # fmt: skip
+
+
+def check_and_time_gemv(report: Report, device, small: bool, timing: bool) -> None:
+    """Every Triton GEMV config against an fp64 product (one check per shape), then cuBLAS vs the configs."""
+    from model_handler.kernels import triton_gemv
+    from model_handler.layers import gpu_linear
+
+    gen = torch.Generator().manual_seed(7)
+    for n, k in GEMV_SHAPES["small" if small else "llama3-8b"]:
+        x = torch.randn(1, k, generator=gen).to(device, torch.bfloat16)
+        weight = (torch.randn(n, k, generator=gen) * 0.02).to(device, torch.bfloat16)
+        expected = (x.double() @ weight.double().T).float()  # [1, N]
+        worst, worst_err = None, -1.0
+        for config in triton_gemv.CONFIGS:
+            y = triton_gemv.gemv(x, weight, None, config).float()
+            err = float(((y - expected).abs() / (1.5e-2 + 1.5e-2 * expected.abs())).max())  # < 1 passes
+            if err > worst_err:
+                worst, worst_err = y, err
+        record(report, f"gemv {n}x{k} (worst of {len(triton_gemv.CONFIGS)} configs)", torch.bfloat16, worst, expected)
+        if timing:
+            choice = gpu_linear.measure(x, weight, None)
+            t = choice.timings_ms
+            best = min((v, c) for c, v in t.items() if c != gpu_linear.CUBLAS)
+            gbs = lambda ms: round(weight.numel() * 2 / ms / 1e6, 1)  # noqa: E731
+            row = dict(kernel="one-row linear", n=n, k=k, cublas_us=round(1e3 * t[gpu_linear.CUBLAS], 1),
+                       cublas_gbs=gbs(t[gpu_linear.CUBLAS]), triton_us=round(1e3 * best[0], 1),
+                       triton_gbs=gbs(best[0]), triton_config=best[1], chosen=str(choice.winner), all_ms=t)
+            report.timings.append(row)
+            print(f"gemv {n:>6}x{k:<5}  cuBLAS {row['cublas_us']:8.1f} us {row['cublas_gbs']:7.1f} GB/s   "
+                  f"triton {row['triton_us']:8.1f} us {row['triton_gbs']:7.1f} GB/s  ({best[1]})  -> {row['chosen']}")
+        del x, weight
+
+
 def _frac(gbs: float, peak: float | None) -> float | None:
     return round(gbs / peak, 3) if peak else None
 
@@ -323,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.manual_seed(0)
     run_checks(report, shapes, device, args.small)
+    check_and_time_gemv(report, device, args.small, timing=device.type == "cuda" and not args.skip_timing)
     if device.type == "cuda" and not args.skip_timing:
         report.copy_gbs = copy_bandwidth_gbs(device)
         print(f"HBM: datasheet {report.hbm_peak_gbs} GB/s, measured copy {report.copy_gbs} GB/s")

@@ -55,8 +55,8 @@ class EngineConfig:
     """torch threads of the engine process (ENGINE_CPU_THREADS); None keeps torch's default."""
     async_scheduling: bool = False
     """Launch the next step before reading this one's tokens (ASYNC_SCHEDULING, one rank only), so the
-    host's bookkeeping overlaps the GPU's work. Off by default until a GPU run shows it faster: the one
-    GPU run so far measured a first version that read tokens with a whole-stream sync (no gain)."""
+    host's bookkeeping overlaps the GPU's work. On by default on one GPU (an H100 measured 4-11% more
+    tokens/s, identical tokens); off on CPU, where every op already waits for the one before it."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -105,6 +105,7 @@ class EngineConfig:
         _bool(environ, "HF_MODEL_TRUST_REMOTE_CODE", False)  # validated only: no remote code is ever run
         if tp_size > 1 and _bool(environ, "ASYNC_SCHEDULING", False):
             raise ValueError("ASYNC_SCHEDULING needs one rank: the other ranks never see the sampled tokens")
+        async_scheduling = _bool(environ, "ASYNC_SCHEDULING", kind == "cuda" and tp_size == 1)
         backend = (environ.get("ATTENTION_BACKEND") or "").strip().lower() or None
         if backend not in (None, "torch", "triton"):
             raise ValueError(f"ATTENTION_BACKEND={backend!r} must be 'torch' or 'triton'")
@@ -125,7 +126,7 @@ class EngineConfig:
             tensor_parallel_size=tp_size,
             seed=_int(environ, "SEED", 0, minimum=0),
             cpu_threads=num_threads_from_env(environ, kind),
-            async_scheduling=_bool(environ, "ASYNC_SCHEDULING", False),
+            async_scheduling=async_scheduling,
         )
 
 

@@ -138,6 +138,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         scratch_bytes = self._warm_up(config.max_num_batched_tokens, num_seqs=config.max_num_seqs)
+        self._warm_up(1, num_seqs=1)  # one-row linears: each weight shape's kernel is timed and chosen now
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         return kv_cache.num_cuda_blocks(self.device, config.cuda_memory_fraction, self.block_bytes, scratch_bytes)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_handler.distributed import all_gather_last_dim, all_reduce
-from model_handler.layers.cpu_linear import PackedWeight, linear
+from model_handler.layers.cpu_linear import PackedWeight
+from model_handler.layers.matmul import linear
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from model_handler.distributed import all_reduce
-from model_handler.layers.cpu_linear import PackedWeight, linear
+from model_handler.layers.cpu_linear import PackedWeight
+from model_handler.layers.matmul import linear
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

@@ -41,8 +41,9 @@ def test_cpu_defaults(model_dir):
 
 def test_gpu_defaults_have_a_graph_ladder(model_dir):
     config = from_env(model_dir, device="cuda")
-    assert config.async_scheduling is False  # opt-in until a GPU run measures it faster
-    assert from_env(model_dir, device="cuda", ASYNC_SCHEDULING="true").async_scheduling is True
+    assert config.async_scheduling is True  # one GPU: the next step is launched before tokens are read
+    assert from_env(model_dir, device="cuda", ASYNC_SCHEDULING="false").async_scheduling is False
+    assert from_env(model_dir, device="cuda", SM_NUM_GPUS="2").async_scheduling is False  # ranks sync anyway
     assert config.dtype == "bfloat16"
     assert config.max_num_batched_tokens == 8192 and config.max_num_seqs == 256
     assert config.cuda_graph_sizes[:7] == [1, 2, 4, 8, 16, 24, 32]

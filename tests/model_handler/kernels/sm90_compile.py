@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from model_handler.kernels import triton_attention as ta
+from model_handler.kernels import triton_gemv as tg
 from model_handler.kernels import triton_kv_store as ts
 
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -76,6 +77,10 @@ def main() -> int:
         print(f"prefill {tag}: {compile_kernel(ta._prefill_kernel, dtype, consts['prefill'])}")
     consts = dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128)
     print(f"store_kv: {compile_kernel(ts._store_kv_kernel, torch.bfloat16, consts)}")
+    for config in tg.CONFIGS:
+        consts = dict(HAS_BIAS=False, EVEN_K=True, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                      num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+        print(f"gemv {config}: {compile_kernel(tg._gemv_kernel, torch.bfloat16, consts)}")
     print("all kernels compiled for sm_90")
     return 0
 
