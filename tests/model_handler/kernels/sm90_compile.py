@@ -78,7 +78,8 @@ def main() -> int:
     consts = dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128)
     print(f"store_kv: {compile_kernel(ts._store_kv_kernel, torch.bfloat16, consts)}")
     for config in tg.CONFIGS:
-        consts = dict(HAS_BIAS=False, EVEN_K=True, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        consts = dict(HAS_BIAS=False, EVEN_K=True, STRIDED_GRID=config.programs_per_sm > 0,
+                      BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
         print(f"gemv {config}: {compile_kernel(tg._gemv_kernel, torch.bfloat16, consts)}")
     print("all kernels compiled for sm_90")

@@ -16,7 +16,8 @@ def random(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> to
 
 
 @pytest.mark.parametrize("config", triton_gemv.CONFIGS, ids=str)
-@pytest.mark.parametrize("n, k", [(37, 1024), (9, 300)])  # ragged row blocks; K a multiple of every chunk or not
+# Ragged row blocks; K a multiple of every chunk or not; more row blocks than a fixed grid's programs.
+@pytest.mark.parametrize("n, k", [(37, 1024), (9, 300), (133, 512)])
 def test_every_config_computes_the_linear(config, n, k):
     x, weight, bias = random(1, k), random(n, k, seed=1), random(n, seed=2)
     # fp32 sums of ~1000 unit products in another order: agreement to ~1e-5 of the result's scale.
