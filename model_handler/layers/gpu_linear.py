@@ -69,9 +69,15 @@ def _gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Choice:
     """Time cuBLAS and each GEMV config on this weight; the fastest correct one wins."""
-    from triton.testing import do_bench
+    n, k = weight.shape
+    dtype = str(weight.dtype).removeprefix("torch.")
+    try:
+        from triton.testing import do_bench
 
-    from model_handler.kernels import triton_gemv
+        from model_handler.kernels import triton_gemv
+    except ImportError as exc:  # a torch build without Triton: cuBLAS it is
+        logger.warning("one-row linears stay on cuBLAS: Triton is not importable (%s)", exc)
+        return Choice((n, k), dtype, CUBLAS, {})
 
     def timer(fn: Callable[[], torch.Tensor]) -> float:
         return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
@@ -80,11 +86,10 @@ def measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     for config in triton_gemv.CONFIGS:
         candidates[config] = lambda config=config: triton_gemv.gemv(x, weight, bias, config)
     winner, timings = fastest_correct(candidates, timer, reference=CUBLAS)
-    n, k = weight.shape
-    choice = Choice((n, k), str(weight.dtype).removeprefix("torch."), winner, timings)
-    gbs = weight.numel() * weight.element_size() / (timings[str(winner)] * 1e6)
+    choice = Choice((n, k), dtype, winner, timings)
+    ms, cublas_ms = timings.get(str(winner), float("nan")), timings.get(CUBLAS, float("nan"))
     logger.info("one-row linear %dx%d %s: %s, %.4f ms (%.0f GB/s); cuBLAS %.4f ms",
-                n, k, choice.dtype, winner, timings[str(winner)], gbs, timings[CUBLAS])  # fmt: skip
+                n, k, dtype, winner, ms, weight.numel() * weight.element_size() / (ms * 1e6), cublas_ms)  # fmt: skip
     return choice
 
 
