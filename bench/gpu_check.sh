@@ -24,9 +24,10 @@ Stages (each under its own timeout, all inside --budget-s, default 570 s):
   report   one table, PASS/FAIL per correctness check and target -> OUT_DIR/gpu_check.json
 
 OUT_DIR (default bench/results/) receives gpu_model.json, gpu_kernels.json, gpu_engine_ours.json,
-gpu_engine_ours-async.json, gpu_engine_hf.json, profile-sync.json, profile-async.json, gpu_check.json and gpu_check.log. Exit status:
-0 all checks correct (targets may still FAIL), 1 a correctness check failed, 2 a stage failed or timed out (or
-bad usage), 3 no report. The profile stage is information only: it changes no verdict and no exit status.
+gpu_engine_ours-async.json, gpu_engine_hf.json, profile-sync.json, profile-async.json, gpu_check.json and
+gpu_check.log. Exit status: 0 all checks correct (targets may still FAIL), 1 a correctness check failed, 2 a
+stage failed or timed out (or bad usage), 3 no report. The profile stage is information only: it changes no
+verdict and no exit status.
 
   --cpu-smoke         the same Python on CPU: a tiny model of the same config, batches 1 and 4,
                       16 in / 8 out, float32, kernels under Triton's interpreter (< 60 s)

@@ -161,6 +161,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import model_handler.model_runner as model_runner_module
     from model_handler.config import EngineConfig
     from model_handler.engine import Engine
+    from model_handler.layers import gpu_linear
     from model_handler.sampling_params import SamplingParams
 
     record: dict[str, Any] = {"system": "ours", **device_record(args.device), "model_dir": str(args.model_dir)}
@@ -179,8 +180,6 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     info = engine.info()
     record["engine"] = dataclasses.asdict(info)
     record["async_scheduling"] = engine.config.async_scheduling
-    from model_handler.layers import gpu_linear
-
     record["one_row_linears"] = [{"shape": c.shape, "dtype": c.dtype, "winner": str(c.winner),
                                   "timings_ms": c.timings_ms} for c in gpu_linear.choices()]  # fmt: skip
     graph_runner = getattr(engine.model_runner, "graph_runner", None)
@@ -206,8 +205,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         run = summarize(batch, batch, args, counts, span, ttft, steps, first)
         run["graph_replays"] = replays[0] if graph_runner is not None else None
         record["runs"].append(run)
-        print(f"ours{' async' if engine.config.async_scheduling else ''}  b={batch:<4} {run['output_tok_s']:>10} tok/s  decode {run['decode_ms_step_median']} ms/step  "
-              f"TTFT p50 {run['ttft_ms_median']} ms  graph replays {run['graph_replays']}/{len(steps)}", flush=True)
+        mode = " async" if engine.config.async_scheduling else ""
+        print(f"ours{mode}  b={batch:<4} {run['output_tok_s']:>10} tok/s  decode {run['decode_ms_step_median']} "
+              f"ms/step  TTFT p50 {run['ttft_ms_median']} ms  graph replays {run['graph_replays']}/{len(steps)}",
+              flush=True)  # fmt: skip
     return record
 
 

@@ -1,7 +1,7 @@
 """Linear layers on CUDA: cuBLAS, or for one-row inputs the Triton GEMV where it was measured faster.
 
 The choice is made once per weight shape, the first time a one-row input meets it outside a CUDA-graph
-capture (the model runner's warm-up forward before each capture), by timing cuBLAS and every
+capture (the model runner's one-token warm-up forward at start-up), by timing cuBLAS and every
 `triton_gemv.CONFIGS` entry on that weight with the L2 cache flushed (Triton's `do_bench`). A config
 whose output disagrees with cuBLAS is never chosen. The choices are logged and kept in `choices()`.
 """
@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from model_handler.kernels.triton_gemv import GemvConfig
 
-enabled = True
-"""False keeps every CUDA linear on cuBLAS (benchmarks flip it to compare)."""
+logger = logging.getLogger(__name__)
 
 CUBLAS = "cublas"
 
@@ -28,7 +29,7 @@ class Choice:
 
     shape: tuple[int, int]  # (N, K)
     dtype: str
-    winner: object  # CUBLAS or a triton_gemv.GemvConfig
+    winner: GemvConfig | str  # a Triton config or CUBLAS
     timings_ms: dict[str, float]
 
 
@@ -54,8 +55,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def _gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
-        enabled
-        and x.dim() == 2
+        x.dim() == 2
         and x.shape[0] == 1
         and x.dtype == weight.dtype
         and weight.dtype in (torch.bfloat16, torch.float16)
