@@ -105,7 +105,7 @@ class CudaGraphRunner:
         n = input_ids.shape[0]
         batch_size = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
         ids, pos, slots, lens, tables = self._staging_np
-        self._staged.synchronize()  # normally long done: the last step's sampling synced the stream
+        self._staged.synchronize()  # normally done: they ran right after the step the host last waited for
         ids[:n], pos[:n], slots[:n] = input_ids.numpy(), positions.numpy(), slot_mapping.numpy()
         lens[:n] = seq_lens.numpy()
         ids[n:batch_size], pos[n:batch_size], slots[n:batch_size], lens[n:batch_size] = 0, 0, -1, 0

@@ -3,9 +3,9 @@
 `step()` is the whole loop: schedule -> model runner -> sampler -> scheduler update -> RequestOutputs.
 The engine process (`server.py`) drives it; tests and benchmarks can drive it directly.
 
-With async scheduling (ASYNC_SCHEDULING, opt-in, one rank) one step stays in flight: `step()` launches the next step,
-its inputs patched on the device with the tokens the step before sampled, and only then reads those
-tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
+With async scheduling (ASYNC_SCHEDULING, the default on one GPU) one step stays in flight: `step()` launches
+the next step, its inputs patched on the device with the tokens the step before sampled, and only then reads
+those tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
 leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
 penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way.
 """
