@@ -295,17 +295,25 @@ class ModelRunner:
         input_ids = to(inputs.input_ids)  # [T]
         if patch is not None:
             patch.apply(input_ids)
-        hidden = self.model(input_ids, to(inputs.positions), kv_caches, metadata)  # [T, hidden]
+        num_sampling, num_tokens = inputs.logits_indices.shape[0], input_ids.shape[0]
+        # Prompt tokens that sample nothing leave the last layer after its attention (their k/v is stored).
+        # A step where nothing samples (a middle prefill chunk) runs in full rather than on zero rows.
+        output_rows = to(inputs.logits_indices) if 0 < num_sampling < num_tokens else None
+        hidden = self.model(input_ids, to(inputs.positions), kv_caches, metadata, output_rows)  # [T or N, hidden]
         return self._logits(hidden, inputs)
 
     def _logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        """[num_sampling, vocab] float32. A step where no sequence samples (a middle prefill chunk) skips the
-        LM head; the choice depends on `inputs` only, so every rank skips its vocab all-gather alike."""
+        """[num_sampling, vocab] float32 from the step's hidden states, already one row per sampling
+        sequence (decodes, or a forward given `output_rows`). A step where no sequence samples (a middle
+        prefill chunk) skips the LM head; the choice depends on `inputs` only, so every rank skips its vocab
+        all-gather alike."""
         if inputs.logits_indices.shape[0] == 0:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)  # [0, vocab]
-        if inputs.logits_indices.shape[0] == hidden.shape[0]:  # every token samples (decodes): no gather
-            return self.model.compute_logits(hidden)  # [num_sampling, vocab]
-        return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])  # [num_sampling, vocab]
+        if inputs.logits_indices.shape[0] != hidden.shape[0]:
+            raise RuntimeError(
+                f"{hidden.shape[0]} hidden rows for {inputs.logits_indices.shape[0]} sampling sequences"
+            )
+        return self.model.compute_logits(hidden)  # [num_sampling, vocab]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return to_device(t, self.device)

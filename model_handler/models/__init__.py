@@ -63,6 +63,7 @@ class CausalLM(Protocol):
         positions: torch.Tensor,  # [T] int64
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor: ...  # [T, hidden]
+        output_rows: torch.Tensor | None = None,  # [N] int64: return only these rows' hidden states
+    ) -> torch.Tensor: ...  # [T, hidden], or [N, hidden] with output_rows
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, vocab] float32

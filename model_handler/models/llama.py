@@ -71,8 +71,14 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
 
     def forward(
-        self, x: torch.Tensor, rope: RopeRows, kv_cache: KVCache, attn_metadata: AttentionMetadata
+        self,
+        x: torch.Tensor,
+        rope: RopeRows,
+        kv_cache: KVCache,
+        attn_metadata: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """[T, hidden], or [len(output_rows), hidden]: every token's k/v is stored, only those rows go on."""
         num_tokens = x.shape[0]
         num_qk_heads = self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x).view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)  # [T, H+2Hkv, D]
@@ -87,6 +93,8 @@ class LlamaAttention(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, Hkv, D]
         v = qkv[:, num_qk_heads:]  # [T, Hkv, D]
         out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, H * D]
+        if output_rows is not None:
+            out = out[output_rows]  # [N, H * D]: rows are independent from here on
         return self.o_proj(out)
 
 
@@ -127,9 +135,13 @@ class LlamaDecoderLayer(nn.Module):
         rope: RopeRows,
         kv_cache: KVCache,
         attn_metadata: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) of every token, or of `output_rows` only (the last layer of a step, see LlamaModel)."""
         x, residual = self.input_layernorm.forward_with_residual(x, residual)
-        x = self.self_attn(x, rope, kv_cache, attn_metadata)
+        x = self.self_attn(x, rope, kv_cache, attn_metadata, output_rows)
+        if output_rows is not None:
+            residual = residual[output_rows]
         x, residual = self.post_attention_layernorm.forward_with_residual(x, residual)
         return self.mlp(x), residual
 
@@ -160,14 +172,22 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         attn_metadata: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Hidden states [T, hidden], or [len(output_rows), hidden] for the rows in `output_rows`.
+
+        Only rows whose logits are read need the last layer past its attention: in a prefill step that is
+        one row per prompt, so its o_proj and MLP run on a handful of rows instead of every prompt token
+        (1/num_layers of the step's linear work less; llama.cpp prunes its last layer the same way).
+        """
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary_emb.lookup(positions)  # shared by all layers
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, kv_cache, attn_metadata)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x, residual = layer(x, residual, rope, kv_cache, attn_metadata, output_rows if i == last else None)
         x, _ = self.norm.forward_with_residual(x, residual)
-        return x  # [T, hidden]
+        return x  # [T or N, hidden]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -216,8 +236,9 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T] int64
         kv_caches: list[KVCache],
         attn_metadata: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,  # [N] int64, ascending; None = every row
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)  # [T, hidden]
+        return self.model(input_ids, positions, kv_caches, attn_metadata, output_rows)  # [T or N, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)  # [N, vocab] float32

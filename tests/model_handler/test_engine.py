@@ -104,6 +104,29 @@ def test_chunked_prefill_with_decodes_in_the_same_steps_matches_transformers(chu
     assert tokens_of(collected["long"]) == expected[3]
 
 
+def test_last_layer_goes_past_attention_only_for_the_rows_that_sample(chunking_engine, hf_model):
+    """Prompt tokens that sample nothing skip the last layer's o_proj and MLP; their k/v is still stored,
+    so the decodes that attend over it give transformers' tokens."""
+    engine = chunking_engine
+    layers = engine.model_runner.model.model.layers
+    rows = {"first": [], "last": []}
+    hooks = [
+        layers[0].mlp.register_forward_pre_hook(lambda m, args: rows["first"].append(args[0].shape[0])),
+        layers[-1].mlp.register_forward_pre_hook(lambda m, args: rows["last"].append(args[0].shape[0])),
+    ]
+    try:
+        prompt = random_prompt(40, seed=401)  # 16 + 16 + 8 tokens under the 16-token budget
+        engine.add_request(greedy("pruned", prompt, N))
+        outputs = run_to_completion(engine)["pruned"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert tokens_of(outputs) == hf_greedy(hf_model, prompt, N)
+    assert rows["first"] == [16, 16, 8] + [1] * (N - 1)
+    # The middle chunks sample nothing and run in full; the last chunk's 8 tokens leave one row.
+    assert rows["last"] == [16, 16, 1] + [1] * (N - 1)
+
+
 def test_long_prompt_alone_takes_several_steps_before_its_first_token(chunking_engine, hf_model):
     prompt = random_prompt(40, seed=400)  # not in the prefix cache; 16 tokens per step
     chunking_engine.add_request(greedy("alone", prompt, N))

@@ -1,6 +1,7 @@
 """Our Llama-family model against transformers' own forward: same logits over a paged cache, per family."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -60,6 +61,34 @@ def assert_matches_hf_over_paged_steps(model, hf_model, num_steps: int = 4) -> N
 def test_logits_match_transformers_over_paged_steps(family, tmp_path):
     hf_model = save_random_model(family_config(family), tmp_path)
     assert_matches_hf_over_paged_steps(load_fp32(tmp_path), hf_model)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen3"])
+def test_output_rows_return_those_rows_and_still_fill_the_cache(family, tmp_path):
+    """With `output_rows` the forward returns only those rows' hidden states (the last layer past its
+    attention runs on them alone), every token's k/v still lands in the cache: the next steps, which attend
+    over it, keep matching transformers."""
+    hf_model = save_random_model(family_config(family), tmp_path)
+    model = load_fp32(tmp_path)
+    config = model.config
+    caches = make_kv_caches(config.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads_per_rank, config.head_dim)
+    batches = PagedBatches(BLOCK_SIZE, NUM_BLOCKS, seed=5)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in (7, 12, 3)]
+    mlp_rows: list[int] = []
+    hook = model.model.layers[-1].mlp.register_forward_pre_hook(lambda m, args: mlp_rows.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            for new_tokens in (prompts, [[1], [2, 3, 4, 5], [6]], [[7], [8], [9]]):
+                input_ids, positions, metadata = batches.step(new_tokens)
+                last_rows = torch.tensor(list(itertools.accumulate(len(t) for t in new_tokens))) - 1
+                hidden = model(input_ids, positions, caches, metadata, output_rows=last_rows)
+                assert hidden.shape == (len(new_tokens), config.hidden_size)
+                expected = torch.stack([hf_logits(hf_model, batches.seq_tokens[i])[-1] for i in range(3)])
+                torch.testing.assert_close(model.compute_logits(hidden), expected, atol=1e-4, rtol=1e-4)
+    finally:
+        hook.remove()
+    assert mlp_rows == [3, 3, 3]  # 22, 6 and 3 tokens in, one row per sequence through the last MLP
 
 
 def test_triton_backend_takes_the_strided_q_k_v_views(tmp_path):
