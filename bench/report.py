@@ -6,7 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-BASELINES = ("tf-serve", "tf-serve-cb")
+BASELINES = ("tf-serve", "tf-serve-cb", "tf-serve-bf16", "tf-serve-cb-bf16")
+"""Every `transformers serve` mode and precision; a target's baseline is the best of those in the run."""
+OURS = ("ours", "ours-fp32")
 TARGET_CONCURRENCY = 32
 
 
@@ -79,27 +81,29 @@ def evaluate_targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [v for s in BASELINES if (v := metric(s, concurrency, name)) is not None]
             return pick(values) if values else None
 
-        checks = (
-            (f"{TARGET_CONCURRENCY} streams: output tok/s ours / best tf-serve >= 3",
-             metric("ours", TARGET_CONCURRENCY, "output_tokens_per_s"),
-             baseline(TARGET_CONCURRENCY, "output_tokens_per_s", max), lambda r: r >= 3.0),
-            (f"{TARGET_CONCURRENCY} streams: TTFT p50 ours / best tf-serve <= 1/3",
-             metric("ours", TARGET_CONCURRENCY, "ttft_ms_p50"),
-             baseline(TARGET_CONCURRENCY, "ttft_ms_p50", min), lambda r: r <= 1.0 / 3.0),
-            ("1 stream: output tok/s ours / best tf-serve >= 1",
-             metric("ours", 1, "output_tokens_per_s"),
-             baseline(1, "output_tokens_per_s", max), lambda r: r >= 1.0),
-        )
-        for name, ours, theirs, passes in checks:
-            ratio = ours / theirs if ours is not None and theirs else None
-            verdict = "n/a" if ratio is None else ("PASS" if passes(ratio) else "FAIL")
-            targets.append({"model": model, "target": name, "ours": ours, "baseline": theirs,
-                            "ratio": ratio, "verdict": verdict})
+        present = {run["server"] for run in runs if run["model"] == model}
+        for server in [s for s in OURS if s in present] or ["ours"]:
+            checks = (
+                (f"{TARGET_CONCURRENCY} streams: output tok/s {server} / best tf-serve >= 3",
+                 metric(server, TARGET_CONCURRENCY, "output_tokens_per_s"),
+                 baseline(TARGET_CONCURRENCY, "output_tokens_per_s", max), lambda r: r >= 3.0),
+                (f"{TARGET_CONCURRENCY} streams: TTFT p50 {server} / best tf-serve <= 1/3",
+                 metric(server, TARGET_CONCURRENCY, "ttft_ms_p50"),
+                 baseline(TARGET_CONCURRENCY, "ttft_ms_p50", min), lambda r: r <= 1.0 / 3.0),
+                (f"1 stream: output tok/s {server} / best tf-serve >= 1",
+                 metric(server, 1, "output_tokens_per_s"),
+                 baseline(1, "output_tokens_per_s", max), lambda r: r >= 1.0),
+            )
+            for name, ours, theirs, passes in checks:
+                ratio = ours / theirs if ours is not None and theirs else None
+                verdict = "n/a" if ratio is None else ("PASS" if passes(ratio) else "FAIL")
+                targets.append({"model": model, "server": server, "target": name, "ours": ours, "baseline": theirs,
+                                "ratio": ratio, "verdict": verdict})
     return targets
 
 
 def format_targets(targets: list[dict[str, Any]]) -> str:
-    lines = ["CPU targets (best round of each; baseline = the better of tf-serve and tf-serve-cb):"]
+    lines = ["CPU targets (best round of each; baseline = the best transformers serve mode and dtype in the run):"]
     for t in targets:
         lines.append(f"  {t['verdict']:4}  {t['model']}: {t['target']}: ratio {_fmt(t['ratio'], 2)} "
                      f"(ours {_fmt(t['ours'])}, baseline {_fmt(t['baseline'])})")

@@ -48,9 +48,12 @@ class ServerSpec:
 SERVERS: dict[str, ServerSpec] = {
     spec.name: spec
     for spec in (
-        ServerSpec("ours", "openai-ext", "/ping", "container/serve (this project)"),
+        ServerSpec("ours", "openai-ext", "/ping", "container/serve (this project), its default DTYPE=auto"),
+        ServerSpec("ours-fp32", "openai-ext", "/ping", "container/serve with DTYPE=float32"),
         ServerSpec("tf-serve", "tf-serve", "/health", "transformers serve, generate() one request at a time"),
         ServerSpec("tf-serve-cb", "tf-serve-cb", "/health", "transformers serve --continuous-batching"),
+        ServerSpec("tf-serve-bf16", "tf-serve", "/health", "tf-serve with --dtype bfloat16"),
+        ServerSpec("tf-serve-cb-bf16", "tf-serve-cb", "/health", "tf-serve-cb with --dtype bfloat16"),
         ServerSpec("naive", "openai-ext", "/health", "bench/naive_server.py, serial generate() per request"),
         ServerSpec("naive-parallel", "openai-ext", "/health", "bench/naive_server.py --parallel, thread each"),
     )
@@ -73,15 +76,19 @@ def _command(spec: ServerSpec, model_dir: str, port: int, cb: CbSettings) -> tup
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    if spec.name == "ours":
+    if spec.name in ("ours", "ours-fp32"):
         env.update(HF_MODEL_ID=model_dir, PORT=str(port), SAGEMAKER_BIND_TO_PORT=str(port))
+        if spec.name == "ours-fp32":
+            env["DTYPE"] = "float32"
         return [sys.executable, str(REPO_ROOT / "container" / "serve"), "serve"], env  # as `docker run IMAGE serve`
     if spec.name.startswith("tf-serve"):
         argv = [str(bin_dir / "transformers"), "serve", model_dir, "--device", "cpu", "--host", HOST,
                 "--port", str(port), "--log-level", "warning"]
-        if spec.name == "tf-serve-cb":
+        if spec.flavor == "tf-serve-cb":
             argv += ["--continuous-batching", "--cb-block-size", str(cb.block_size),
                      "--cb-num-blocks", str(cb.num_blocks), "--cb-max-batch-tokens", str(cb.max_batch_tokens)]
+        if spec.name.endswith("-bf16"):
+            argv += ["--dtype", "bfloat16"]
         return argv, env
     if spec.name.startswith("naive"):
         argv = [sys.executable, "-m", "bench.naive_server", "--model", model_dir, "--host", HOST, "--port", str(port)]

@@ -185,7 +185,9 @@ def _dtype(environ: Mapping[str, str], kind: str) -> str:
     raw = (environ.get("DTYPE") or "auto").strip().lower()
     if raw == "auto":
         if kind != "cuda":
-            return "float32"
+            from model_handler.cpu_features import has_native_bf16
+
+            return auto_cpu_dtype(has_native_bf16())
         # bf16 needs Ampere or newer; older cards (T4 on ml.g4dn, V100) get fp16.
         has_bf16 = not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 8
         return "bfloat16" if has_bf16 else "float16"
@@ -193,6 +195,13 @@ def _dtype(environ: Mapping[str, str], kind: str) -> str:
     if name not in DTYPES:
         raise ValueError(f"DTYPE={raw!r} must be one of auto, float16, bfloat16, float32")
     return name
+
+
+def auto_cpu_dtype(native_bf16: bool) -> str:
+    """DTYPE=auto on CPU: bf16 where the CPU computes it natively, as vLLM runs fp32 checkpoints in half
+    precision and as this engine already does on GPUs (matmuls 2-3x faster, half the weight and KV bytes);
+    fp32 elsewhere, where bf16 would be emulated and slower."""
+    return "bfloat16" if native_bf16 else "float32"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:

@@ -28,6 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Small and quick on 2 cores; a test that needs other limits passes its own.
 TEST_ENV = {
+    # The tests' oracle is transformers in fp32; DTYPE=auto would pick bf16 on a CPU with native bf16.
+    "DTYPE": "float32",
     "KV_CACHE_CPU_BYTES": str(64 * 1024 * 1024),
     "MAX_BATCH_SIZE": "32",
     "LOG_LEVEL": "WARNING",

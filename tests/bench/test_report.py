@@ -40,6 +40,32 @@ def test_targets_compare_ours_with_the_better_transformers_mode() -> None:
     assert "FAIL" in report.format_targets(report.evaluate_targets(runs))
 
 
+def test_each_of_our_precisions_meets_the_best_transformers_mode_and_dtype() -> None:
+    runs = [
+        make_run("ours", 32, 900.0, 30.0), make_run("ours-fp32", 32, 600.0, 60.0),
+        make_run("tf-serve-cb", 32, 200.0, 150.0), make_run("tf-serve-cb-bf16", 32, 250.0, 100.0),
+    ]
+    targets = report.evaluate_targets(runs)
+    by_server = {(t["server"], t["target"].split(":")[1].split()[0]): t for t in targets if "32 streams" in t["target"]}
+    assert by_server["ours", "output"]["baseline"] == 250.0 and by_server["ours", "output"]["ratio"] == 3.6
+    assert by_server["ours", "TTFT"]["baseline"] == 100.0 and by_server["ours", "TTFT"]["verdict"] == "PASS"
+    assert by_server["ours-fp32", "output"]["ratio"] == 2.4 and by_server["ours-fp32", "output"]["verdict"] == "FAIL"
+    assert by_server["ours-fp32", "TTFT"]["ratio"] == 0.6 and by_server["ours-fp32", "TTFT"]["verdict"] == "FAIL"
+    assert len(targets) == 6  # three targets for each of our two servers; the 1-stream ones n/a here
+
+
+def test_bf16_transformers_modes_ask_for_bf16() -> None:
+    from bench.servers import SERVERS, _command, CbSettings
+
+    cb = CbSettings(num_blocks=10)
+    argv, _ = _command(SERVERS["tf-serve-cb-bf16"], "/m", 1234, cb)
+    assert "--continuous-batching" in argv and argv[argv.index("--dtype") + 1] == "bfloat16"
+    argv, _ = _command(SERVERS["tf-serve"], "/m", 1234, cb)
+    assert "--dtype" not in argv and "--continuous-batching" not in argv
+    _, env = _command(SERVERS["ours-fp32"], "/m", 1234, cb)
+    assert env["DTYPE"] == "float32"
+
+
 def test_targets_without_our_server_are_not_applicable() -> None:
     runs = [make_run("tf-serve", 32, 100.0, 900.0), make_run("naive", 1, 10.0, 5.0)]
     assert {t["verdict"] for t in report.evaluate_targets(runs)} == {"n/a"}

@@ -88,7 +88,11 @@ def create_engine(model_dir, device: str = "cpu", **env: str):
     from model_handler.config import EngineConfig
     from model_handler.engine import Engine
 
-    environ = {"HF_MODEL_ID": str(model_dir), "KV_CACHE_CPU_BYTES": "4MiB", "KV_CACHE_BLOCK_SIZE": "8", **env}
+    environ = {
+        "HF_MODEL_ID": str(model_dir), "KV_CACHE_CPU_BYTES": "4MiB", "KV_CACHE_BLOCK_SIZE": "8",
+        "DTYPE": "float32",  # transformers' fp32 is the oracle (auto picks bf16 on CPUs with native bf16)
+        **env,
+    }  # fmt: skip
     return Engine(EngineConfig.from_env(environ, device=device))
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from model_handler.config import EngineConfig, default_graph_sizes
+from model_handler.config import DTYPES, EngineConfig, auto_cpu_dtype, default_graph_sizes
+from model_handler.cpu_features import has_native_bf16
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,22 @@ def from_env(model_dir: Path, device: str = "cpu", **env: str) -> EngineConfig:
     return EngineConfig.from_env({"HF_MODEL_ID": str(model_dir), **env}, device=device)
 
 
+def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_computes_it_natively():
+    assert auto_cpu_dtype(True) == "bfloat16"
+    assert auto_cpu_dtype(False) == "float32"
+    assert isinstance(has_native_bf16(), bool)
+
+
+def test_explicit_dtype_wins_over_auto_on_cpu(model_dir):
+    assert from_env(model_dir, DTYPE="float32").dtype == "float32"
+    assert from_env(model_dir, DTYPE="bfloat16").dtype == "bfloat16"
+
+
 def test_cpu_defaults(model_dir):
     config = from_env(model_dir)
     assert config.model_dir == model_dir and config.model_id == str(model_dir)
-    assert config.dtype == "float32" and config.torch_dtype is torch.float32
+    assert config.dtype == auto_cpu_dtype(has_native_bf16())
+    assert config.torch_dtype is DTYPES[config.dtype]
     assert config.max_model_len == 512  # the model's own limit, below the default cap
     assert config.max_num_batched_tokens == 512
     assert config.max_num_seqs == 64
