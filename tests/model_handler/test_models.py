@@ -63,13 +63,15 @@ def test_logits_match_transformers_over_paged_steps(family, tmp_path):
     assert_matches_hf_over_paged_steps(load_fp32(tmp_path), hf_model)
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "qwen3"])
-def test_output_rows_return_those_rows_and_still_fill_the_cache(family, tmp_path):
+@pytest.mark.parametrize(("family", "backend"), [("llama_gqa", "torch"), ("qwen3", "torch"), ("llama_gqa", "triton")])
+def test_output_rows_return_those_rows_and_still_fill_the_cache(family, backend, tmp_path):
     """With `output_rows` the forward returns only those rows' hidden states (the last layer past its
     attention runs on them alone), every token's k/v still lands in the cache: the next steps, which attend
-    over it, keep matching transformers."""
+    over it, keep matching transformers. The Triton backend (interpreted here) runs the GPU's kernels, its
+    fused residual-add + RMSNorm included, on the pruned rows."""
     hf_model = save_random_model(family_config(family), tmp_path)
-    model = load_fp32(tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32, device=torch.device("cpu"),
+                       attention_backend=select_backend(torch.device("cpu"), backend))  # fmt: skip
     config = model.config
     caches = make_kv_caches(config.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads_per_rank, config.head_dim)
     batches = PagedBatches(BLOCK_SIZE, NUM_BLOCKS, seed=5)
