@@ -9,12 +9,15 @@ import torch
 
 @functools.cache
 def has_native_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX tiles, where oneDNN's bf16 matmuls run in hardware (2-3x
-    the fp32 FLOP/s on an AVX512-BF16 EPYC, bench in cpu_linear.py's docstring); elsewhere bf16 would be
+    """True on x86 CPUs with AVX512-BF16 or AMX tiles, where oneDNN's bf16 matmuls run in hardware (~2x
+    the fp32 FLOP/s on an AVX512-BF16 EPYC, see cpu_linear.py's docstring); elsewhere bf16 would be
     emulated, slower than fp32. torch's probes are private, so a build without them counts as no."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    probes = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+    )
     try:
         return any(bool(probe()) for probe in probes if probe is not None)
     except RuntimeError:
