@@ -66,6 +66,19 @@ def test_bf16_transformers_modes_ask_for_bf16() -> None:
     assert env["DTYPE"] == "float32"
 
 
+def test_each_metric_takes_its_own_best_round_for_every_server() -> None:
+    """A baseline's TTFT is its fastest round, not the TTFT of its best-throughput round; failed rounds count
+    for nothing."""
+    runs = [
+        make_run("ours", 32, 700.0, 90.0, 0), make_run("ours", 32, 600.0, 60.0, 1),
+        make_run("tf-serve-cb", 32, 200.0, 400.0, 0), make_run("tf-serve-cb", 32, 150.0, 240.0, 1),
+        make_run("tf-serve-cb", 32, 900.0, 10.0, 2, failed=1),
+    ]
+    throughput, ttft, _ = report.evaluate_targets(runs)
+    assert (throughput["ours"], throughput["baseline"]) == (700.0, 200.0)
+    assert (ttft["ours"], ttft["baseline"]) == (60.0, 240.0) and ttft["ratio"] == 0.25
+
+
 def test_targets_without_our_server_are_not_applicable() -> None:
     runs = [make_run("tf-serve", 32, 100.0, 900.0), make_run("naive", 1, 10.0, 5.0)]
     assert {t["verdict"] for t in report.evaluate_targets(runs)} == {"n/a"}
