@@ -3,9 +3,10 @@
 fp32: at serving batch sizes (1-64 rows) sgemm re-packs the weight on every call; oneDNN's packed matmul is
 1.3-1.6x faster for the 100M model's shapes on an AVX-512 EPYC (bench/engine_step.py). Tiny products stay
 on F.linear, whose per-call setup is lower. bf16 (on CPUs with native bf16 only, see cpu_features): the
-packed kernel beat F.linear at every shape measured, 1-512 rows x 128x256 to 768x6144 weights (1.1x at 512
-rows, 2-3x at one row), and runs at ~2x the fp32 FLOP/s. The packed copy is made on first use and doubles
-the CPU memory of those weights; a changed weight (new storage or an in-place write) is packed again.
+packed kernel was as fast or faster at 19 of 20 shapes measured, 1-512 rows x 128x256 to 768x6144 weights
+(1.0-1.1x at 512 rows, 1.4-2.9x at one row; slower only at 8 x 128x256, a product too small to matter), and
+runs at ~2x the fp32 FLOP/s. The packed copy is made on first use and doubles the CPU memory of those
+weights; a changed weight (new storage or an in-place write) is packed again.
 """
 from __future__ import annotations
 
