@@ -8,11 +8,17 @@ import torch
 
 
 @functools.cache
+def is_x86_with_onednn() -> bool:
+    """An x86 CPU and a torch built with oneDNN: where the packed CPU matmuls are used and tested."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+@functools.cache
 def has_native_bf16() -> bool:
     """True on x86 CPUs with AVX512-BF16 or AMX tiles, where oneDNN's bf16 matmuls run in hardware (~2x
     the fp32 FLOP/s on an AVX512-BF16 EPYC, see cpu_linear.py's docstring); elsewhere bf16 would be
     emulated, slower than fp32. torch's probes are private, so a build without them counts as no."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+    if not is_x86_with_onednn():
         return False
     probes = (
         getattr(torch.cpu, "_is_avx512_bf16_supported", None),

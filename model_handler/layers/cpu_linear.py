@@ -11,12 +11,11 @@ weights; a changed weight (new storage or an in-place write) is packed again.
 from __future__ import annotations
 
 import functools
-import platform
 
 import torch
 import torch.nn.functional as F
 
-from model_handler.cpu_features import has_native_bf16
+from model_handler.cpu_features import has_native_bf16, is_x86_with_onednn
 
 MIN_WORK = {torch.float32: 1 << 20, torch.bfloat16: 0}
 """Per dtype, rows x weight elements below which F.linear is as fast (fp32 measured: 1 x 256x1280 ties,
@@ -29,7 +28,7 @@ enabled = True
 def packed_linear_available(dtype: torch.dtype = torch.float32) -> bool:
     """oneDNN is built in and works for `dtype`, and the CPU is x86 (elsewhere its kernels are untested
     here); for bf16 the CPU must also compute bf16 natively."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+    if not is_x86_with_onednn():
         return False
     if dtype not in MIN_WORK or (dtype == torch.bfloat16 and not has_native_bf16()):
         return False
