@@ -114,6 +114,11 @@ class ServerProcess:
         return f"http://{HOST}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The server's first process (its launcher or only process); its descendants are the rest."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def command(self) -> list[str]:
         return _command(self.spec, self.model_dir, self.port, self.cb)[0]
 

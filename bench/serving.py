@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, report
+from bench import loadgen, report, server_cpu
 from bench.machine import QUIET_CPU_PERCENT, LoadMonitor, machine_info, wait_quiet
 from bench.metrics import summarize
 from bench.servers import SERVERS, CbSettings, ServerProcess, model_name_for
@@ -86,12 +86,17 @@ def measure_point(server: ServerProcess, bodies: list[dict[str, Any]], concurren
                   count_tokens: Callable[[str], int]) -> dict[str, Any]:
     load = wait_quiet(0.0 if args.no_wait_quiet else args.quiet_timeout)
     with LoadMonitor(load):
+        cpu_before = server_cpu.cpu_seconds_by_role(server.pid)
         results = loadgen.run_load_sync(server.url + "/v1/chat/completions", bodies, concurrency,
                                         args.request_timeout)
+        cpu = server_cpu.cpu_spent(cpu_before, server_cpu.cpu_seconds_by_role(server.pid))
     loadgen.fill_token_counts(results, count_tokens)
     metrics = summarize(results, concurrency)
     exact = metrics.num_ok > 0 and metrics.output_tokens_min == metrics.output_tokens_max == args.output_tokens
-    return {"metrics": metrics.to_dict(), "load": load.to_dict(), "output_tokens_exact": exact}
+    tokens = metrics.total_output_tokens
+    per_token = {role: seconds * 1e6 / tokens if tokens else None for role, seconds in cpu.items()}
+    return {"metrics": metrics.to_dict(), "load": load.to_dict(), "output_tokens_exact": exact,
+            "server_cpu_s": cpu, "server_cpu_us_per_output_token": per_token}
 
 
 def run_model(label: str, model_dir: str, args: argparse.Namespace, log_dir: Path, document: dict[str, Any]) -> None:
@@ -145,7 +150,13 @@ def _print_point(run: dict[str, Any]) -> None:
     print(f"  {run['model']} {run['server']} c={run['concurrency']} r{run['round']}: "
           f"{m['num_ok']}/{m['num_requests']} ok, {m['output_tokens_per_s']:.1f} out tok/s, "
           f"TTFT p50 {m['ttft_ms_p50']:.1f} ms, ITL p50 {m['itl_ms_p50']:.1f} ms, "
+          f"server CPU/token {_cpu_split(run['server_cpu_us_per_output_token'])}, "
           f"other CPU max {load['other_cpu_max_percent']:.0f}%{flag}{errors}", flush=True)
+
+
+def _cpu_split(per_token: dict[str, float | None]) -> str:
+    parts = [f"{role} {us:.0f} us" for role, us in per_token.items() if us]
+    return ", ".join(parts) or "-"
 
 
 def main(argv: list[str] | None = None) -> int:
