@@ -34,9 +34,9 @@ def configure_logging(environ: Mapping[str, str], process: str | None = None) ->
     static = {"process_name": process} if process else None
     handler.setFormatter(
         JsonFormatter(
-            "{asctime}{levelname}{name}{message}",
+            "{asctime}{levelname}{name}{process}{message}",
             style="{",
-            rename_fields={"levelname": "level", "asctime": "time", "name": "logger"},
+            rename_fields={"levelname": "level", "asctime": "time", "name": "logger", "process": "pid"},
             static_fields=static,
         )
     )

@@ -5,6 +5,7 @@ Bind address and worker count come from the launcher's command line (read from S
 import os
 
 from model_handler.logging_setup import parse_log_level
+from serve.metrics import mark_worker_dead
 
 worker_class = "gevent"
 worker_connections = 1000
@@ -15,6 +16,13 @@ graceful_timeout = 25
 # Idle keep-alive connections hold a graceful stop until they time out: keep them short.
 keepalive = 5
 accesslog = None
+
+
+def child_exit(_server, worker) -> None:
+    """A worker that exits (restart, stop) stops counting as in flight in /metrics."""
+    mark_worker_dead(worker.pid)
+
+
 loglevel = "warning" if parse_log_level(os.environ) > 20 else "info"
 logconfig_dict = {
     "version": 1,
@@ -22,9 +30,9 @@ logconfig_dict = {
     "formatters": {
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
-            "fmt": "{asctime}{levelname}{name}{message}",
+            "fmt": "{asctime}{levelname}{name}{process}{message}",
             "style": "{",
-            "rename_fields": {"levelname": "level", "asctime": "time", "name": "logger"},
+            "rename_fields": {"levelname": "level", "asctime": "time", "name": "logger", "process": "pid"},
             "static_fields": {"process_name": "gunicorn"},
         }
     },

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 
 from model_handler.logging_setup import configure_logging
+from serve.metrics import MULTIPROCESS_DIR_ENV
 from serve.settings import Settings
 
 logger = logging.getLogger("serve.launcher")
@@ -31,6 +32,10 @@ class Launcher:
         self._socket_dir = tempfile.mkdtemp(prefix="sm-llm-")
         self.engine_address = f"ipc://{self._socket_dir}/engine.sock"
         self._env = {**environ, "ENGINE_ADDRESS": self.engine_address}
+        metrics_dir = os.path.join(self._socket_dir, "metrics")
+        os.mkdir(metrics_dir)
+        # Every HTTP worker writes its metrics here and any of them answers /metrics with the sum (serve/metrics.py).
+        self._http_env = {**self._env, MULTIPROCESS_DIR_ENV: metrics_dir}
         self.engine: subprocess.Popen | None = None
         self.http: subprocess.Popen | None = None
         self._stopping = False
@@ -53,7 +58,7 @@ class Launcher:
                 str(self.settings.num_workers),
                 "serve.wsgi:app",
             ],
-            env=self._env,
+            env=self._http_env,
         )
         logger.info(
             "launched",

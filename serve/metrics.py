@@ -1,16 +1,21 @@
-"""Prometheus metrics of one HTTP worker under TGI's names (`tgi_request_count`, `tgi_request_duration`, ...).
+"""Prometheus metrics under TGI's names (`tgi_request_count`, `tgi_request_duration`, ...), for every HTTP worker.
 
-Counters are written by hand because TGI's exporter names them without prometheus-client's `_total`
-suffix; histograms and gauges use prometheus-client on a registry of this app alone.
+Several gunicorn workers answer `/metrics` in turn, so the values live in prometheus-client's multiprocess
+files (PROMETHEUS_MULTIPROC_DIR, set by the launcher) and any worker's reply sums them all: counters and
+histograms over every worker that ever ran, in-flight requests over live ones, engine gauges from the latest
+heartbeat any worker saw. Without the variable (an app in a test) the values are this process's own.
+TGI's counters have no `_total` suffix, which prometheus-client's Counter always adds: they are stored as
+summed gauges and declared `counter` in the exposition.
 """
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+import os
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -26,9 +31,16 @@ _COUNTERS = {
 class Metrics:
     def __init__(self) -> None:
         prometheus_client.disable_created_metrics()
+        # prometheus-client chose its value storage when it was imported, from this same variable.
+        self.multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_ENV) or None
         self.registry = CollectorRegistry(auto_describe=True)
-        self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        self._counters = {
+            name: Gauge(name, doc, ["err"] if name == "tgi_request_failure" else [], registry=self.registry,
+                        multiprocess_mode="sum")
+            for name, doc in _COUNTERS.items()
+        }  # fmt: skip
+        for kind in FAILURE_KINDS:
+            self._counters["tgi_request_failure"].labels(err=kind).inc(0)  # every kind shows, at 0 until it happens
 
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
             return Histogram(name, doc, registry=self.registry, buckets=buckets)
@@ -49,19 +61,19 @@ class Metrics:
         self.generated_tokens = hist("tgi_request_generated_tokens", "Generated tokens per request", _TOKEN_BUCKETS)
         self.input_length = hist("tgi_request_input_length", "Prompt tokens per request", _TOKEN_BUCKETS)
         self.max_new_tokens = hist("tgi_request_max_new_tokens", "Requested max new tokens", _TOKEN_BUCKETS)
-        self.queue_size = Gauge("tgi_queue_size", "Requests waiting in the engine", registry=self.registry)
-        self.batch_size = Gauge("tgi_batch_current_size", "Requests running in the engine", registry=self.registry)
-        self.free_blocks = Gauge("tgi_kv_cache_free_blocks", "Free KV cache blocks", registry=self.registry)
-        self.in_flight = Gauge("tgi_request_in_flight", "Requests this worker is serving", registry=self.registry)
+
+        def engine_gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=self.registry, multiprocess_mode="mostrecent")
+
+        self.queue_size = engine_gauge("tgi_queue_size", "Requests waiting in the engine")
+        self.batch_size = engine_gauge("tgi_batch_current_size", "Requests running in the engine")
+        self.free_blocks = engine_gauge("tgi_kv_cache_free_blocks", "Free KV cache blocks")
+        self.in_flight = Gauge("tgi_request_in_flight", "Requests the HTTP workers are serving",
+                               registry=self.registry, multiprocess_mode="livesum")
 
     def count(self, name: str, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._counters[name]
-            series[key] = series.get(key, 0.0) + 1.0
-
-    def counter_value(self, name: str, **labels: str) -> float:
-        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        gauge = self._counters[name]
+        (gauge.labels(**labels) if labels else gauge).inc()
 
     def render(self, heartbeat=None) -> bytes:
         """The exposition text; engine gauges come from the latest heartbeat when there is one."""
@@ -69,17 +81,19 @@ class Metrics:
             self.queue_size.set(heartbeat.num_waiting)
             self.batch_size.set(heartbeat.num_running)
             self.free_blocks.set(heartbeat.num_free_blocks)
-        lines: list[str] = []
-        with self._lock:
-            for name, doc in _COUNTERS.items():
-                lines.append(f"# HELP {name} {doc}")
-                lines.append(f"# TYPE {name} counter")
-                series = self._counters.get(name, {})
-                if name == "tgi_request_failure":
-                    series = {(("err", kind),): 0.0 for kind in FAILURE_KINDS} | series
-                elif not series:
-                    series = {(): 0.0}
-                for key, value in series.items():
-                    label_text = ",".join(f'{k}="{v}"' for k, v in key)
-                    lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
-        return ("\n".join(lines) + "\n").encode() + generate_latest(self.registry)
+        registry = self.registry
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)
+        text = generate_latest(registry)
+        for name in _COUNTERS:
+            text = text.replace(f"# TYPE {name} gauge\n".encode(), f"# TYPE {name} counter\n".encode())
+        return text
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a gone worker's live gauges (its in-flight count); its counters and histograms still sum."""
+    if os.environ.get(MULTIPROCESS_DIR_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
