@@ -102,3 +102,27 @@ def test_engine_death_fails_waiting_requests():
     finally:
         client.close()
         handle.stop()
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_outputs_that_queued_up_arrive_merged_in_order(client, logprobs):
+    """A reader that falls behind gets the waiting outputs as one: same tokens, logprobs still one per token."""
+    prompt, params = [1, 5, 9, 33], dict(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+    prompt_outputs = list(client.submit(_request(client, prompt, **params)))  # read as they come
+    stream = client.submit(_request(client, prompt, **params))
+    for _ in range(200):  # let the engine finish before reading anything
+        gevent.sleep(0.05)
+        if client.num_in_flight == 0:  # the reader has routed the last output
+            break
+    late_outputs = list(stream)
+    assert len(prompt_outputs) > 1 and len(late_outputs) == 1
+    late = late_outputs[0]
+    assert late.new_token_ids == [t for o in prompt_outputs for t in o.new_token_ids]
+    assert late.finished and late.finish_reason == FinishReason.LENGTH
+    assert late.num_prompt_tokens == len(prompt)
+    if logprobs is None:
+        assert late.new_logprobs is None
+    else:
+        assert [lp.token_id for lp in late.new_logprobs] == late.new_token_ids
+        expected = [lp.logprob for o in prompt_outputs for lp in o.new_logprobs]
+        assert [lp.logprob for lp in late.new_logprobs] == pytest.approx(expected, abs=1e-5)
