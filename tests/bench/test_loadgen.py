@@ -108,3 +108,18 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert percentile(values, 99) == pytest.approx(3.97)
     with pytest.raises(ValueError):
         percentile(values, 101)
+
+
+def test_a_point_records_the_server_cpu_it_cost(naive_server: ServerProcess, prompts) -> None:
+    """bench.serving's point: the server tree's CPU during the load, by role, per output token (one process: rest)."""
+    import argparse
+
+    from bench.serving import measure_point
+
+    args = argparse.Namespace(no_wait_quiet=True, quiet_timeout=0.0, request_timeout=60.0,
+                              output_tokens=OUTPUT_TOKENS)
+    point = measure_point(naive_server, _bodies(prompts), 2, args, lambda text: len(text.split()))
+    assert point["output_tokens_exact"] and point["metrics"]["total_output_tokens"] == 2 * OUTPUT_TOKENS
+    cpu, per_token = point["server_cpu_s"], point["server_cpu_us_per_output_token"]
+    assert cpu["rest"] > 0 and cpu["engine"] == 0 and cpu["http"] == 0  # generate() runs in the server's process
+    assert per_token["rest"] == pytest.approx(cpu["rest"] * 1e6 / (2 * OUTPUT_TOKENS))
