@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from flask import Response, current_app, g, request
 
@@ -29,13 +30,43 @@ def current_dialect() -> Dialect:
     return getattr(g, "dialect", Dialect.TGI)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape in U+D800-U+DFFF: a surrogate, paired (one character once decoded) or lone (no character)."""
+
+
 def read_json() -> object:
-    """The decoded body, whatever its Content-Type says (SageMaker and curl users send all kinds)."""
+    """The decoded body, whatever its Content-Type says (SageMaker and curl users send all kinds).
+
+    Rejected as unparsable, like serde (TGI) does: invalid UTF-8, a lone surrogate escape (a string no
+    tokenizer or UTF-8 reply can hold), nesting deeper than the parser's recursion limit.
+    """
     data = request.get_data(cache=True)
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(ErrorKind.BAD_JSON, str(exc)) from None
+    except RecursionError:
+        raise ApiError(ErrorKind.BAD_JSON, "recursion limit exceeded: the JSON nests too deeply") from None
+    if _SURROGATE_ESCAPE.search(data) and _has_lone_surrogate(body):
+        raise ApiError(ErrorKind.BAD_JSON, "lone surrogate in a string's \\u escape: not valid Unicode") from None
+    return body
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

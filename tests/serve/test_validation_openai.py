@@ -56,10 +56,24 @@ def test_bad_chat_bodies_are_400_and_never_queued(scripted, make_client, body, p
     assert scripted.submitted == []
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [
+    b"{not json", b"", b"\xff\xfe",
+    b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',  # a lone surrogate: no character at all
+    b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}',
+    b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}",  # deeper than the parser's recursion limit
+])
 def test_invalid_json_is_400(scripted, make_client, raw):
     reply = make_client(scripted).post(CHAT, data=raw, content_type="application/json")
     _error(reply, 400, code="invalid_json")
+    assert scripted.submitted == []
+
+
+def test_paired_surrogate_escapes_are_one_character(scripted, make_client, tokenizer):
+    body = b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}], "max_tokens": 2}'
+    reply = make_client(scripted).post(CHAT, data=body, content_type="application/json")
+    assert reply.status_code == 200, reply.data
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "smile \U0001F600"}])
+    assert scripted.submitted[0].prompt_token_ids == tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def test_edges_of_the_ranges_and_unknown_fields_are_accepted(scripted, make_client):

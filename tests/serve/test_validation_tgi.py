@@ -54,8 +54,9 @@ def test_tgi_body_errors(scripted, make_client, body, message):
     assert message in _tgi_error(reply, 422)
 
 
-def test_invalid_json_is_400_in_tgi_shape(scripted, make_client):
-    reply = make_client(scripted).post("/generate", data=b"{oops", content_type="application/json")
+@pytest.mark.parametrize("raw", [b"{oops", b'{"inputs": "\\ud800"}', b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"])
+def test_invalid_json_is_400_in_tgi_shape(scripted, make_client, raw):
+    reply = make_client(scripted).post("/generate", data=raw, content_type="application/json")
     assert _tgi_error(reply, 400).startswith("Failed to parse the request body as JSON: ")
 
 
