@@ -128,8 +128,9 @@ class _SamplingFields(_Body):
             max_tokens=max_tokens,
             min_tokens=self.min_tokens or 0,
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            # top_p=0 (OpenAI allows it) keeps only the most likely token: top-k 1 says so to the engine.
+            top_p=1.0 if not self.top_p else self.top_p,
+            top_k=1 if self.top_p == 0 else self.top_k or 0,
             seed=seed,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             frequency_penalty=self.frequency_penalty or 0.0,

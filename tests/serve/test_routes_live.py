@@ -179,3 +179,15 @@ def test_engine_death_mid_generation_fails_the_requests_and_health(make_client):
     finally:
         engine.close()
         handle.stop()
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(live_client):
+    """OpenAI accepts top_p=0 (TGI's 0 < top_p < 1 does not apply on /v1): sampling from the top token alone."""
+    client = live_client()
+    greedy = client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 8, "temperature": 0}).get_json()
+    for route_body in ({"temperature": 1.0, "top_p": 0}, {"temperature": 1.5, "top_p": 0.0, "seed": 3}):
+        reply = client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 8, **route_body})
+        assert reply.status_code == 200, reply.data
+        assert _content(reply.get_json()) == _content(greedy)
+    completion = client.post("/v1/completions", json={"prompt": "Deep learning", "max_tokens": 4, "top_p": 0})
+    assert completion.status_code == 200, completion.data
