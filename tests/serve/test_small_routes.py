@@ -41,6 +41,17 @@ def test_tokenize_gives_byte_offsets(scripted, make_client, tokenizer):
     tokens = client.post("/tokenize", json={"inputs": "é😀"}).get_json()
     assert [t["id"] for t in tokens] == tokenizer.encode("é😀", add_special_tokens=True)
     assert tokens[0]["start"] == 0 and tokens[-1]["stop"] == len("é😀".encode())
+    # Every token's offsets, against counting the UTF-8 bytes of the text before it; the multi-byte characters
+    # split into several byte-level tokens that share one character's span.
+    text = "héllo wörld, 日本語 😀😀 and plain ascii " * 3
+    encoding = tokenizer.backend.encode(text, add_special_tokens=True)
+    expected = [
+        {"id": i, "text": text[a:b], "start": len(text[:a].encode()), "stop": len(text[:b].encode())}
+        for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)
+    ]
+    offsets = encoding.offsets
+    assert any(after[0] < before[1] for before, after in zip(offsets, offsets[1:]))  # spans that step back
+    assert client.post("/tokenize", json={"inputs": text}).get_json() == expected
     chat = client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).get_json()
     assert chat["templated_text"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert [t["id"] for t in chat["tokenize_response"]] == tokenizer.encode(chat["templated_text"], False)
