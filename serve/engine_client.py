@@ -202,11 +202,19 @@ class EngineClient:
                 if message.info is not None:
                     self._info = message.info
 
+    def _messages_waiting(self) -> bool:
+        """Messages the reader has not taken yet: the engine spoke, this worker was busy (a long blocking call
+        held the hub), so the silence is ours, not the engine's."""
+        try:
+            return bool(self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        except zmq.ZMQError:
+            return False
+
     def _watch_heartbeats(self) -> None:
         """Fail every waiting request once the engine has been silent too long, instead of hanging them."""
         while not self._closed:
             gevent.sleep(1.0)
-            if self._streams and self._last_seen and not self.is_alive():
+            if self._streams and self._last_seen and not self.is_alive() and not self._messages_waiting():
                 logger.error("engine stopped sending heartbeats; failing in-flight requests")
                 streams, self._streams = self._streams, {}
                 for stream in streams.values():

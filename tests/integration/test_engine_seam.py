@@ -126,3 +126,19 @@ def test_outputs_that_queued_up_arrive_merged_in_order(client, logprobs):
         assert [lp.token_id for lp in late.new_logprobs] == late.new_token_ids
         expected = [lp.logprob for o in prompt_outputs for lp in o.new_logprobs]
         assert [lp.logprob for lp in late.new_logprobs] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
+    """A hub blocked past the heartbeat timeout (a long tokenization, say) finds heartbeats waiting: the
+    in-flight request goes on instead of failing with EngineDeadError."""
+    import time
+
+    client = EngineClient(engine.address, heartbeat_timeout_s=1.0)
+    try:
+        assert client.wait_ready(30)
+        stream = client.submit(_request(client, [1, 5, 9, 33], max_tokens=40, temperature=0.0, ignore_eos=True))
+        time.sleep(2.5)  # not gevent's: nothing in this worker runs, the engine keeps sending
+        tokens = [t for output in stream for t in output.new_token_ids]
+        assert len(tokens) == 40
+    finally:
+        client.close()
