@@ -22,6 +22,9 @@ from serve.tokenizer import TextTokenizer
 
 blueprint = Blueprint("openai", __name__)
 
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+"""`max_tokens` of a completion that names none (OpenAI's documented default; chat has none and fills the context)."""
+
 
 @blueprint.post("/v1/chat/completions")
 def chat_completions_route() -> Response:
@@ -109,6 +112,8 @@ def handle_completions(body: object) -> Response:
     specs = []
     for ids in prompt_ids:
         max_tokens = resolve_max_new_tokens(len(ids), req.max_tokens, limits, Dialect.OPENAI, "prompt")
+        if req.max_tokens is None:  # OpenAI's (and vLLM's) default for completions, where the context has room
+            max_tokens = min(max_tokens, max(COMPLETION_DEFAULT_MAX_TOKENS, req.min_tokens or 0))
         specs += [SequenceSpec(ids, req.to_sampling_params(max_tokens, c), req.seed) for c in range(req.num_choices)]
     record.prompt_tokens = sum(len(ids) for ids in prompt_ids)
     job = state.start_job(record, specs, req.stop_list, include_stop=False)

@@ -163,3 +163,17 @@ def test_engine_not_ready_is_503_not_queued(scripted, make_client):
     _error(client.post(CHAT, json={"messages": MESSAGES}), 503)
     assert client.get("/ping").status_code == 503
     assert scripted.submitted == []
+
+
+def test_completions_without_max_tokens_get_openais_default_16(scripted, make_client):
+    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    for body in ({"prompt": "hi"}, {"prompt": "hi", "max_tokens": None}, {"prompt": [5, 6, 7]}):
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert scripted.submitted[-1].sampling_params.max_tokens == 16
+    client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20})
+    assert scripted.submitted[-1].sampling_params.max_tokens == 20  # never below min_tokens
+    client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 40})
+    assert scripted.submitted[-1].sampling_params.max_tokens == 40
+    long_prompt = list(range(5, 5 + 56))  # a 64-token context: 8 left
+    assert client.post("/v1/completions", json={"prompt": long_prompt}).status_code == 200
+    assert scripted.submitted[-1].sampling_params.max_tokens == 8
