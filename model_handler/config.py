@@ -40,7 +40,13 @@ class EngineConfig:
     dtype: str = "float32"
     max_model_len: int = 2048
     max_num_batched_tokens: int = 2048
-    """Token budget of one step, shared by decodes and prefill chunks (MAX_BATCH_PREFILL_TOKENS)."""
+    """Prompt tokens one step may compute (MAX_BATCH_PREFILL_TOKENS, as TGI counts it); the decodes of up to
+    max_num_seqs running sequences come on top, so a step has at most the sum of both rows."""
+
+    @property
+    def max_step_tokens(self) -> int:
+        """The most rows one step's forward can have: the prompt budget plus a decode for every other sequence."""
+        return self.max_num_batched_tokens + self.max_num_seqs - 1
     max_num_seqs: int = 64
     block_size: int = 16
     kv_cache_cpu_bytes: int = DEFAULT_KV_CACHE_CPU_BYTES
@@ -84,15 +90,7 @@ class EngineConfig:
         max_num_batched_tokens = _int(
             environ, "MAX_BATCH_PREFILL_TOKENS", DEFAULT_MAX_BATCHED_TOKENS[kind], minimum=1
         )
-        # Every running sequence must be able to decode in every step, so the batch fits the token budget.
-        max_num_seqs = _int(
-            environ, "MAX_BATCH_SIZE", min(DEFAULT_MAX_NUM_SEQS[kind], max_num_batched_tokens), minimum=1
-        )
-        if max_num_seqs > max_num_batched_tokens:
-            raise ValueError(
-                f"MAX_BATCH_SIZE={max_num_seqs} is larger than MAX_BATCH_PREFILL_TOKENS={max_num_batched_tokens}: "
-                "each running sequence needs one token of the step budget"
-            )
+        max_num_seqs = _int(environ, "MAX_BATCH_SIZE", DEFAULT_MAX_NUM_SEQS[kind], minimum=1)
         block_size = _int(environ, "KV_CACHE_BLOCK_SIZE", 16, minimum=1)
         if block_size & (block_size - 1) or block_size > 256:
             raise ValueError(f"KV_CACHE_BLOCK_SIZE={block_size} must be a power of two no larger than 256")

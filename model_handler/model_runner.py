@@ -137,7 +137,7 @@ class ModelRunner:
             return num_blocks
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        scratch_bytes = self._warm_up(config.max_num_batched_tokens, num_seqs=config.max_num_seqs)
+        scratch_bytes = self._warm_up(config.max_step_tokens, num_seqs=config.max_num_seqs)
         self._warm_up(1, num_seqs=1)  # one-row linears: each weight shape's kernel is timed and chosen now
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()

@@ -1,7 +1,9 @@
 """Scheduler: which sequences run in the next step and how many tokens each computes.
 
-One token budget per step is shared by decodes (one token each, scheduled first) and prefill chunks,
-so a long prompt is split over several steps while the others keep decoding in the same steps. When
+Every running sequence that decodes gets its one token in every step (at most max_num_seqs of them); the
+prefill token budget (TGI's MAX_BATCH_PREFILL_TOKENS: prompt tokens only) is filled with prompt chunks on top,
+so a long prompt is split over several steps while the others keep decoding in the same steps, and the
+number of decodes running never shrinks how much prompt a step computes. When
 KV blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to
 the front of the waiting queue, to be recomputed from its tokens later.
 """
@@ -94,8 +96,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens  # prompt tokens; decodes come on top of it
         scheduled: dict[int, ScheduledSequence] = {}  # id(seq) -> entry, in scheduling order
+        charged: dict[int, int] = {}  # id(seq) -> prompt tokens of the budget its entry took
         # Decodes first (one token each), then running prefill chunks, oldest first within each group. A
         # sequence whose pending token is its last (async scheduling) only waits for that token to be read.
         order = [
@@ -106,14 +109,15 @@ class Scheduler:
         ]
         order += [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in order:
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
-                continue  # preempted earlier in this loop, or out of budget
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            decodes = remaining == 1
+            if seq.status is not SequenceStatus.RUNNING or (budget == 0 and not decodes):
+                continue  # preempted earlier in this loop, or no prompt budget left
+            num_new = 1 if decodes else min(remaining, budget)
             while not self.block_manager.can_append(seq, num_new):
                 victim = self.running[-1]
-                entry = scheduled.pop(id(victim), None)
-                if entry is not None:
-                    budget += entry.num_new_tokens
+                if scheduled.pop(id(victim), None) is not None:
+                    budget += charged.pop(id(victim), 0)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -122,7 +126,9 @@ class Scheduler:
                 continue
             self.block_manager.may_append(seq, num_new)
             scheduled[id(seq)] = ScheduledSequence.of(seq, num_new)
-            budget -= num_new
+            if not decodes:
+                charged[id(seq)] = num_new
+                budget -= num_new
         # New requests join only when nothing had to be preempted: otherwise they would thrash.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -137,7 +143,7 @@ class Scheduler:
             scheduled[id(seq)] = ScheduledSequence.of(seq, num_new)
             budget -= num_new
         out.scheduled = list(scheduled.values())
-        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        out.num_batched_tokens = sum(entry.num_new_tokens for entry in out.scheduled)
         return out
 
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:

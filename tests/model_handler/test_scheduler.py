@@ -60,17 +60,30 @@ def test_long_prompt_is_chunked_while_others_keep_decoding():
     run_step(scheduler)
     (long,) = add_requests(scheduler, create_requests(1, prompt_len=20, max_tokens=2))
     chunks = []
-    for _ in range(4):
+    for _ in range(3):
         out, sampled = run_step(scheduler)
         new = num_new_tokens(out)
-        # Decodes are scheduled first, every step; the prompt gets what is left of the budget.
+        # Decodes run every step on top of the prompt budget (TGI's MAX_BATCH_PREFILL_TOKENS counts prompt
+        # tokens only), so the prompt gets the whole budget however many sequences decode.
         assert new[a.request_id] == 1 and new[b.request_id] == 1
-        assert out.num_batched_tokens <= 8
         chunks.append(new[long.request_id])
+        assert out.num_batched_tokens == 2 + chunks[-1]
         assert (long in sampled) == (sum(chunks) == 20)
-    assert chunks == [6, 6, 6, 2]
+    assert chunks == [8, 8, 4]
     assert long.num_output_tokens == 1
-    assert a.num_output_tokens == 5
+    assert a.num_output_tokens == 4
+
+
+def test_many_decodes_never_shrink_the_prompt_budget():
+    scheduler = create_scheduler(max_num_batched_tokens=4, max_num_seqs=8)
+    decoding = add_requests(scheduler, create_requests(6, prompt_len=2, max_tokens=30))
+    while any(s.num_output_tokens == 0 for s in decoding):
+        run_step(scheduler)
+    (prompt,) = add_requests(scheduler, create_requests(1, prompt_len=10, max_tokens=2))
+    out, _ = run_step(scheduler)
+    new = num_new_tokens(out)
+    assert all(new[s.request_id] == 1 for s in decoding)  # six decodes: more than the budget itself
+    assert new[prompt.request_id] == 4 and out.num_batched_tokens == 10 and not out.is_decode_only
 
 
 def test_budget_smaller_than_a_prompt_with_nothing_else_running():
