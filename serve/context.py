@@ -48,7 +48,7 @@ def read_json() -> object:
     except RecursionError:
         raise ApiError(ErrorKind.BAD_JSON, "recursion limit exceeded: the JSON nests too deeply") from None
     if _SURROGATE_ESCAPE.search(data) and _has_lone_surrogate(body):
-        raise ApiError(ErrorKind.BAD_JSON, "lone surrogate in a string's \\u escape: not valid Unicode") from None
+        raise ApiError(ErrorKind.BAD_JSON, "lone surrogate in a string's \\u escape: not valid Unicode")
     return body
 
 
