@@ -1,6 +1,8 @@
 """The seam between HTTP workers and the engine process: a real engine process and a real EngineClient."""
 from __future__ import annotations
 
+import time
+
 import gevent
 import pytest
 
@@ -131,8 +133,6 @@ def test_outputs_that_queued_up_arrive_merged_in_order(client, logprobs):
 def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
     """A hub blocked past the heartbeat timeout (a long tokenization, say) finds heartbeats waiting: the
     in-flight request goes on instead of failing with EngineDeadError."""
-    import time
-
     client = EngineClient(engine.address, heartbeat_timeout_s=1.0)
     try:
         assert client.wait_ready(30)
