@@ -114,4 +114,7 @@ def test_metrics_are_the_same_from_either_worker(two_workers):
         assert _value(text, "tgi_request_generated_tokens_count") == generations - 1
         assert _value(text, "tgi_request_generated_tokens_sum") == (generations - 1) * MAX_TOKENS
         assert _value(text, "tgi_request_in_flight") == 0
-        assert _value(text, "tgi_batch_current_size") == 0
+    # Engine gauges come from heartbeats (every 0.5 s): after two of them every worker reports the idle engine.
+    time.sleep(1.2)
+    for text in [_scrape(two_workers) for _ in range(6)]:
+        assert _value(text, "tgi_batch_current_size") == 0 and _value(text, "tgi_queue_size") == 0
