@@ -12,6 +12,8 @@ from typing import Any
 from serve.errors import ApiError, ErrorKind
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+OFFLOAD_CHARS = 20_000
+"""Texts at least this long are tokenized off the gevent hub (~10 ms of tokenizing and up)."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -65,11 +67,25 @@ class TextTokenizer:
     # ---- text -> ids ------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encoding(text, add_special_tokens).ids
+
+    def _encoding(self, text: str, add_special_tokens: bool) -> Any:
+        """The Rust tokenizer's Encoding; a long text is encoded in gevent's native thread pool.
+
+        `Tokenizer.encode` holds the GIL throughout (0.5 s for 1 MB of text: every stream of this worker would
+        stall); `encode_batch` releases it, so from a native thread the hub keeps serving meanwhile.
+        """
+        if len(text) < OFFLOAD_CHARS:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens)
+        import gevent
+
+        return gevent.get_hub().threadpool.apply(
+            lambda: self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        )
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, str, int, int]]:
         """(id, text, start, stop) per token; offsets are UTF-8 byte offsets into `text`, as TGI's /tokenize."""
-        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        encoding = self._encoding(text, add_special_tokens)
         out = []
         # Character offsets to byte offsets by counting only the bytes between one offset and the next
         # (re-encoding every prefix was quadratic: 12 s for a 1 MB input). Offsets mostly grow; they step

@@ -112,3 +112,31 @@ def test_the_http_side_stays_torch_free_with_the_tokenizer_loaded(tiny_model_dir
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_long_text_is_tokenized_without_stopping_the_other_greenlets(tokenizer):
+    """Megabytes of prompt are tokenized in a native thread with the GIL released: the worker's other streams go
+    on meanwhile (`Tokenizer.encode` would hold the hub for the whole encode)."""
+    import gevent
+
+    from serve.tokenizer import OFFLOAD_CHARS
+
+    text = "héllo wörld, tokenizers " * 80_000  # ~2M characters
+    assert len(text) >= OFFLOAD_CHARS
+    ticks = []
+
+    def other_stream() -> None:
+        while True:
+            ticks.append(1)
+            gevent.sleep(0.002)
+
+    ticker = gevent.spawn(other_stream)
+    gevent.sleep(0.01)
+    before = len(ticks)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    during = len(ticks) - before
+    ticker.kill()
+    assert ids == tokenizer.backend.encode(text, add_special_tokens=False).ids
+    assert during >= 5, f"the hub ran other greenlets {during} times while tokenizing"
+    offsets = tokenizer.encode_with_offsets(text[:OFFLOAD_CHARS + 10], add_special_tokens=True)
+    assert [o[0] for o in offsets] == tokenizer.backend.encode(text[:OFFLOAD_CHARS + 10], add_special_tokens=True).ids
