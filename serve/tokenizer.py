@@ -9,6 +9,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
+import gevent
+
 from serve.errors import ApiError, ErrorKind
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -77,8 +79,6 @@ class TextTokenizer:
         """
         if len(text) < OFFLOAD_CHARS:
             return self.backend.encode(text, add_special_tokens=add_special_tokens)
-        import gevent
-
         return gevent.get_hub().threadpool.apply(
             lambda: self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
         )

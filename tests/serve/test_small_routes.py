@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 
+import gevent
+
+from serve.tokenizer import OFFLOAD_CHARS
 from tests.openai_schema import validate
 
 
@@ -117,10 +120,6 @@ def test_the_http_side_stays_torch_free_with_the_tokenizer_loaded(tiny_model_dir
 def test_a_long_text_is_tokenized_without_stopping_the_other_greenlets(tokenizer):
     """Megabytes of prompt are tokenized in a native thread with the GIL released: the worker's other streams go
     on meanwhile (`Tokenizer.encode` would hold the hub for the whole encode)."""
-    import gevent
-
-    from serve.tokenizer import OFFLOAD_CHARS
-
     text = "héllo wörld, tokenizers " * 80_000  # ~2M characters
     assert len(text) >= OFFLOAD_CHARS
     ticks = []
