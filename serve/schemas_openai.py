@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from model_handler.sampling_params import SamplingParams
-from serve.errors import unsupported, validation
+from serve.errors import ApiError, ErrorKind, unsupported, validation
 from serve.schemas import check_openai_range, normalize_stop
 from serve.settings import Settings
 
@@ -37,6 +37,10 @@ class ImagePart(_Body):
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+_CONTENT_OPTIONAL = frozenset({"assistant", "function"})
+"""Roles whose messages may come without content (an assistant turn of tool calls); the others need it."""
 
 
 class ChatMessage(_Body):
@@ -154,6 +158,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check(self, settings: Settings) -> None:
         self._check_common(settings)
+        for index, message in enumerate(self.messages):
+            if message.content is None and message.role not in _CONTENT_OPTIONAL:
+                where = f"messages.{index}.content"  # OpenAI requires it, TGI fails to deserialize without it
+                raise ApiError(ErrorKind.DESERIALIZE, f"Missing required parameter: '{where}'.", where)
         check_openai_range("top_logprobs", self.top_logprobs, 0, settings.max_top_n_tokens)
         if self.top_logprobs and not self.logprobs:
             raise validation("Invalid 'top_logprobs': 'logprobs' must be set to true to use it.", "top_logprobs")
