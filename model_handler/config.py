@@ -40,8 +40,8 @@ class EngineConfig:
     dtype: str = "float32"
     max_model_len: int = 2048
     max_num_batched_tokens: int = 2048
-    """Prompt tokens one step may compute (MAX_BATCH_PREFILL_TOKENS, as TGI counts it); the decodes of up to
-    max_num_seqs running sequences come on top, so a step has at most the sum of both rows."""
+    """Prompt tokens one step may compute (MAX_BATCH_PREFILL_TOKENS, as TGI counts it); the running
+    sequences' decodes come on top (see max_step_tokens)."""
     max_num_seqs: int = 64
     block_size: int = 16
     kv_cache_cpu_bytes: int = DEFAULT_KV_CACHE_CPU_BYTES

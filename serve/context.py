@@ -32,6 +32,7 @@ def current_dialect() -> Dialect:
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 """A JSON escape in U+D800-U+DFFF: a surrogate, paired (one character once decoded) or lone (no character)."""
+_TOO_DEEP = "recursion limit exceeded: the JSON nests too deeply"
 
 
 def read_json() -> object:
@@ -46,27 +47,15 @@ def read_json() -> object:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(ErrorKind.BAD_JSON, str(exc)) from None
     except RecursionError:
-        raise ApiError(ErrorKind.BAD_JSON, "recursion limit exceeded: the JSON nests too deeply") from None
-    if _SURROGATE_ESCAPE.search(data) and _has_lone_surrogate(body):
-        raise ApiError(ErrorKind.BAD_JSON, "lone surrogate in a string's \\u escape: not valid Unicode")
+        raise ApiError(ErrorKind.BAD_JSON, _TOO_DEEP) from None
+    if _SURROGATE_ESCAPE.search(data):  # rare (escaped emoji): then check that every string is valid UTF-8
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(ErrorKind.BAD_JSON, "lone surrogate in a string's \\u escape: not valid Unicode") from None
+        except RecursionError:
+            raise ApiError(ErrorKind.BAD_JSON, _TOO_DEEP) from None
     return body
-
-
-def _has_lone_surrogate(value: object) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -13,7 +13,7 @@ import os
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import multiprocess
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -84,7 +84,7 @@ class Metrics:
         registry = self.registry
         if self.multiprocess_dir:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.multiprocess_dir)
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
         text = generate_latest(registry)
         for name in _COUNTERS:
             text = text.replace(f"# TYPE {name} gauge\n".encode(), f"# TYPE {name} counter\n".encode())
@@ -94,6 +94,4 @@ class Metrics:
 def mark_worker_dead(pid: int) -> None:
     """Drop a gone worker's live gauges (its in-flight count); its counters and histograms still sum."""
     if os.environ.get(MULTIPROCESS_DIR_ENV):
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(pid)
