@@ -1,5 +1,6 @@
 """The native-bf16 probe against the kernel's own CPU flags, so a broken probe fails instead of quietly turning
-the bf16 tests into skips and the CPU default into fp32."""
+the CPU default into fp32 and the bf16 linears back to F.linear. The flags come from /proc/cpuinfo, which only
+Linux has (CI and the container are Linux); elsewhere there is no oracle to check against."""
 from __future__ import annotations
 
 import platform
