@@ -5,6 +5,7 @@ Bind address and worker count come from the launcher's command line (read from S
 import os
 
 from model_handler.logging_setup import parse_log_level
+from serve.admission import ADMISSION_FILE_ENV, forget_worker
 from serve.metrics import mark_worker_dead
 
 worker_class = "gevent"
@@ -19,8 +20,10 @@ accesslog = None
 
 
 def child_exit(_server, worker) -> None:
-    """A worker that exits (restart, stop) stops counting as in flight in /metrics."""
+    """A worker that exits (restart, stop, crash) stops counting as in flight, in /metrics and for admission."""
     mark_worker_dead(worker.pid)
+    if os.environ.get(ADMISSION_FILE_ENV):
+        forget_worker(os.environ[ADMISSION_FILE_ENV], worker.pid)
 
 
 loglevel = "warning" if parse_log_level(os.environ) > 20 else "info"

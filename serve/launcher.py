@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 
 from model_handler.logging_setup import configure_logging
+from serve.admission import ADMISSION_FILE_ENV, create_table
 from serve.metrics import MULTIPROCESS_DIR_ENV
 from serve.settings import Settings
 
@@ -35,7 +36,10 @@ class Launcher:
         metrics_dir = os.path.join(self._socket_dir, "metrics")
         os.mkdir(metrics_dir)
         # Every HTTP worker writes its metrics here and any of them answers /metrics with the sum (serve/metrics.py).
-        self._http_env = {**self._env, MULTIPROCESS_DIR_ENV: metrics_dir}
+        # MAX_CONCURRENT_REQUESTS is counted for every worker together in this table (serve/admission.py).
+        admission_file = os.path.join(self._socket_dir, "admission")
+        create_table(admission_file, settings.num_workers)
+        self._http_env = {**self._env, MULTIPROCESS_DIR_ENV: metrics_dir, ADMISSION_FILE_ENV: admission_file}
         self.engine: subprocess.Popen | None = None
         self.http: subprocess.Popen | None = None
         self._stopping = False

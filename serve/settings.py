@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from model_handler.logging_setup import parse_log_level
+from serve.admission import ADMISSION_FILE_ENV
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -47,6 +48,7 @@ class Settings:
     cors_allow_origins: tuple[str, ...] = ()
     served_model_name: str | None = None
     engine_address: str | None = None
+    admission_file: str | None = None
     log_level: int = logging.INFO
     compute_type: str = "gpu+optimized"
 
@@ -81,14 +83,10 @@ class Settings:
             cors_allow_origins=tuple(o.strip() for o in origins.split(",") if o.strip()) if origins else (),
             served_model_name=env.raw("SERVED_MODEL_NAME"),
             engine_address=env.raw("ENGINE_ADDRESS"),
+            admission_file=env.raw(ADMISSION_FILE_ENV),
             log_level=parse_log_level(environ),
             compute_type=env.raw("COMPUTE_TYPE") or "gpu+optimized",
         )
-
-    @property
-    def max_concurrent_per_worker(self) -> int:
-        """MAX_CONCURRENT_REQUESTS is for the whole server; each worker admits its share."""
-        return max(1, -(-self.max_concurrent_requests // self.num_workers))
 
     def token_limits(self, max_model_len: int) -> TokenLimits:
         """The limits for a model with this context length; unset ones default to it (TGI's rule)."""

@@ -16,6 +16,7 @@ import gevent
 
 from model_handler.request import EngineRequest
 from model_handler.sampling_params import SamplingParams
+from serve.admission import admission_for
 from serve.engine_client import EngineDeadError
 from serve.errors import ApiError, ErrorKind
 from serve.generation import Finish, Generation, Update, merge
@@ -52,7 +53,8 @@ class ServeState:
         self._limits: TokenLimits | None = None
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # held for the ~1 s tokenizer load only
-        self._in_flight = 0
+        self._in_flight = 0  # this worker's, for /metrics; the admission counts the whole server's
+        self._admission = admission_for(settings.max_concurrent_requests, settings.admission_file)
 
     # ---- engine and model ----------------------------------------------------------------------
 
@@ -128,13 +130,13 @@ class ServeState:
         self, record: RequestRecord, specs: list[SequenceSpec], stops: list[str], include_stop: bool
     ) -> Job:
         """Admit and submit; 503 unless the engine is ready now (the tokenizer, once loaded, no longer asks);
-        429 when this worker already serves its share of MAX_CONCURRENT_REQUESTS."""
+        429 when the server (every worker together) already serves MAX_CONCURRENT_REQUESTS."""
         tokenizer = self.tokenizer()
         if not self.engine.is_ready():  # a dead engine would only fail the request after the heartbeat timeout
             raise ApiError(ErrorKind.NOT_READY, "the model is not ready")
+        if not self._admission.try_acquire():
+            raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded")
         with self._lock:
-            if self._in_flight >= self.settings.max_concurrent_per_worker:
-                raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded")
             self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         record.validated_at = time.monotonic()
@@ -160,6 +162,7 @@ class ServeState:
         return Job(self, record, generations)
 
     def _release(self) -> None:
+        self._admission.release()
         with self._lock:
             self._in_flight -= 1
         self.metrics.in_flight.set(self._in_flight)

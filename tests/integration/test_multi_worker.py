@@ -1,10 +1,12 @@
 """WEB_CONCURRENCY=2: two gunicorn workers in front of one engine process.
 
 Both workers serve generations, `/metrics` gives the same totals whichever worker answers the scrape, and the
-benchmark's per-role CPU accounting (bench/server_cpu.py) finds the engine and both workers.
+benchmark's per-role CPU accounting (bench/server_cpu.py) finds the engine and both workers, and
+MAX_CONCURRENT_REQUESTS holds for the two together.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
@@ -118,3 +120,50 @@ def test_metrics_are_the_same_from_either_worker(two_workers):
     time.sleep(1.2)
     for text in [_scrape(two_workers) for _ in range(6)]:
         assert _value(text, "tgi_batch_current_size") == 0 and _value(text, "tgi_queue_size") == 0
+
+
+@pytest.fixture(scope="module")
+def two_workers_four_requests():
+    server = start_server({"WEB_CONCURRENCY": "2", "MAX_CONCURRENT_REQUESTS": "4", "LOG_LEVEL": "INFO"})
+    yield server
+    server.stop()
+
+
+def _open_stream(server: LiveServer) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streamed chat on its own connection, as long as the context allows; the caller reads at its leisure."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"messages": [{"role": "user", "content": "hold"}], "stream": True, "max_tokens": 1900, "ignore_eos": True}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    return connection, connection.getresponse()
+
+
+def _hold_streams(server: LiveServer, count: int) -> list[tuple[http.client.HTTPConnection, http.client.HTTPResponse]]:
+    streams = [_open_stream(server) for _ in range(count)]
+    for _, reply in streams:
+        assert reply.status == 200, reply.read()
+        assert reply.readline().startswith(b"data: ")  # admitted and generating
+    return streams
+
+
+def _wait_idle(server: LiveServer, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _value(_scrape(server), "tgi_request_in_flight") != 0:
+        assert time.monotonic() < deadline, "aborted streams still count as in flight"
+        time.sleep(0.1)
+
+
+def test_the_concurrency_limit_is_for_the_whole_server(two_workers_four_requests):
+    """MAX_CONCURRENT_REQUESTS=4 over two workers: four streams are admitted wherever the kernel sends them (a
+    per-worker share of 2 refused some), a fifth is 429 whichever worker takes it, and closed streams free their
+    places."""
+    server = two_workers_four_requests
+    for attempt in range(3):  # the kernel picks the workers anew each time
+        streams = _hold_streams(server, 4)
+        for _ in range(2):
+            status, error = _post(server, "/v1/chat/completions",
+                                  {"messages": [{"role": "user", "content": "one more"}], "max_tokens": 1})
+            assert status == 429, (attempt, status, error)
+            assert error["error"]["type"] == "rate_limit_error" and error["error"]["code"] == "overloaded"
+        for connection, _ in streams:
+            connection.close()
+        _wait_idle(server)

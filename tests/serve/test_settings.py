@@ -74,6 +74,7 @@ def test_other_settings_are_read():
             "ENGINE_ADDRESS": "ipc:///tmp/x.sock",
             "WEB_CONCURRENCY": "3",
             "MAX_CONCURRENT_REQUESTS": "10",
+            "SERVE_ADMISSION_FILE": "/tmp/x/admission",
         }
     )
     assert settings.api_key == "secret"
@@ -81,7 +82,8 @@ def test_other_settings_are_read():
     assert settings.served_model_name == "my-model"
     assert settings.engine_address == "ipc:///tmp/x.sock"
     assert settings.num_workers == 3
-    assert settings.max_concurrent_per_worker == 4  # 10 over 3 workers, rounded up
+    assert settings.max_concurrent_requests == 10  # for the whole server, counted in the launcher's table
+    assert settings.admission_file == "/tmp/x/admission"
 
 
 def test_token_limits_default_to_the_engine_context():
