@@ -157,6 +157,9 @@ def test_the_concurrency_limit_is_for_the_whole_server(two_workers_four_requests
     per-worker share of 2 refused some), a fifth is 429 whichever worker takes it, and closed streams free their
     places."""
     server = two_workers_four_requests
+    with urllib.request.urlopen(server.url + "/info", timeout=10) as reply:
+        info = json.loads(reply.read())
+    assert (info["validation_workers"], info["max_concurrent_requests"]) == (2, 4)  # as the launcher passed them on
     for attempt in range(3):  # the kernel picks the workers anew each time
         streams = _hold_streams(server, 4)
         for _ in range(2):

@@ -97,3 +97,13 @@ def test_token_limits_default_to_the_engine_context():
         Settings.from_env({"MAX_TOTAL_TOKENS": "4096"}).token_limits(2048)
     with pytest.raises(ValueError, match="MAX_INPUT_TOKENS"):
         Settings.from_env({"MAX_INPUT_TOKENS": "4096"}).token_limits(2048)
+
+
+def test_two_http_workers_by_default_where_nvidia_gpus_are_visible(tmp_path):
+    from serve.launcher import default_num_workers
+
+    assert default_num_workers(str(tmp_path)) == 1  # no GPU: the CPU engine is far slower than one worker
+    (tmp_path / "nvidiactl").touch()  # the driver's control node alone is no GPU
+    assert default_num_workers(str(tmp_path)) == 1
+    (tmp_path / "nvidia0").touch()
+    assert default_num_workers(str(tmp_path)) == 2
