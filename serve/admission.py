@@ -143,7 +143,11 @@ def admission_for(limit: int, path: str | None) -> LocalAdmission | SharedAdmiss
 
 def forget_worker(path: str, pid: int) -> None:
     """The gunicorn master's part when a worker exits: its row, and the requests it counted, are freed."""
-    with open(path, "r+b") as file:
+    try:
+        file = open(path, "r+b")
+    except FileNotFoundError:  # the launcher has already cleaned up (workers exiting at shutdown)
+        return
+    with file:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)
         try:
             with mmap.mmap(file.fileno(), 0) as table:

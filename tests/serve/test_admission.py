@@ -91,3 +91,7 @@ def test_without_a_table_the_count_is_local():
     assert [admission.try_acquire() for _ in range(3)] == [True, True, False]
     admission.release()
     assert admission.try_acquire()
+
+
+def test_forgetting_after_the_launcher_cleaned_up_is_harmless(tmp_path):
+    forget_worker(str(tmp_path / "removed-at-shutdown"), 12345)  # workers exiting after the socket dir is gone
