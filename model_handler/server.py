@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -38,6 +39,23 @@ HEARTBEAT_INTERVAL_S = 0.5
 _OUTBOX_ADDRESS = "inproc://engine-outbox"
 
 
+@dataclass(slots=True)
+class WorkerGone:
+    """The I/O thread's note to the step loop: this worker's process has exited (killed, crashed, restarted)."""
+
+    worker_pid: int
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
 class EngineIO:
     """Socket side of the engine process; runs in its own thread and talks to the step loop through queues."""
 
@@ -46,6 +64,8 @@ class EngineIO:
         self._context = context
         self._address = address
         self._workers: set[bytes] = set()
+        self._worker_pids: dict[bytes, int] = {}
+        self._gone: set[bytes] = set()  # workers found dead: what they sent before dying is dropped
         self._status = Heartbeat(ready=False)
         self._stop = threading.Event()
         self._router = context.socket(zmq.ROUTER)
@@ -96,19 +116,34 @@ class EngineIO:
                         break
                     self._on_message(identity, pickle.loads(payload))
             if time.monotonic() >= next_heartbeat:
+                self._forget_dead_workers()
                 self._send_heartbeats()
                 next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
         self._router.close(linger=0)
         self._outbox_pull.close(linger=0)
 
     def _on_message(self, identity: bytes, message: Any) -> None:
+        if identity in self._gone:
+            return
         if isinstance(message, Hello):
             self._workers.add(identity)
+            self._worker_pids[identity] = message.worker_pid
             self._router.send_multipart([identity, pickle.dumps(self._status)])
             logger.info("HTTP worker connected", extra={"worker_pid": message.worker_pid})
         else:
             self._workers.add(identity)
             self.inbox.put((identity, message))
+
+    def _forget_dead_workers(self) -> None:
+        """A worker whose process is gone can never read its outputs: the step loop aborts its requests, which
+        would otherwise run to their max_tokens in the batch (gunicorn restarts a killed or stuck worker)."""
+        for identity, pid in list(self._worker_pids.items()):
+            if _process_exists(pid):
+                continue
+            del self._worker_pids[identity]
+            self._workers.discard(identity)
+            self._gone.add(identity)
+            self.inbox.put((identity, WorkerGone(pid)))
 
     def _send_heartbeats(self) -> None:
         payload = pickle.dumps(self._status)
@@ -157,13 +192,22 @@ class EngineServer:
                     continue
                 self._owners[message.request_id] = identity
             elif isinstance(message, AbortRequests):
-                ids = [rid for rid in message.request_ids if rid in self._owners]
-                if ids:
-                    self.engine.abort_requests(ids)
-                    for rid in ids:
-                        self._owners.pop(rid, None)
+                self._abort([rid for rid in message.request_ids if rid in self._owners])
+            elif isinstance(message, WorkerGone):
+                ids = [rid for rid, owner in self._owners.items() if owner == identity]
+                self._abort(ids)
+                logger.warning(
+                    "HTTP worker gone; its requests aborted",
+                    extra={"worker_pid": message.worker_pid, "aborted": len(ids)},
+                )
         for identity, outputs in rejected.items():
             self._send(identity, outputs)
+
+    def _abort(self, ids: list[str]) -> None:
+        if ids:
+            self.engine.abort_requests(ids)
+            for rid in ids:
+                del self._owners[rid]
 
     def _step(self) -> None:
         try:

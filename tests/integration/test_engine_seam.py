@@ -1,6 +1,8 @@
 """The seam between HTTP workers and the engine process: a real engine process and a real EngineClient."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import gevent
@@ -9,7 +11,7 @@ import pytest
 from model_handler.request import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import EngineClient, EngineDeadError
-from tests.live import start_engine
+from tests.live import REPO_ROOT, start_engine
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +144,51 @@ def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
         assert len(tokens) == 40
     finally:
         client.close()
+
+
+_DOOMED_WORKER = """
+import sys, time
+from model_handler.request import EngineRequest
+from model_handler.sampling_params import SamplingParams
+from serve.engine_client import EngineClient
+
+client = EngineClient(sys.argv[1])
+assert client.wait_ready(30)
+params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
+streams = [client.submit(EngineRequest(client.new_request_id(), [1, 2, 3, 4 + i], params)) for i in range(8)]
+for stream in streams:
+    next(iter(stream))
+print("generating", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_requests_of_a_worker_that_died_are_aborted(engine):
+    """A worker killed mid-generation (SIGKILL, as gunicorn does to one stuck past its timeout) leaves nobody to
+    read its outputs: the engine sees its process is gone and frees the batch instead of generating 8 x 2000
+    tokens for no one."""
+    watcher = EngineClient(engine.address)
+    try:
+        assert watcher.wait_ready(30)
+        start_free = watcher.last_heartbeat.num_free_blocks
+        doomed = subprocess.Popen([sys.executable, "-c", _DOOMED_WORKER, engine.address], cwd=REPO_ROOT,
+                                  stdout=subprocess.PIPE)
+        try:
+            assert doomed.stdout.readline().strip() == b"generating"
+            gevent.sleep(1.2)  # two heartbeats: the watcher sees the busy engine
+            assert watcher.last_heartbeat.num_running + watcher.last_heartbeat.num_waiting == 8
+        finally:
+            doomed.kill()
+            doomed.wait()
+        killed_at = time.monotonic()
+        while watcher.last_heartbeat.num_running + watcher.last_heartbeat.num_waiting > 0:
+            assert time.monotonic() - killed_at < 3.0, "the dead worker's requests are still generating"
+            gevent.sleep(0.1)
+        for _ in range(20):  # the next heartbeat after the abort shows the blocks back
+            if watcher.last_heartbeat.num_free_blocks == start_free:
+                break
+            gevent.sleep(0.25)
+        assert watcher.last_heartbeat.num_free_blocks == start_free
+        assert "HTTP worker gone" in engine.log_path.read_text()
+    finally:
+        watcher.close()

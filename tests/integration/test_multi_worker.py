@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -170,3 +172,38 @@ def test_the_concurrency_limit_is_for_the_whole_server(two_workers_four_requests
         for connection, _ in streams:
             connection.close()
         _wait_idle(server)
+
+
+def test_killed_workers_give_back_their_places_and_their_batch(two_workers_four_requests):
+    """Both workers SIGKILLed while holding all four places (as gunicorn kills a stuck worker): gunicorn starts new
+    ones, the master's hook frees the dead workers' places (else every request would be 429 from then on), and
+    the engine drops their generations (else they would run on beside the new ones)."""
+    server = two_workers_four_requests
+    streams = _hold_streams(server, 4)
+    dead = _worker_pids(server)
+    for pid in dead:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while len(_worker_pids(server) - dead) < 2:
+        assert time.monotonic() < deadline, "gunicorn did not replace the killed workers"
+        time.sleep(0.2)
+    for connection, _ in streams:
+        connection.close()
+    deadline = time.monotonic() + 30
+    while True:  # a new worker answers 503 until it has the engine's first heartbeat
+        streams = [_open_stream(server) for _ in range(4)]
+        if all(reply.status == 200 for _, reply in streams):
+            break
+        assert all(reply.status in (200, 503) for _, reply in streams), [reply.status for _, reply in streams]
+        assert time.monotonic() < deadline, "the new workers never became ready"
+        for connection, _ in streams:
+            connection.close()
+        _wait_idle(server)
+        time.sleep(0.5)
+    for _, reply in streams:
+        assert reply.readline().startswith(b"data: ")
+    time.sleep(1.2)  # two engine heartbeats
+    assert _value(_scrape(server), "tgi_batch_current_size") == 4  # only the new streams generate
+    for connection, _ in streams:
+        connection.close()
+    _wait_idle(server)
