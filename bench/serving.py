@@ -87,16 +87,21 @@ def measure_point(server: ServerProcess, bodies: list[dict[str, Any]], concurren
     load = wait_quiet(0.0 if args.no_wait_quiet else args.quiet_timeout)
     with LoadMonitor(load):
         cpu_before = server_cpu.cpu_seconds_by_role(server.pid)
+        client_before = time.process_time()
         results = loadgen.run_load_sync(server.url + "/v1/chat/completions", bodies, concurrency,
                                         args.request_timeout)
+        client_cpu = time.process_time() - client_before
         cpu = server_cpu.cpu_spent(cpu_before, server_cpu.cpu_seconds_by_role(server.pid))
     loadgen.fill_token_counts(results, count_tokens)
     metrics = summarize(results, concurrency)
     exact = metrics.num_ok > 0 and metrics.output_tokens_min == metrics.output_tokens_max == args.output_tokens
     tokens = metrics.total_output_tokens
     per_token = {role: seconds * 1e6 / tokens if tokens else None for role, seconds in cpu.items()}
+    # The load generator is one Python process: near 100% of a core, it (not the server) bounds the figures.
+    client_percent = 100.0 * client_cpu / metrics.duration_s if metrics.duration_s else None
     return {"metrics": metrics.to_dict(), "load": load.to_dict(), "output_tokens_exact": exact,
-            "server_cpu_s": cpu, "server_cpu_us_per_output_token": per_token}
+            "server_cpu_s": cpu, "server_cpu_us_per_output_token": per_token,
+            "client_cpu_s": client_cpu, "client_cpu_percent_of_core": client_percent}
 
 
 def run_model(label: str, model_dir: str, args: argparse.Namespace, log_dir: Path, document: dict[str, Any]) -> None:
@@ -151,7 +156,7 @@ def _print_point(run: dict[str, Any]) -> None:
           f"{m['num_ok']}/{m['num_requests']} ok, {m['output_tokens_per_s']:.1f} out tok/s, "
           f"TTFT p50 {m['ttft_ms_p50']:.1f} ms, ITL p50 {m['itl_ms_p50']:.1f} ms, "
           f"server CPU/token {_cpu_split(run['server_cpu_us_per_output_token'])}, "
-          f"other CPU max {load['other_cpu_max_percent']:.0f}%{flag}{errors}", flush=True)
+          f"client CPU {run['client_cpu_percent_of_core']:.0f}% of a core, other CPU max {load['other_cpu_max_percent']:.0f}%{flag}{errors}", flush=True)
 
 
 def _cpu_split(per_token: dict[str, float | None]) -> str:

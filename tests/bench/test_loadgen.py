@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,7 @@ def test_a_point_records_the_server_cpu_it_cost(naive_server: ServerProcess, pro
     cpu, per_token = point["server_cpu_s"], point["server_cpu_us_per_output_token"]
     assert cpu["rest"] > 0 and cpu["engine"] == 0 and cpu["http"] == 0  # generate() runs in the server's process
     assert per_token["rest"] == pytest.approx(cpu["rest"] * 1e6 / (2 * OUTPUT_TOKENS))
+    # The client's own CPU (this process): more than nothing, at most all of the cores for the point's duration.
+    assert 0 < point["client_cpu_s"] <= os.cpu_count() * point["metrics"]["duration_s"]
+    assert point["client_cpu_percent_of_core"] == pytest.approx(
+        100 * point["client_cpu_s"] / point["metrics"]["duration_s"])
