@@ -29,26 +29,32 @@ def test_bad_configuration_stops_startup_naming_the_variable(name, value):
     assert name in result.stderr + result.stdout
 
 
-def test_sigterm_finishes_in_flight_request_then_exits_zero():
-    server = start_server()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_finishes_in_flight_requests_then_exits_zero(workers):
+    """SageMaker stops a container with SIGTERM: requests in flight (on every worker: two is the GPU default)
+    finish whole, then the server exits 0."""
+    server = start_server({"WEB_CONCURRENCY": str(workers)})
     body = json.dumps(
-        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 60, "ignore_eos": True}
+        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1000, "ignore_eos": True}
     ).encode()
-    result: dict = {}
+    results: list[dict] = []
 
     def call() -> None:
         request = urllib.request.Request(f"{server.url}/v1/chat/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as reply:
-            result["status"] = reply.status
-            result["body"] = json.loads(reply.read())
+            results.append({"status": reply.status, "body": json.loads(reply.read())})
 
-    worker = threading.Thread(target=call)
-    worker.start()
-    time.sleep(0.5)  # the request is in flight
+    callers = [threading.Thread(target=call) for _ in range(2 * workers)]
+    for caller in callers:
+        caller.start()
+    time.sleep(0.5)
+    assert not results, "the requests must still be in flight when SIGTERM comes"
     server.process.send_signal(signal.SIGTERM)
-    worker.join(timeout=40)
+    for caller in callers:
+        caller.join(timeout=40)
     assert server.process.wait(timeout=40) == 0
-    assert result.get("status") == 200 and result["body"]["usage"]["completion_tokens"] == 60
+    assert len(results) == 2 * workers
+    assert all(r["status"] == 200 and r["body"]["usage"]["completion_tokens"] == 1000 for r in results)
 
 
 def test_engine_death_stops_the_server_with_an_error_code():
