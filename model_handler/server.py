@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import zmq
 
 from model_handler.request import (
@@ -44,16 +45,6 @@ class WorkerGone:
     """The I/O thread's note to the step loop: this worker's process has exited (killed, crashed, restarted)."""
 
     worker_pid: int
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
 
 
 class EngineIO:
@@ -138,7 +129,7 @@ class EngineIO:
         """A worker whose process is gone can never read its outputs: the step loop aborts its requests, which
         would otherwise run to their max_tokens in the batch (gunicorn restarts a killed or stuck worker)."""
         for identity, pid in list(self._worker_pids.items()):
-            if _process_exists(pid):
+            if psutil.pid_exists(pid):
                 continue
             del self._worker_pids[identity]
             self._workers.discard(identity)

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psutil
+
 ADMISSION_FILE_ENV = "SERVE_ADMISSION_FILE"
 """Set by the launcher for gunicorn: the table's path."""
 
@@ -119,21 +121,11 @@ def _claim_row(table: mmap.mmap, pid: int) -> int:
     rows = list(_ROW.iter_unpack(table))
     free = next((i for i, (owner, _) in enumerate(rows) if owner == 0), None)
     if free is None:  # the master missed clearing some rows (it was killed?): take one whose owner is gone
-        free = next((i for i, (owner, _) in enumerate(rows) if not _alive(owner)), None)
+        free = next((i for i, (owner, _) in enumerate(rows) if not psutil.pid_exists(owner)), None)
     if free is None:
         raise RuntimeError(f"the admission table has no free row for worker {pid} ({len(rows)} rows, all live)")
     _ROW.pack_into(table, free * _ROW.size, pid, 0)
     return free
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def admission_for(limit: int, path: str | None) -> LocalAdmission | SharedAdmission:
