@@ -63,7 +63,7 @@ class TorchReferenceBackend:
     def attention(self, query, k_cache, v_cache, metadata, scale, out=None) -> torch.Tensor:
         if metadata.backend_plan is None:  # first layer of the step
             metadata.backend_plan = reference.build_plan(
-                metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, k_cache.shape[1]
+                metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, k_cache
             )
         return reference.paged_attention(
             query,

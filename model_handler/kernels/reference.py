@@ -67,72 +67,91 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of the new tokens over each sequence's paged context (new tokens already stored).
 
-    Decode rows (one query token) are done together in one padded SDPA call; longer queries one
-    sequence at a time. Host syncs are fine here: this path runs on CPU or as a test oracle. `plan`
-    (from `build_plan` on the same metadata) saves every layer after the first from rebuilding it.
+    Decode rows (one query token) are done in padded SDPA calls over chunks of rows of similar length; longer
+    queries one sequence at a time. Host syncs are fine here: this path runs on CPU or as a test oracle. `plan`
+    (from `build_plan` on the same metadata and cache) saves every layer after the first from rebuilding it.
     """
     if out is None:
         out = torch.empty_like(query)
     if plan is None:
-        plan = build_plan(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
-    if plan.decode is not None:
-        _decode_batch(query, k_cache, v_cache, plan.decode, scale, out)
+        plan = build_plan(block_tables, seq_lens, query_start_loc, k_cache)
+    for chunk in plan.decode:
+        _decode_chunk(query, k_cache, v_cache, chunk, scale, out)
     for start, q_len, seq_len, row in plan.prefills:
         _prefill_one(query, k_cache, v_cache, block_tables[row], seq_len, start, q_len, scale, out)
     return out
 
 
 @dataclass(slots=True)
-class _DecodeRows:
-    """What every layer's decode attention of one step shares: which rows, what to gather, the mask."""
+class _DecodeChunk:
+    """Decode rows attended in one SDPA call: which query tokens, which blocks to gather, the mask."""
 
-    token_idx: torch.Tensor | None  # [B] int64, the rows' query tokens; None when they are tokens 0..B-1
-    gather_idx: torch.Tensor  # [B * num_blocks] int64, block ids to copy, row by row
-    mask: torch.Tensor  # [B, 1, 1, num_blocks * block_size] bool, True where a key is inside the context
+    token_idx: torch.Tensor  # [n] int64, the rows' query tokens
+    gather_idx: torch.Tensor  # [n * num_blocks] int64, block ids to copy, row by row
+    mask: torch.Tensor  # [n, 1, 1, num_blocks * block_size] bool, True where a key is inside the context
     num_blocks: int
 
 
 @dataclass(slots=True)
 class StepPlan:
-    """How one step's rows split into decodes and prefills; built once per step, shared by all layers."""
+    """How one step's rows split into decode chunks and prefills; built once per step, shared by all layers."""
 
-    decode: _DecodeRows | None
+    decode: list[_DecodeChunk]
     prefills: list[tuple[int, int, int, int]]  # (query start, q_len, seq_len, row) of longer queries
-
-
-def build_plan(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int
-) -> StepPlan:
-    """The step's row split and decode gather indices (a few host syncs, once per step)."""
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    num_seqs = len(lens)
-    q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
-    decode_rows = [i for i in range(num_seqs) if q_lens[i] == 1]
-    prefills = [(starts[i], q_lens[i], lens[i], i) for i in range(num_seqs) if q_lens[i] > 1]
-    decode = None
-    if decode_rows:
-        device = block_tables.device
-        rows_t = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        token_starts = [starts[i] for i in decode_rows]
-        token_idx = None
-        if token_starts != list(range(len(decode_rows))):
-            token_idx = torch.tensor(token_starts, dtype=torch.long, device=device)
-        max_len = max(lens[i] for i in decode_rows)
-        num_blocks = (max_len + block_size - 1) // block_size
-        row_lens = seq_lens.to(device).long()[rows_t]  # [B]
-        tables = block_tables[rows_t, :num_blocks].long()  # [B, num_blocks]
-        # Entries past a row's own blocks may hold anything (-1 in some callers): read block 0 there, masked.
-        unused = torch.arange(num_blocks, device=device)[None, :] * block_size >= row_lens[:, None]  # [B, nb]
-        gather_idx = tables.masked_fill(unused, 0).reshape(-1)  # [B * num_blocks]
-        mask = torch.arange(num_blocks * block_size, device=device)[None, :] < row_lens[:, None]  # [B, S]
-        decode = _DecodeRows(token_idx, gather_idx, mask[:, None, None, :], num_blocks)
-    return StepPlan(decode, prefills)
 
 
 DECODE_CHUNK_BYTES = 4 << 20
 """Gathered keys + values per decode chunk: a few MiB stay in cache between the copy and the attention that
 reads them (10-20% faster than the whole batch at once on a 2-core EPYC, bench/engine_step.py)."""
+
+
+def build_plan(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, k_cache: torch.Tensor
+) -> StepPlan:
+    """The step's row split and decode chunks (a few host syncs, once per step).
+
+    Decode rows are taken shortest first, so each chunk is padded to the longest row of similar ones rather than
+    to the longest of the step (a batch mixing new and old sequences wasted a third of its attention on padding).
+    """
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    num_seqs = len(lens)
+    q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
+    prefills = [(starts[i], q_lens[i], lens[i], i) for i in range(num_seqs) if q_lens[i] > 1]
+    decode_rows = sorted((i for i in range(num_seqs) if q_lens[i] == 1), key=lambda i: lens[i])
+    block_size = k_cache.shape[1]
+    row_block_bytes = 2 * k_cache[0].numel() * k_cache.element_size()  # keys and values of one block
+    chunks = []
+    first = 0
+    while first < len(decode_rows):
+        last = first + 1  # rows first..last-1; sorted, so the last row is the longest
+        while last < len(decode_rows):
+            num_blocks = -(-lens[decode_rows[last]] // block_size)
+            if (last + 1 - first) * num_blocks * row_block_bytes > DECODE_CHUNK_BYTES:
+                break
+            last += 1
+        rows = decode_rows[first:last]
+        chunks.append(_decode_chunk_plan(block_tables, [lens[i] for i in rows], rows, [starts[i] for i in rows],
+                                         block_size))
+        first = last
+    return StepPlan(chunks, prefills)
+
+
+def _decode_chunk_plan(
+    block_tables: torch.Tensor, lens: list[int], rows: list[int], token_starts: list[int], block_size: int
+) -> _DecodeChunk:
+    device = block_tables.device
+    num_blocks = -(-max(lens) // block_size)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    row_lens = torch.tensor(lens, dtype=torch.long, device=device)  # [n]
+    tables = block_tables[rows_t, :num_blocks].long()  # [n, num_blocks]
+    # Entries past a row's own blocks may hold anything (-1 in some callers): read block 0 there, masked.
+    unused = torch.arange(num_blocks, device=device)[None, :] * block_size >= row_lens[:, None]  # [n, nb]
+    gather_idx = tables.masked_fill(unused, 0).reshape(-1)  # [n * num_blocks]
+    mask = torch.arange(num_blocks * block_size, device=device)[None, :] < row_lens[:, None]  # [n, S]
+    token_idx = torch.tensor(token_starts, dtype=torch.long, device=device)
+    return _DecodeChunk(token_idx, gather_idx, mask[:, None, None, :], num_blocks)
+
 
 _scratch = threading.local()  # per thread: {(dtype, device): flat buffer}
 
@@ -149,53 +168,39 @@ def _scratch_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
     return buffer[:numel]
 
 
-def _decode_batch(
+def _decode_chunk(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    rows: _DecodeRows,
+    chunk: _DecodeChunk,
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """Padded SDPA over the single-token queries, a chunk of rows at a time: gather whole blocks, mask past
-    each length."""
+    """Padded SDPA over one chunk's single-token queries: gather whole blocks, mask past each length."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_blocks, block_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
-    num_rows, nb = rows.mask.shape[0], rows.num_blocks
+    n, nb = chunk.mask.shape[0], chunk.num_blocks
     span = nb * block_size
     group = num_heads // num_kv_heads
     # index_select on [num_blocks, block_numel] rows is one memcpy per block; advanced indexing on the 4-d
     # cache is several times slower.
     k_rows, v_rows = k_cache.reshape(num_blocks, -1), v_cache.reshape(num_blocks, -1)  # [num_blocks, bs*H_kv*D]
     block_numel = k_rows.shape[1]
-    chunk = max(1, DECODE_CHUNK_BYTES // (2 * nb * block_numel * k_cache.element_size()))
-    chunk = min(chunk, num_rows)
-    scratch = _scratch_buffer(2 * chunk * nb * block_numel, k_cache)
-    for first in range(0, num_rows, chunk):
-        last = min(num_rows, first + chunk)
-        n = last - first
-        idx = rows.gather_idx[first * nb : last * nb]
-        keys = torch.index_select(k_rows, 0, idx, out=scratch[: n * nb * block_numel].view(n * nb, block_numel))
-        values = torch.index_select(
-            v_rows, 0, idx, out=scratch[n * nb * block_numel : 2 * n * nb * block_numel].view(n * nb, block_numel)
-        )
-        keys = keys.view(n, span, num_kv_heads, head_dim).transpose(1, 2)  # [n, H_kv, S, D]
-        values = values.view(n, span, num_kv_heads, head_dim).transpose(1, 2)
-        token_idx = None if rows.token_idx is None else rows.token_idx[first:last]
-        q = query[first:last] if token_idx is None else query[token_idx]  # [n, H, D]
-        # A kv head's query heads as G query rows of one attention: its keys are read once, not G times.
-        o = F.scaled_dot_product_attention(
-            q.reshape(n, num_kv_heads, group, head_dim),  # [n, H_kv, G, D]
-            keys if keys.dtype == q.dtype else keys.to(q.dtype),
-            values if values.dtype == q.dtype else values.to(q.dtype),
-            attn_mask=rows.mask[first:last],  # [n, 1, 1, S]
-            scale=scale,
-        )  # [n, H_kv, G, D]
-        o = o.reshape(n, num_heads, head_dim)
-        if token_idx is None:
-            out[first:last] = o
-        else:
-            out[token_idx] = o
+    scratch = _scratch_buffer(2 * n * nb * block_numel, k_cache)
+    keys = torch.index_select(k_rows, 0, chunk.gather_idx, out=scratch[: n * nb * block_numel].view(n * nb, -1))
+    values = torch.index_select(v_rows, 0, chunk.gather_idx, out=scratch[n * nb * block_numel :].view(n * nb, -1))
+    keys = keys.view(n, span, num_kv_heads, head_dim).transpose(1, 2)  # [n, H_kv, S, D]
+    values = values.view(n, span, num_kv_heads, head_dim).transpose(1, 2)
+    q = query.index_select(0, chunk.token_idx)  # [n, H, D]
+    # A kv head's query heads as G query rows of one attention: its keys are read once, not G times.
+    o = F.scaled_dot_product_attention(
+        q.reshape(n, num_kv_heads, group, head_dim),  # [n, H_kv, G, D]
+        keys if keys.dtype == q.dtype else keys.to(q.dtype),
+        values if values.dtype == q.dtype else values.to(q.dtype),
+        attn_mask=chunk.mask,  # [n, 1, 1, S]
+        scale=scale,
+    )  # [n, H_kv, G, D]
+    out.index_copy_(0, chunk.token_idx, o.reshape(n, num_heads, head_dim))
 
 
 def _prefill_one(

@@ -54,6 +54,19 @@ def test_decode_rows_in_chunks_match_sdpa(paged_batch, monkeypatch, chunk_bytes)
     torch.testing.assert_close(run_reference(batch), sdpa_per_sequence(batch), atol=2e-6, rtol=0)
 
 
+def test_decode_chunks_group_rows_of_similar_length(paged_batch, monkeypatch):
+    """Rows are chunked shortest first, so short rows are not padded to the step's longest (a batch of new and
+    old sequences spent a third of its attention on padding)."""
+    monkeypatch.setattr(reference, "DECODE_CHUNK_BYTES", 26 * (ROW_BYTES // 3))  # 26 blocks of keys and values
+    seq_lens = [200, 20, 190, 30, 100]
+    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=4, num_kv_heads=2)
+    plan = reference.build_plan(batch.block_tables, batch.seq_lens, batch.query_start_loc, batch.k_cache)
+    # Lengths 20, 30, 100 fit 3 x 7 blocks; 190 would make it 4 x 12: a new chunk, padded to 13 blocks, not all.
+    assert [chunk.token_idx.tolist() for chunk in plan.decode] == [[1, 3, 4], [2, 0]]
+    assert [chunk.num_blocks for chunk in plan.decode] == [7, 13]  # block size 16
+    torch.testing.assert_close(run_reference(batch), sdpa_per_sequence(batch), atol=2e-6, rtol=0)
+
+
 def test_decode_rows_between_prefill_rows_match_sdpa(paged_batch, monkeypatch):
     monkeypatch.setattr(reference, "DECODE_CHUNK_BYTES", 1)  # decode rows, a chunk each, at scattered tokens
     batch = paged_batch([3, 1, 5, 1, 1, 0, 20], [3, 40, 21, 16, 9, 4, 20], num_heads=8, num_kv_heads=2)
