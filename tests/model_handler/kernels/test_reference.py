@@ -55,8 +55,7 @@ def test_decode_rows_in_chunks_match_sdpa(paged_batch, monkeypatch, chunk_bytes)
 
 
 def test_decode_chunks_group_rows_of_similar_length(paged_batch, monkeypatch):
-    """Rows are chunked shortest first, so short rows are not padded to the step's longest (a batch of new and
-    old sequences spent a third of its attention on padding)."""
+    """Rows are chunked shortest first, so short rows are not padded to the step's longest."""
     monkeypatch.setattr(reference, "DECODE_CHUNK_BYTES", 26 * (ROW_BYTES // 3))  # 26 blocks of keys and values
     seq_lens = [200, 20, 190, 30, 100]
     batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=4, num_kv_heads=2)
