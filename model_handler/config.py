@@ -105,8 +105,10 @@ class EngineConfig:
             raise ValueError("ASYNC_SCHEDULING needs one rank: the other ranks never see the sampled tokens")
         async_scheduling = _bool(environ, "ASYNC_SCHEDULING", kind == "cuda" and tp_size == 1)
         backend = (environ.get("ATTENTION_BACKEND") or "").strip().lower() or None
-        if backend not in (None, "torch", "triton"):
-            raise ValueError(f"ATTENTION_BACKEND={backend!r} must be 'torch' or 'triton'")
+        if backend not in (None, "torch", "cpu", "triton"):
+            raise ValueError(f"ATTENTION_BACKEND={backend!r} must be 'torch', 'cpu' or 'triton'")
+        if backend == "cpu" and kind == "cuda":
+            raise ValueError("ATTENTION_BACKEND=cpu runs on the CPU only; this engine runs on CUDA")
         return cls(
             model_dir=Path(model_dir),
             model_id=model_id,

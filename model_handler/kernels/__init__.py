@@ -79,13 +79,25 @@ class TorchReferenceBackend:
 
 
 def select_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """`name` forces a backend ("torch" or "triton"); by default Triton on CUDA, torch elsewhere."""
+    """`name` forces a backend ("torch", "cpu" or "triton"); by default Triton on CUDA, and on CPU the C++
+    decode kernel where it builds (`cpu_native`), else plain torch."""
     if name is None:
-        name = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            name = "triton"
+        else:
+            from model_handler.kernels import cpu_native
+
+            name = "cpu" if cpu_native.load() else "torch"
     if name == "torch":
         return TorchReferenceBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention backend 'cpu' runs on the CPU only, not on {device.type}")
+        from model_handler.kernels.cpu_backend import CpuBackend
+
+        return CpuBackend()
     if name == "triton":
         from model_handler.kernels.triton_backend import TritonBackend  # imported only when chosen
 
         return TritonBackend()
-    raise ValueError(f"unknown attention backend {name!r}; expected 'torch' or 'triton'")
+    raise ValueError(f"unknown attention backend {name!r}; expected 'torch', 'cpu' or 'triton'")

@@ -78,7 +78,7 @@ def paged_attention(
     for chunk in plan.decode:
         _decode_chunk(query, k_cache, v_cache, chunk, scale, out)
     for start, q_len, seq_len, row in plan.prefills:
-        _prefill_one(query, k_cache, v_cache, block_tables[row], seq_len, start, q_len, scale, out)
+        prefill_one(query, k_cache, v_cache, block_tables[row], seq_len, start, q_len, scale, out)
     return out
 
 
@@ -204,7 +204,7 @@ def _decode_chunk(
     out.index_copy_(0, chunk.token_idx, o.reshape(n, num_heads, head_dim))
 
 
-def _prefill_one(
+def prefill_one(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -101,6 +101,7 @@ def test_every_variable_is_read(model_dir):
     assert from_env(model_dir, device="cuda", CUDA_GRAPHS="0").cuda_graph_sizes == []
     assert from_env(model_dir, NUM_SHARD="4").tensor_parallel_size == 4
     assert from_env(model_dir, DTYPE="bf16").dtype == "bfloat16"
+    assert from_env(model_dir, device="cpu", ATTENTION_BACKEND="cpu").attention_backend == "cpu"
     # The prompt budget does not cap the batch (decodes are not charged to it, as in TGI); a step's forward
     # can have the budget plus a decode for every other running sequence.
     small = from_env(model_dir, MAX_BATCH_PREFILL_TOKENS="16", MAX_BATCH_SIZE="32")
@@ -120,6 +121,7 @@ def test_every_variable_is_read(model_dir):
         ("CUDA_GRAPHS", "1,two"),
         ("PREFIX_CACHING", "maybe"),
         ("ATTENTION_BACKEND", "flash"),
+        ("ATTENTION_BACKEND", "cpu"),  # the C++ CPU kernel on a CUDA engine
         ("DTYPE", "int8"),
         ("SEED", "x"),
         ("HF_MODEL_QUANTIZE", "bitsandbytes"),

@@ -63,7 +63,7 @@ def test_logits_match_transformers_over_paged_steps(family, tmp_path):
     assert_matches_hf_over_paged_steps(load_fp32(tmp_path), hf_model)
 
 
-@pytest.mark.parametrize(("family", "backend"), [("llama_gqa", "torch"), ("qwen3", "torch"), ("llama_gqa", "triton")])
+@pytest.mark.parametrize(("family", "backend"), [("llama_gqa", "torch"), ("qwen3", "torch"), ("llama_gqa", "cpu"), ("qwen3", "cpu"), ("llama_gqa", "triton")])
 def test_output_rows_return_those_rows_and_still_fill_the_cache(family, backend, tmp_path):
     """With `output_rows` the forward returns only those rows' hidden states (the last layer past its
     attention runs on them alone), every token's k/v still lands in the cache: the next steps, which attend

@@ -1,0 +1,79 @@
+"""The CPU attention backend: decode rows through the C++ kernel (`cpu_native`), which reads the paged cache in
+place; prompts and prompt chunks through the torch reference's causal SDPA, where the work is matmul-shaped.
+
+Chosen by default on CPU when the kernel builds (`select_backend`); the torch reference stays the fallback and
+the oracle the tests compare it with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_handler.kernels import cpu_native, reference
+from model_handler.layers.attention_metadata import AttentionMetadata
+
+
+@dataclass(slots=True)
+class CpuStepPlan:
+    """One step's rows, split once and shared by every layer."""
+
+    query_rows: torch.Tensor  # [n] int64: the query token of each decode row (one new token)
+    seq_rows: torch.Tensor  # [n] int64: its sequence
+    prefills: list[tuple[int, int, int, int]]  # (query start, q_len, seq_len, row) of longer queries
+
+    @classmethod
+    def build(cls, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> CpuStepPlan:
+        starts = query_start_loc.tolist()
+        lens = seq_lens.tolist()
+        q_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
+        prefills = [(starts[i], q_lens[i], lens[i], i) for i in range(len(lens)) if q_lens[i] > 1]
+        decode_seqs = [i for i in range(len(lens)) if q_lens[i] == 1]
+        return cls(
+            torch.tensor([starts[i] for i in decode_seqs], dtype=torch.long),
+            torch.tensor(decode_seqs, dtype=torch.long),
+            prefills,
+        )
+
+
+class CpuBackend:
+    """Torch reference for the KV store and prompts, the C++ kernel for decode rows."""
+
+    name = "cpu"
+    fused = None
+
+    def __init__(self) -> None:
+        if not cpu_native.load():
+            raise RuntimeError("the C++ CPU attention kernel could not be built or loaded (the log says why)")
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attention(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if query.dtype != k_cache.dtype or query.stride(-1) != 1 or query.stride(-2) != query.shape[-1]:
+            # Layouts the kernel does not take (a cache in another dtype): the reference handles everything.
+            return reference.paged_attention(
+                query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale, out
+            )
+        plan = metadata.backend_plan
+        if plan is None:  # first layer of the step
+            plan = metadata.backend_plan = CpuStepPlan.build(metadata.seq_lens, metadata.query_start_loc)
+        if plan.query_rows.numel():
+            cpu_native.paged_decode_attention(
+                out, query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, plan.query_rows,
+                plan.seq_rows, scale,
+            )  # fmt: skip
+        for start, q_len, seq_len, row in plan.prefills:
+            table = metadata.block_tables[row]
+            reference.prefill_one(query, k_cache, v_cache, table, seq_len, start, q_len, scale, out)
+        return out

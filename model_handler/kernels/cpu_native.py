@@ -1,0 +1,119 @@
+"""Build and load the C++ CPU kernels (`csrc/cpu_attention.cpp`) once per machine, through torch's JIT
+extension builder; None where that cannot be done (no compiler, an unsupported platform).
+
+Built at first use rather than at install: the kernel is compiled for the CPU it runs on (-march=native), and
+the build folder is keyed by the source, the torch version and the CPU's model and flags, so a cache shared
+between different machines never hands one a binary for another. A build takes ~10 s on 2 cores; later starts
+load the cached library. Concurrent builders (tensor-parallel ranks, test processes) are serialised by torch's
+lock file in the build folder.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+OP_NAMESPACE = "sagemaker_llm_cpu"
+BUILD_DIR_ENV = "CPU_KERNELS_BUILD_DIR"
+"""Where builds go; default `<model cache root>/cpu-kernels` (SAGEMAKER_LLM_CACHE or ~/.cache/sagemaker-llm)."""
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's model name and feature flags (Linux), or the machine name elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    lines = {line.split(":", 1)[0].strip(): line for line in text.splitlines() if ":" in line}
+    return platform.machine() + "".join(lines.get(key, "") for key in wanted)
+
+
+def _cflags() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return ["-O3", "-march=native", "-fopenmp"]
+    if machine in ("aarch64", "arm64"):
+        return ["-O3", "-mcpu=native", "-fopenmp"]
+    return ["-O3", "-fopenmp"]
+
+
+def build_key() -> str:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_fingerprint().encode(), str(_cflags()).encode()):
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    from model_handler.tiny_model import cache_root
+
+    root = Path(os.environ.get(BUILD_DIR_ENV) or cache_root() / "cpu-kernels").expanduser()
+    return root / build_key()
+
+
+def build(source: Path, directory: Path) -> None:
+    """Compile `source` into `directory` (or reuse the build there) and load it into this process; raises on a
+    failed compile or load."""
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"{OP_NAMESPACE}_{directory.name}",
+        sources=[str(source)],
+        extra_cflags=_cflags(),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def registered() -> bool:
+    return hasattr(getattr(torch.ops, OP_NAMESPACE), "paged_decode_attention")
+
+
+@functools.cache
+def load() -> bool:
+    """Build (or load the cached build of) the kernels and register `torch.ops.sagemaker_llm_cpu`; False, with
+    the reason logged, where that fails."""
+    if registered():
+        return True
+    try:
+        build(SOURCE, build_dir())
+        if not registered():
+            raise RuntimeError(f"the library loaded but registered no torch.ops.{OP_NAMESPACE} op")
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the torch path
+        logger.warning("C++ CPU attention kernel unavailable, using torch's SDPA path: %s", _first_line(exc))
+        return False
+    logger.info("C++ CPU attention kernel loaded from %s", build_dir())
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def paged_decode_attention(
+    out: torch.Tensor,  # [T, H, D] contiguous
+    query: torch.Tensor,  # [T, H, D], rows may be strided
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_rows: torch.Tensor,  # [n] int64: the query token of each decode row
+    seq_rows: torch.Tensor,  # [n] int64: the sequence it attends over
+    scale: float,
+) -> None:
+    """out[query_rows[i]] = softmax(q k^T * scale) v over sequence seq_rows[i]'s first seq_lens tokens."""
+    torch.ops.sagemaker_llm_cpu.paged_decode_attention(
+        out, query, k_cache, v_cache, block_tables, seq_lens, query_rows, seq_rows, scale
+    )

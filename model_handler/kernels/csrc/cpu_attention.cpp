@@ -1,0 +1,253 @@
+// Paged decode attention for CPUs: one query token per sequence, read straight from the block-table KV cache.
+//
+// Why: torch's CPU path (reference.py) copies each sequence's blocks into a padded buffer and runs SDPA over
+// it; for GQA's few query heads per kv head that kernel runs at a few GB/s. Here each sequence's keys and
+// values are read once, in place, all kv heads of a token at a time (one contiguous row of the cache), with
+// fp32 scores, softmax and accumulation. Loops written so gcc/clang vectorize them at -O3; with AVX-512 the
+// two inner products use intrinsics (each token's keys loaded once per kv head, the output accumulated in
+// registers over a block: ~1.8x faster than the plain loops on a Zen4 EPYC).
+//
+// Layout (model_handler/kernels/reference.py): k_cache, v_cache [num_blocks, block_size, num_kv_heads,
+// head_dim]; block_tables [num_seqs, max_blocks] int32; seq_lens [num_seqs] int32; query [T, H, D] with any
+// row stride; out [T, H, D] contiguous. Row i of `query_rows`/`seq_rows` says which query token attends over
+// which sequence's first seq_lens[seq] cached tokens.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  // bf16 is the high half of an fp32: a shift, which vectorizes (c10's conversion does not always).
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  auto* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+inline void to_float(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), as a loop the compiler vectorizes: 2^(x log2 e) split into
+// an integer power (the exponent bits) and a degree-6 polynomial on [-0.5, 0.5]; relative error ~2e-7.
+inline void exp_nonpositive(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::max(x[i] * 1.44269504088896341f, -126.f);
+    const float k = static_cast<float>(static_cast<int32_t>(v - 0.5f));  // v <= 0: nearest integer, as a cast
+    const float f = v - k;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float power;
+    std::memcpy(&power, &bits, sizeof(power));
+    x[i] = p * power;
+  }
+}
+
+constexpr int64_t kLanes = 16;
+
+// Dot product with kLanes independent partial sums, so it vectorizes without reassociating (no -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t x = 0;
+  for (; x + kLanes <= n; x += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[x + j] * b[x + j];
+  float s = 0.f;
+  for (; x < n; ++x) s += a[x] * b[x];
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// scores[h * stride] = q[h] . k[h / group] for every query head h: one token's keys, loaded once per kv head.
+inline void token_scores(const float* q, const float* k, int64_t H, int64_t group, int64_t D, float* scores,
+                         int64_t stride) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0 && D <= 256) {
+    __m512 kr[16];
+    for (int64_t kvh = 0; kvh < H / group; ++kvh) {
+      const float* kh = k + kvh * D;
+      for (int64_t c = 0; c < D / 16; ++c) kr[c] = _mm512_loadu_ps(kh + c * 16);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kvh * group + g;
+        const float* qh = q + h * D;
+        __m512 acc = _mm512_mul_ps(kr[0], _mm512_loadu_ps(qh));
+        for (int64_t c = 1; c < D / 16; ++c) acc = _mm512_fmadd_ps(kr[c], _mm512_loadu_ps(qh + c * 16), acc);
+        scores[h * stride] = _mm512_reduce_add_ps(acc);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < H; ++h) scores[h * stride] = dot(q + h * D, k + (h / group) * D, D);
+}
+
+// a += sum_t p[t] * v[t * stride], over `num` tokens of one block: the accumulator stays in registers.
+inline void accumulate(float* a, const float* v, int64_t stride, const float* p, int64_t num, int64_t D) {
+#if defined(__AVX512F__)
+  if (D == 64) {
+    __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16), a2 = _mm512_loadu_ps(a + 32),
+           a3 = _mm512_loadu_ps(a + 48);
+    for (int64_t t = 0; t < num; ++t) {
+      const float* vt = v + t * stride;
+      const __m512 w = _mm512_set1_ps(p[t]);
+      a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16), a1);
+      a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 32), a2);
+      a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 48), a3);
+    }
+    _mm512_storeu_ps(a, a0);
+    _mm512_storeu_ps(a + 16, a1);
+    _mm512_storeu_ps(a + 32, a2);
+    _mm512_storeu_ps(a + 48, a3);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < num; ++t)
+    for (int64_t x = 0; x < D; ++x) a[x] += p[t] * v[t * stride + x];
+}
+
+struct Shape {
+  int64_t num_rows, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, q_row_stride;
+};
+
+template <typename T>
+bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
+            const int64_t* query_rows, const int64_t* seq_rows, T* out, const Shape& s, float scale) {
+  const int64_t H = s.num_heads, D = s.head_dim, group = s.num_heads / s.num_kv_heads;
+  const int64_t row = s.num_kv_heads * D;  // one token's keys (or values) for every kv head: contiguous
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, s.num_rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(H * D), acc(H * D), kv(s.block_size * row), scores, inv(H);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t q_row = query_rows[i], seq = seq_rows[i];
+      const int64_t len = seq_lens[seq];
+      const int32_t* table = block_tables + seq * s.max_blocks;
+      if (len <= 0 || len > s.max_blocks * s.block_size) {
+        ok = false;
+        return;
+      }
+      for (int64_t t = 0; t < len; t += s.block_size) {
+        if (table[t / s.block_size] < 0 || table[t / s.block_size] >= s.num_blocks) {
+          ok = false;
+          return;
+        }
+      }
+      to_float(query + q_row * s.q_row_stride, q.data(), H * D);
+      for (int64_t x = 0; x < H * D; ++x) q[x] *= scale;
+      scores.resize(H * len);  // [H, len]
+      for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
+        const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
+        to_float(k_cache + block * s.block_size * row, kv.data(), num * row);  // a block's rows are contiguous
+        for (int64_t t = 0; t < num; ++t)
+          token_scores(q.data(), kv.data() + t * row, H, group, D, scores.data() + t0 + t, len);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* p = scores.data() + h * len;
+        float top = p[0];
+        for (int64_t t = 1; t < len; ++t) top = p[t] > top ? p[t] : top;
+        for (int64_t t = 0; t < len; ++t) p[t] -= top;
+        exp_nonpositive(p, len);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) sum += p[t];
+        inv[h] = 1.f / sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
+        const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
+        to_float(v_cache + block * s.block_size * row, kv.data(), num * row);
+        for (int64_t h = 0; h < H; ++h)
+          accumulate(acc.data() + h * D, kv.data() + (h / group) * D, row, scores.data() + h * len + t0, num, D);
+      }
+      T* o = out + q_row * H * D;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t x = 0; x < D; ++x) o[h * D + x] = static_cast<T>(acc[h * D + x] * inv[h]);
+    }
+  });
+  return ok.load();
+}
+
+void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                            const at::Tensor& query_rows, const at::Tensor& seq_rows, double scale) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query rows must be [H, D] contiguous");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == query.sizes(), "out must be contiguous and shaped like query");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && query.scalar_type() == v_cache.scalar_type() &&
+                  query.scalar_type() == out.scalar_type(),
+              "query, caches and out must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
+  TORCH_CHECK(query_rows.scalar_type() == at::kLong && seq_rows.scalar_type() == at::kLong, "int64 rows");
+  TORCH_CHECK(query_rows.sizes() == seq_rows.sizes() && query_rows.dim() == 1, "one seq per query row");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0 && query.size(2) == k_cache.size(3), "heads do not match");
+  const auto tables = block_tables.contiguous();
+  const auto lens = seq_lens.contiguous();
+  const auto q_rows = query_rows.contiguous();
+  const auto s_rows = seq_rows.contiguous();
+  const int64_t n = q_rows.size(0), num_seqs = lens.size(0), num_tokens = query.size(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t qr = q_rows.data_ptr<int64_t>()[i], sr = s_rows.data_ptr<int64_t>()[i];
+    TORCH_CHECK(0 <= qr && qr < num_tokens && 0 <= sr && sr < num_seqs && sr < tables.size(0), "row out of range");
+  }
+  const Shape shape{n,
+                    query.size(1),
+                    k_cache.size(2),
+                    query.size(2),
+                    k_cache.size(1),
+                    k_cache.size(0),
+                    tables.size(1),
+                    query.stride(0)};
+  bool ok = true;
+  const float s = static_cast<float>(scale);
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      ok = decode<float>(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                         tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), q_rows.data_ptr<int64_t>(),
+                         s_rows.data_ptr<int64_t>(), out.data_ptr<float>(), shape, s);
+      break;
+    case at::kBFloat16:
+      ok = decode<c10::BFloat16>(query.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+                                 v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int32_t>(),
+                                 lens.data_ptr<int32_t>(), q_rows.data_ptr<int64_t>(), s_rows.data_ptr<int64_t>(),
+                                 out.data_ptr<c10::BFloat16>(), shape, s);
+      break;
+    case at::kHalf:
+      ok = decode<c10::Half>(query.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(),
+                             v_cache.data_ptr<c10::Half>(), tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
+                             q_rows.data_ptr<int64_t>(), s_rows.data_ptr<int64_t>(), out.data_ptr<c10::Half>(), shape,
+                             s);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", query.scalar_type());
+  }
+  TORCH_CHECK(ok, "paged_decode_attention: a sequence length or block id outside the cache");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sagemaker_llm_cpu, m) {
+  m.def(
+      "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor query_rows, Tensor seq_rows, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sagemaker_llm_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

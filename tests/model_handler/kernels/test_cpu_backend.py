@@ -1,0 +1,120 @@
+"""The C++ CPU decode kernel and the CPU backend around it, against plain SDPA on unpaged keys and values."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from model_handler.kernels import TorchReferenceBackend, cpu_native, select_backend
+from model_handler.kernels.cpu_backend import CpuBackend
+from tests.model_handler.kernels.conftest import DEVICE
+from tests.model_handler.kernels.test_reference import SCALE, sdpa_per_sequence
+
+pytestmark = [
+    pytest.mark.skipif(DEVICE.type != "cpu", reason="the kernel tests' batches live on the GPU here"),
+    pytest.mark.skipif(not cpu_native.load(), reason="no C++ compiler for the CPU kernel on this machine"),
+]
+
+
+def run_cpu_backend(batch) -> torch.Tensor:
+    out = torch.full_like(batch.query, float("nan"))  # poisoned: every row must be written
+    CpuBackend().attention(batch.query, batch.k_cache, batch.v_cache, batch.metadata(), SCALE, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim"),
+    [(4, 2, 32), (12, 4, 64), (8, 8, 64), (8, 1, 128), (6, 2, 80), (4, 2, 24)],
+)
+def test_decode_rows_match_sdpa(paged_batch, poison, num_heads, num_kv_heads, head_dim):
+    """Ragged lengths around block boundaries (block 16), GQA ratios 1-8, head dims with and without the
+    AVX-512 paths (64; multiples of 16; 24); NaN in every cache slot outside the contexts."""
+    seq_lens = [1, 15, 16, 17, 33, 48, 5, 200]
+    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim)  # fmt: skip
+    batch.k_cache, batch.v_cache = poison(batch.k_cache, batch.used_slots), poison(batch.v_cache, batch.used_slots)
+    torch.testing.assert_close(run_cpu_backend(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
+
+
+def test_decode_rows_between_prompt_rows_match_sdpa(paged_batch):
+    """A mixed step: prompts and prompt chunks go through SDPA, the decode rows between them through the kernel."""
+    batch = paged_batch([3, 1, 5, 1, 1, 0, 20], [3, 40, 21, 16, 9, 4, 20], num_heads=8, num_kv_heads=2)
+    torch.testing.assert_close(run_cpu_backend(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_caches_match_fp32_attention(paged_batch, dtype):
+    """Scores, softmax and sums in fp32 over half-precision reads: within the rounding of the inputs."""
+    batch = paged_batch([1] * 5, [7, 16, 64, 130, 300], num_heads=12, num_kv_heads=4, head_dim=64, dtype=dtype)
+    exact = sdpa_per_sequence(
+        type(batch)(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), batch.block_tables,
+                    batch.seq_lens, batch.query_start_loc, batch.slot_mapping, batch.used_slots)
+    )  # fmt: skip
+    out = run_cpu_backend(batch)
+    assert out.dtype == dtype
+    tolerance = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(out.float(), exact, atol=tolerance, rtol=0)
+
+
+def test_strided_query_rows_are_read_in_place(paged_batch):
+    """The model hands q as a view into the fused qkv projection (rows wider than H x D)."""
+    batch = paged_batch([1, 1, 1], [5, 40, 17], num_heads=4, num_kv_heads=2)
+    wide = torch.randn(batch.query.shape[0], batch.query.shape[1] + 3, batch.query.shape[2])
+    wide[:, : batch.query.shape[1]] = batch.query
+    strided = wide[:, : batch.query.shape[1]]
+    assert not strided.is_contiguous()
+    out = torch.empty_like(batch.query)
+    CpuBackend().attention(strided, batch.k_cache, batch.v_cache, batch.metadata(), SCALE, out)
+    torch.testing.assert_close(out, sdpa_per_sequence(batch), atol=1e-5, rtol=0)
+
+
+def test_table_entries_past_a_sequence_are_ignored(paged_batch):
+    batch = paged_batch([1, 1], [5, 40], num_heads=4, num_kv_heads=2)
+    expected = run_cpu_backend(batch)
+    tables = batch.block_tables.clone()
+    tables[0, 1:] = -1  # sequence 0 has 5 tokens: only its first block is read
+    tables[1, 3:] = 10**6
+    batch.block_tables = tables
+    torch.testing.assert_close(run_cpu_backend(batch), expected, atol=0, rtol=0)
+
+
+def test_a_block_id_outside_the_cache_raises_instead_of_reading_past_it(paged_batch):
+    batch = paged_batch([1, 1], [5, 40], num_heads=4, num_kv_heads=2)
+    batch.block_tables[1, 1] = batch.k_cache.shape[0]  # one past the last block
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        run_cpu_backend(batch)
+
+
+def test_cpu_is_the_default_backend_where_the_kernel_builds():
+    assert select_backend(torch.device("cpu")).name == "cpu"
+    assert select_backend(torch.device("cpu"), "torch").name == "torch"
+
+
+def test_without_the_kernel_the_default_falls_back_to_torch_and_forcing_it_fails(monkeypatch):
+    monkeypatch.setattr(cpu_native, "load", lambda: False)
+    assert isinstance(select_backend(torch.device("cpu")), TorchReferenceBackend)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        select_backend(torch.device("cpu"), "cpu")
+
+
+def test_a_source_that_does_not_compile_raises_and_load_reports_it(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++;\n")
+    with pytest.raises(RuntimeError, match="Error building extension"):
+        cpu_native.build(broken, tmp_path / "build")
+    # load() turns the same failure into False and a warning (the engine then uses the torch path).
+    monkeypatch.setattr(cpu_native, "registered", lambda: False)
+    monkeypatch.setattr(cpu_native, "SOURCE", broken)
+    monkeypatch.setenv(cpu_native.BUILD_DIR_ENV, str(tmp_path / "builds"))
+    with caplog.at_level(logging.WARNING, logger=cpu_native.__name__):
+        assert cpu_native.load.__wrapped__() is False
+    assert "C++ CPU attention kernel unavailable" in caplog.text
+
+
+def test_build_folders_are_keyed_by_source_torch_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_native.BUILD_DIR_ENV, str(tmp_path))
+    first = cpu_native.build_dir()
+    assert first.parent == tmp_path
+    monkeypatch.setattr(cpu_native, "_cpu_fingerprint", lambda: "another cpu")
+    assert cpu_native.build_dir() != first
