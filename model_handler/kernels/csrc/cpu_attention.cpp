@@ -77,52 +77,104 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// scores[h * stride] = q[h] . k[h / group] for every query head h: one token's keys, loaded once per kv head.
-inline void token_scores(const float* q, const float* k, int64_t H, int64_t group, int64_t D, float* scores,
-                         int64_t stride) {
+// The largest of x[0..n), n >= 1, with kLanes independent maxima so the loop vectorizes.
+inline float max_of(const float* x, int64_t n) {
+  float lanes[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) lanes[j] = x[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], x[i + j]);
+  float top = x[0];
+  for (; i < n; ++i) top = std::max(top, x[i]);
+  for (int64_t j = 0; j < kLanes; ++j) top = std::max(top, lanes[j]);
+  return top;
+}
+
 #if defined(__AVX512F__)
-  if (D % 16 == 0 && D <= 256) {
-    __m512 kr[16];
+// 16 cache elements as fp32 lanes, converted in registers.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The register-blocked paths below: head_dim 64 (4 vectors) and up to 4 query heads per kv head.
+inline bool fast_path(int64_t D, int64_t group) { return D == 64 && group <= 4; }
+#else
+inline bool fast_path(int64_t, int64_t) { return false; }
+#endif
+
+// scores[h * stride + t] = q[h] . k[t * row + (h / group) * D] for the `num` tokens of one block (row = the
+// kv heads of one token) and every query head h. Fast path: a kv head's query rows stay in registers while
+// its tokens stream by, read straight from the cache; otherwise the block is widened into `scratch` first.
+template <typename T>
+void block_scores(const float* q, const T* k, float* scratch, int64_t row, int64_t num, int64_t H, int64_t group,
+                  int64_t D, float* scores, int64_t stride) {
+#if defined(__AVX512F__)
+  if (fast_path(D, group)) {
     for (int64_t kvh = 0; kvh < H / group; ++kvh) {
-      const float* kh = k + kvh * D;
-      for (int64_t c = 0; c < D / 16; ++c) kr[c] = _mm512_loadu_ps(kh + c * 16);
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kvh * group + g;
-        const float* qh = q + h * D;
-        __m512 acc = _mm512_mul_ps(kr[0], _mm512_loadu_ps(qh));
-        for (int64_t c = 1; c < D / 16; ++c) acc = _mm512_fmadd_ps(kr[c], _mm512_loadu_ps(qh + c * 16), acc);
-        scores[h * stride] = _mm512_reduce_add_ps(acc);
+      __m512 qr[4][4];
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < 4; ++c) qr[g][c] = _mm512_loadu_ps(q + (kvh * group + g) * D + c * 16);
+      for (int64_t t = 0; t < num; ++t) {
+        const T* kt = k + t * row + kvh * D;
+        const __m512 k0 = load16(kt), k1 = load16(kt + 16), k2 = load16(kt + 32), k3 = load16(kt + 48);
+        for (int64_t g = 0; g < group; ++g) {
+          const __m512 a = _mm512_fmadd_ps(qr[g][1], k1, _mm512_mul_ps(qr[g][0], k0));
+          const __m512 b = _mm512_fmadd_ps(qr[g][3], k3, _mm512_mul_ps(qr[g][2], k2));
+          scores[(kvh * group + g) * stride + t] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+        }
       }
     }
     return;
   }
 #endif
-  for (int64_t h = 0; h < H; ++h) scores[h * stride] = dot(q + h * D, k + (h / group) * D, D);
+  to_float(k, scratch, num * row);
+  for (int64_t t = 0; t < num; ++t)
+    for (int64_t h = 0; h < H; ++h) scores[h * stride + t] = dot(q + h * D, scratch + t * row + (h / group) * D, D);
 }
 
-// a += sum_t p[t] * v[t * stride], over `num` tokens of one block: the accumulator stays in registers.
-inline void accumulate(float* a, const float* v, int64_t stride, const float* p, int64_t num, int64_t D) {
+// acc[h] += sum_t p[h * stride + t] * v[t * row + (h / group) * D] over the `num` tokens of one block, for every
+// query head h. Fast path: a kv head's accumulators stay in registers and each value row is read once for all
+// the query heads that share it.
+template <typename T>
+void block_accumulate(float* acc, const T* v, float* scratch, int64_t row, int64_t num, int64_t H, int64_t group,
+                      int64_t D, const float* p, int64_t stride) {
 #if defined(__AVX512F__)
-  if (D == 64) {
-    __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16), a2 = _mm512_loadu_ps(a + 32),
-           a3 = _mm512_loadu_ps(a + 48);
-    for (int64_t t = 0; t < num; ++t) {
-      const float* vt = v + t * stride;
-      const __m512 w = _mm512_set1_ps(p[t]);
-      a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt), a0);
-      a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16), a1);
-      a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 32), a2);
-      a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 48), a3);
+  if (fast_path(D, group)) {
+    for (int64_t kvh = 0; kvh < H / group; ++kvh) {
+      __m512 a[4][4];
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < 4; ++c) a[g][c] = _mm512_loadu_ps(acc + (kvh * group + g) * D + c * 16);
+      for (int64_t t = 0; t < num; ++t) {
+        const T* vt = v + t * row + kvh * D;
+        const __m512 v0 = load16(vt), v1 = load16(vt + 16), v2 = load16(vt + 32), v3 = load16(vt + 48);
+        for (int64_t g = 0; g < group; ++g) {
+          const __m512 w = _mm512_set1_ps(p[(kvh * group + g) * stride + t]);
+          a[g][0] = _mm512_fmadd_ps(w, v0, a[g][0]);
+          a[g][1] = _mm512_fmadd_ps(w, v1, a[g][1]);
+          a[g][2] = _mm512_fmadd_ps(w, v2, a[g][2]);
+          a[g][3] = _mm512_fmadd_ps(w, v3, a[g][3]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (kvh * group + g) * D + c * 16, a[g][c]);
     }
-    _mm512_storeu_ps(a, a0);
-    _mm512_storeu_ps(a + 16, a1);
-    _mm512_storeu_ps(a + 32, a2);
-    _mm512_storeu_ps(a + 48, a3);
     return;
   }
 #endif
-  for (int64_t t = 0; t < num; ++t)
-    for (int64_t x = 0; x < D; ++x) a[x] += p[t] * v[t * stride + x];
+  to_float(v, scratch, num * row);
+  for (int64_t h = 0; h < H; ++h) {
+    float* a = acc + h * D;
+    for (int64_t t = 0; t < num; ++t) {
+      const float w = p[h * stride + t];
+      const float* vt = scratch + t * row + (h / group) * D;
+      for (int64_t x = 0; x < D; ++x) a[x] += w * vt[x];
+    }
+  }
 }
 
 struct Shape {
@@ -156,14 +208,13 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
       scores.resize(H * len);  // [H, len]
       for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
         const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
-        to_float(k_cache + block * s.block_size * row, kv.data(), num * row);  // a block's rows are contiguous
-        for (int64_t t = 0; t < num; ++t)
-          token_scores(q.data(), kv.data() + t * row, H, group, D, scores.data() + t0 + t, len);
+        // A block's rows are contiguous in the cache.
+        block_scores(q.data(), k_cache + block * s.block_size * row, kv.data(), row, num, H, group, D,
+                     scores.data() + t0, len);
       }
       for (int64_t h = 0; h < H; ++h) {
         float* p = scores.data() + h * len;
-        float top = p[0];
-        for (int64_t t = 1; t < len; ++t) top = p[t] > top ? p[t] : top;
+        const float top = max_of(p, len);
         for (int64_t t = 0; t < len; ++t) p[t] -= top;
         exp_nonpositive(p, len);
         float sum = 0.f;
@@ -173,9 +224,8 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
         const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
-        to_float(v_cache + block * s.block_size * row, kv.data(), num * row);
-        for (int64_t h = 0; h < H; ++h)
-          accumulate(acc.data() + h * D, kv.data() + (h / group) * D, row, scores.data() + h * len + t0, num, D);
+        block_accumulate(acc.data(), v_cache + block * s.block_size * row, kv.data(), row, num, H, group, D,
+                         scores.data() + t0, len);
       }
       T* o = out + q_row * H * D;
       for (int64_t h = 0; h < H; ++h)
