@@ -6,6 +6,8 @@ output tok/s, wall ms per step, median ms of a decode-only step, and process CPU
 
   python -m bench.engine_step --model tiny --concurrency 32 --requests 64 --max-tokens 128 --rounds 3 \
       --variant greedy:temperature=0 --variant topp:temperature=1,top_p=0.9 --variant t1:threads=1
+  python -m bench.engine_step --model llama-100m --prompt-tokens 128 --variant cpu:backend=cpu \
+      --variant torch:backend=torch   # the C++ CPU decode kernel against torch's SDPA path
 """
 from __future__ import annotations
 
@@ -38,12 +40,14 @@ class Variant:
     threads: int | None = None
     attrs: dict[str, object] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    backend: str | None = None
+    """ATTENTION_BACKEND of the engine it runs on (None: the device's default); each backend gets its own engine."""
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        """`name:key=value,...`; keys: temperature, top_p, top_k, repetition_penalty, threads, env.NAME (set
-        around the run), attr.MODULE.NAME (a module constant set around the run, value a Python literal), e.g.
-        attr.model_handler.layers.cpu_linear.enabled=False."""
+        """`name:key=value,...`; keys: temperature, top_p, top_k, repetition_penalty, threads, backend (torch, cpu
+        or triton), env.NAME (set around the run), attr.MODULE.NAME (a module constant set around the run, value a
+        Python literal), e.g. attr.model_handler.layers.cpu_linear.enabled=False."""
         name, _, spec = text.partition(":")
         variant = cls(name or "default", {"temperature": 0.0})
         for item in filter(None, spec.split(",")):
@@ -54,6 +58,8 @@ class Variant:
                 variant.sampling[key] = SAMPLING_KEYS[key](value)
             elif key == "threads":
                 variant.threads = int(value)
+            elif key == "backend":
+                variant.backend = value
             elif key.startswith("attr."):
                 variant.attrs[key[5:]] = ast.literal_eval(value)
             elif key.startswith("env."):
@@ -118,7 +124,7 @@ def run_workload(
     return RunResult(num_tokens, num_tokens / wall, 1e3 * wall / num_steps, decode_ms, 1e3 * cpu / num_steps)
 
 
-def build_engine(model_dir: Path, args: argparse.Namespace) -> Engine:
+def build_engine(model_dir: Path, args: argparse.Namespace, backend: str | None = None) -> Engine:
     config = EngineConfig(
         model_dir=model_dir,
         max_model_len=args.prompt_tokens + args.max_tokens + 16,
@@ -126,6 +132,7 @@ def build_engine(model_dir: Path, args: argparse.Namespace) -> Engine:
         max_num_batched_tokens=max(2048, args.concurrency),
         block_size=args.block_size,
         enable_prefix_caching=False,
+        attention_backend=backend,
     )
     return Engine(config)
 
@@ -187,17 +194,19 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = default_model_dir(args.model) if args.model in PRESETS else Path(args.model)
     variants = [Variant.parse(v) for v in args.variant] or [Variant.parse("greedy:")]
-    engine = build_engine(model_dir, args)
-    vocab_size = engine.model_config.vocab_size
+    backends = dict.fromkeys(v.backend for v in variants)  # distinct, in order
+    engines = {backend: build_engine(model_dir, args, backend) for backend in backends}
+    vocab_size = next(iter(engines.values())).model_config.vocab_size
     num_requests = args.requests or 2 * args.concurrency
-    # A short warm-up run: first-call costs (allocator, kernels' lazy init) stay out of the first variant.
+    # A short warm-up run per engine: first-call costs (allocator, kernels' lazy init) stay out of the first variant.
     warmup = make_prompts(args.concurrency, args.prompt_tokens, vocab_size, 10_000)
-    run_workload(engine, warmup, 8, args.concurrency, {"temperature": 0.0}, "warmup")
+    for engine in engines.values():
+        run_workload(engine, warmup, 8, args.concurrency, {"temperature": 0.0}, "warmup")
     results: dict[str, list[RunResult]] = {v.name: [] for v in variants}
     for round_index in range(args.rounds):
         for variant in variants if round_index % 2 == 0 else variants[::-1]:
             prompts = make_prompts(num_requests, args.prompt_tokens, vocab_size, round_index)
-            result = run_variant(engine, variant, prompts, args, f"r{round_index}-{variant.name}")
+            result = run_variant(engines[variant.backend], variant, prompts, args, f"r{round_index}-{variant.name}")
             results[variant.name].append(result)
             print(f"round {round_index} {variant.name:>12}: {result.tokens_per_s:8.0f} tok/s  "
                   f"{result.ms_per_step:6.2f} ms/step  {result.ms_per_decode_step:6.2f} ms/decode-step  "

@@ -1,5 +1,6 @@
 """The CPU attention backend: decode rows through the C++ kernel (`cpu_native`), which reads the paged cache in
-place; prompts and prompt chunks through the torch reference's causal SDPA, where the work is matmul-shaped.
+place; prompts and prompt chunks through the torch reference's causal SDPA, where the work is matmul-shaped; the
+layers' residual add + RMSNorm, SiLU-and-mul and rotary as single C++ passes (`cpu_fused`).
 
 Chosen by default on CPU when the kernel builds (`select_backend`); the torch reference stays the fallback and
 the oracle the tests compare it with.
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_handler.kernels import cpu_native, reference
+from model_handler.kernels import cpu_fused, cpu_native, reference
 from model_handler.layers.attention_metadata import AttentionMetadata
 
 
@@ -37,14 +38,14 @@ class CpuStepPlan:
 
 
 class CpuBackend:
-    """Torch reference for the KV store and prompts, the C++ kernel for decode rows."""
+    """Torch reference for the KV store and prompts, the C++ kernels for decode rows and elementwise ops."""
 
     name = "cpu"
-    fused = None
+    fused = cpu_fused
 
     def __init__(self) -> None:
         if not cpu_native.load():
-            raise RuntimeError("the C++ CPU attention kernel could not be built or loaded (the log says why)")
+            raise RuntimeError("the C++ CPU kernels could not be built or loaded (the log says why)")
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)

@@ -1,5 +1,5 @@
-"""Build and load the C++ CPU kernels (`csrc/cpu_attention.cpp`) once per machine, through torch's JIT
-extension builder; None where that cannot be done (no compiler, an unsupported platform).
+"""Build and load the C++ CPU kernels (`csrc/`: paged decode attention, fused elementwise ops) once per machine, through torch's JIT
+extension builder; `load()` says False where that cannot be done (no compiler, an unsupported platform).
 
 Built at first use rather than at install: the kernel is compiled for the CPU it runs on (-march=native), and
 the build folder is keyed by the source, the torch version and the CPU's model and flags, so a cache shared
@@ -20,10 +20,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_elementwise.cpp")
+HEADERS = (CSRC / "cpu_math.h",)
 OP_NAMESPACE = "sagemaker_llm_cpu"
 BUILD_DIR_ENV = "CPU_KERNELS_BUILD_DIR"
-"""Where builds go; default `<model cache root>/cpu-kernels` (SAGEMAKER_LLM_CACHE or ~/.cache/sagemaker-llm)."""
+"""Where builds go; default `<model cache root>/cpu-kernels` (TINY_MODEL_CACHE or ~/.cache/sagemaker-llm)."""
 
 
 def _cpu_fingerprint() -> str:
@@ -52,8 +54,10 @@ def _cflags() -> list[str]:
 
 def build_key() -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_fingerprint().encode(), str(_cflags()).encode()):
-        digest.update(part)
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    for part in (torch.__version__, _cpu_fingerprint(), str(_cflags())):
+        digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
@@ -64,15 +68,15 @@ def build_dir() -> Path:
     return root / build_key()
 
 
-def build(source: Path, directory: Path) -> None:
-    """Compile `source` into `directory` (or reuse the build there) and load it into this process; raises on a
-    failed compile or load."""
+def build(sources: tuple[Path, ...], directory: Path) -> None:
+    """Compile `sources` into `directory` (or reuse the build there) and load them into this process; raises on
+    a failed compile or load."""
     from torch.utils import cpp_extension
 
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=f"{OP_NAMESPACE}_{directory.name}",
-        sources=[str(source)],
+        sources=[str(source) for source in sources],
         extra_cflags=_cflags(),
         build_directory=str(directory),
         is_python_module=False,
@@ -80,8 +84,12 @@ def build(source: Path, directory: Path) -> None:
     )
 
 
+OPS = ("paged_decode_attention", "add_rms_norm", "silu_and_mul", "rotary_")
+
+
 def registered() -> bool:
-    return hasattr(getattr(torch.ops, OP_NAMESPACE), "paged_decode_attention")
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    return all(hasattr(namespace, op) for op in OPS)
 
 
 @functools.cache
@@ -91,13 +99,13 @@ def load() -> bool:
     if registered():
         return True
     try:
-        build(SOURCE, build_dir())
+        build(SOURCES, build_dir())
         if not registered():
             raise RuntimeError(f"the library loaded but registered no torch.ops.{OP_NAMESPACE} op")
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the torch path
-        logger.warning("C++ CPU attention kernel unavailable, using torch's SDPA path: %s", _first_line(exc))
+        logger.warning("C++ CPU kernels unavailable, using the torch path: %s", _first_line(exc))
         return False
-    logger.info("C++ CPU attention kernel loaded from %s", build_dir())
+    logger.info("C++ CPU kernels loaded from %s", build_dir())
     return True
 
 

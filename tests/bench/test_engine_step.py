@@ -9,7 +9,7 @@ from bench.engine_step import Variant
 
 def test_variant_parses_sampling_threads_attributes_and_environment():
     variant = Variant.parse("topp:temperature=1,top_p=0.9,top_k=50,threads=1,env.FOO=bar,attr.math.tau=2.5")
-    assert variant.name == "topp"
+    assert variant.name == "topp" and variant.backend is None
     assert variant.sampling == {"temperature": 1.0, "top_p": 0.9, "top_k": 50}
     assert (variant.threads, variant.env, variant.attrs) == (1, {"FOO": "bar"}, {"math.tau": 2.5})
     assert Variant.parse("greedy:").sampling == {"temperature": 0.0}
@@ -46,3 +46,15 @@ def test_short_run_prints_a_row_per_variant_and_restores_attributes(capsys):
     lines = capsys.readouterr().out.splitlines()
     table = {line.split()[0]: line.split()[1:] for line in lines[-2:]}
     assert set(table) == {"a", "b"} and all(float(row[0]) > 0 for row in table.values())  # tok/s
+
+
+def test_variants_with_their_own_attention_backend_run_on_their_own_engines(monkeypatch, capsys):
+    built = []
+    build = engine_step.build_engine
+    monkeypatch.setattr(engine_step, "build_engine", lambda *a: built.append(a[-1]) or build(*a))
+    engine_step.main(
+        ["--concurrency", "2", "--requests", "2", "--prompt-tokens", "5", "--max-tokens", "3", "--rounds", "1",
+         "--variant", "t:backend=torch", "--variant", "t2:backend=torch,threads=1", "--variant", "d:"]
+    )  # fmt: skip
+    assert built == ["torch", None]  # one engine per distinct backend, the default's included
+    assert Variant.parse("c:backend=cpu").backend == "cpu"

@@ -13,8 +13,6 @@
 // which sequence's first seq_lens[seq] cached tokens.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,45 +21,14 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_math.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+namespace sagemaker_llm_cpu {
 namespace {
-
-inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-
-inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  // bf16 is the high half of an fp32: a shift, which vectorizes (c10's conversion does not always).
-  const auto* s = reinterpret_cast<const uint16_t*>(src);
-  auto* d = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-}
-
-inline void to_float(const c10::Half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// exp(x) for x <= 0 (scores minus their maximum), as a loop the compiler vectorizes: 2^(x log2 e) split into
-// an integer power (the exponent bits) and a degree-6 polynomial on [-0.5, 0.5]; relative error ~2e-7.
-inline void exp_nonpositive(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::max(x[i] * 1.44269504088896341f, -126.f);
-    const float k = static_cast<float>(static_cast<int32_t>(v - 0.5f));  // v <= 0: nearest integer, as a cast
-    const float f = v - k;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float power;
-    std::memcpy(&power, &bits, sizeof(power));
-    x[i] = p * power;
-  }
-}
 
 constexpr int64_t kLanes = 16;
 
@@ -293,11 +260,14 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
 }
 
 }  // namespace
+}  // namespace sagemaker_llm_cpu
 
-TORCH_LIBRARY(sagemaker_llm_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(sagemaker_llm_cpu, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor query_rows, Tensor seq_rows, float scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(sagemaker_llm_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(sagemaker_llm_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &sagemaker_llm_cpu::paged_decode_attention);
+}
