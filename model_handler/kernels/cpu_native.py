@@ -1,9 +1,10 @@
-"""Build and load the C++ CPU kernels (`csrc/`: paged decode attention, fused elementwise ops) once per machine, through torch's JIT
-extension builder; `load()` says False where that cannot be done (no compiler, an unsupported platform).
+"""Build and load the C++ CPU kernels (`csrc/`: paged decode attention, fused elementwise ops) once per
+machine, through torch's JIT extension builder; `load()` says False where that cannot be done (no compiler, an
+unsupported platform), and the CPU path stays on plain torch.
 
-Built at first use rather than at install: the kernel is compiled for the CPU it runs on (-march=native), and
-the build folder is keyed by the source, the torch version and the CPU's model and flags, so a cache shared
-between different machines never hands one a binary for another. A build takes ~10 s on 2 cores; later starts
+Built at first use rather than at install: the kernels are compiled for the CPU they run on (-march=native), and
+the build folder is keyed by the sources, the torch version and the CPU's model and flags, so a cache shared
+between different machines never hands one a binary for another. A build takes ~15 s on 2 cores; later starts
 load the cached library. Concurrent builders (tensor-parallel ranks, test processes) are serialised by torch's
 lock file in the build folder.
 """
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,6 +75,7 @@ def build(sources: tuple[Path, ...], directory: Path) -> None:
     a failed compile or load."""
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=f"{OP_NAMESPACE}_{directory.name}",
@@ -82,6 +85,18 @@ def build(sources: tuple[Path, ...], directory: Path) -> None:
         is_python_module=False,
         verbose=False,
     )
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` package (a dependency) installs it next to this
+    Python, which is not on PATH when the venv is not activated (`make test`, the launcher)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join(filter(None, (ninja.BIN_DIR, os.environ.get("PATH"))))
 
 
 OPS = ("paged_decode_attention", "add_rms_norm", "silu_and_mul", "rotary_")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -118,3 +120,12 @@ def test_build_folders_are_keyed_by_source_torch_and_cpu(monkeypatch, tmp_path):
     assert first.parent == tmp_path
     monkeypatch.setattr(cpu_native, "_cpu_fingerprint", lambda: "another cpu")
     assert cpu_native.build_dir() != first
+
+
+def test_ninja_from_the_package_is_found_without_an_activated_venv(monkeypatch, tmp_path):
+    import ninja
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no ninja on it (`make test` does not activate .venv)
+    cpu_native._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert shutil.which("ninja") is not None
