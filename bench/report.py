@@ -8,7 +8,7 @@ from typing import Any
 
 BASELINES = ("tf-serve", "tf-serve-cb", "tf-serve-bf16", "tf-serve-cb-bf16")
 """Every `transformers serve` mode and precision; a target's baseline is the best of those in the run."""
-OURS = ("ours", "ours-fp32")
+OURS = ("ours", "ours-fp32", "ours-torch-attn")
 TARGET_CONCURRENCY = 32
 
 

@@ -50,6 +50,8 @@ SERVERS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec("ours", "openai-ext", "/ping", "container/serve (this project), its default DTYPE=auto"),
         ServerSpec("ours-fp32", "openai-ext", "/ping", "container/serve with DTYPE=float32"),
+        ServerSpec("ours-torch-attn", "openai-ext", "/ping",
+                   "container/serve with ATTENTION_BACKEND=torch (the CPU path without the C++ kernels)"),
         ServerSpec("tf-serve", "tf-serve", "/health", "transformers serve, generate() one request at a time"),
         ServerSpec("tf-serve-cb", "tf-serve-cb", "/health", "transformers serve --continuous-batching"),
         ServerSpec("tf-serve-bf16", "tf-serve", "/health", "tf-serve with --dtype bfloat16"),
@@ -76,10 +78,12 @@ def _command(spec: ServerSpec, model_dir: str, port: int, cb: CbSettings) -> tup
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    if spec.name in ("ours", "ours-fp32"):
+    if spec.name in ("ours", "ours-fp32", "ours-torch-attn"):
         env.update(HF_MODEL_ID=model_dir, PORT=str(port), SAGEMAKER_BIND_TO_PORT=str(port))
         if spec.name == "ours-fp32":
             env["DTYPE"] = "float32"
+        if spec.name == "ours-torch-attn":
+            env["ATTENTION_BACKEND"] = "torch"
         return [sys.executable, str(REPO_ROOT / "container" / "serve"), "serve"], env  # as `docker run IMAGE serve`
     if spec.name.startswith("tf-serve"):
         argv = [str(bin_dir / "transformers"), "serve", model_dir, "--device", "cpu", "--host", HOST,

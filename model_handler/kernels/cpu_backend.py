@@ -61,8 +61,12 @@ class CpuBackend:
     ) -> torch.Tensor:
         if out is None:
             out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        if query.dtype != k_cache.dtype or query.stride(-1) != 1 or query.stride(-2) != query.shape[-1]:
-            # Layouts the kernel does not take (a cache in another dtype): the reference handles everything.
+        if (
+            query.dtype != k_cache.dtype
+            or query.stride(-1) != 1
+            or query.stride(-2) != query.shape[-1]
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous())
+        ):  # layouts the kernel does not take (a cache in another dtype, a strided cache): the reference does all
             return reference.paged_attention(
                 query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale, out
             )

@@ -64,6 +64,8 @@ def test_bf16_transformers_modes_ask_for_bf16() -> None:
     assert "--dtype" not in argv and "--continuous-batching" not in argv
     _, env = _command(SERVERS["ours-fp32"], "/m", 1234, cb)
     assert env["DTYPE"] == "float32"
+    _, env = _command(SERVERS["ours-torch-attn"], "/m", 1234, cb)
+    assert env["ATTENTION_BACKEND"] == "torch" and "DTYPE" not in env
 
 
 def test_each_metric_takes_its_own_best_round_for_every_server() -> None:
