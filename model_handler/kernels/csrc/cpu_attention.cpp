@@ -68,33 +68,71 @@ inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// The register-blocked paths below: head_dim 64 (4 vectors) and up to 4 query heads per kv head.
-inline bool fast_path(int64_t D, int64_t group) { return D == 64 && group <= 4; }
-#else
-inline bool fast_path(int64_t, int64_t) { return false; }
+// The register-blocked paths: head_dim 64, 128 or 256 (C = 4, 8 or 16 vectors), query heads of a kv head in
+// tiles of 16 / C, so a tile's query rows (or accumulators) and one token's keys (or values) fit the 32 registers.
+inline bool fast_path(int64_t D) { return D == 64 || D == 128 || D == 256; }
+
+template <int C, typename T>
+void scores_kv_head(const float* q, const T* k, int64_t row, int64_t num, int64_t kvh, int64_t group, float* scores,
+                    int64_t stride) {
+  constexpr int64_t D = 16 * C, tile = 16 / C;
+  for (int64_t g0 = 0; g0 < group; g0 += tile) {
+    const int64_t gn = std::min(tile, group - g0);
+    __m512 qr[tile][C];
+    for (int64_t g = 0; g < gn; ++g)
+      for (int c = 0; c < C; ++c) qr[g][c] = _mm512_loadu_ps(q + (kvh * group + g0 + g) * D + c * 16);
+    for (int64_t t = 0; t < num; ++t) {
+      const T* kt = k + t * row + kvh * D;
+      __m512 kr[C];
+      for (int c = 0; c < C; ++c) kr[c] = load16(kt + c * 16);
+      for (int64_t g = 0; g < gn; ++g) {
+        __m512 a = _mm512_mul_ps(qr[g][0], kr[0]), b = _mm512_mul_ps(qr[g][1], kr[1]);
+        for (int c = 2; c < C; c += 2) {
+          a = _mm512_fmadd_ps(qr[g][c], kr[c], a);
+          b = _mm512_fmadd_ps(qr[g][c + 1], kr[c + 1], b);
+        }
+        scores[(kvh * group + g0 + g) * stride + t] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+      }
+    }
+  }
+}
+
+template <int C, typename T>
+void accumulate_kv_head(float* acc, const T* v, int64_t row, int64_t num, int64_t kvh, int64_t group, const float* p,
+                        int64_t stride) {
+  constexpr int64_t D = 16 * C, tile = 16 / C;
+  for (int64_t g0 = 0; g0 < group; g0 += tile) {
+    const int64_t gn = std::min(tile, group - g0);
+    __m512 a[tile][C];
+    for (int64_t g = 0; g < gn; ++g)
+      for (int c = 0; c < C; ++c) a[g][c] = _mm512_loadu_ps(acc + (kvh * group + g0 + g) * D + c * 16);
+    for (int64_t t = 0; t < num; ++t) {
+      const T* vt = v + t * row + kvh * D;
+      __m512 vr[C];
+      for (int c = 0; c < C; ++c) vr[c] = load16(vt + c * 16);
+      for (int64_t g = 0; g < gn; ++g) {
+        const __m512 w = _mm512_set1_ps(p[(kvh * group + g0 + g) * stride + t]);
+        for (int c = 0; c < C; ++c) a[g][c] = _mm512_fmadd_ps(w, vr[c], a[g][c]);
+      }
+    }
+    for (int64_t g = 0; g < gn; ++g)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (kvh * group + g0 + g) * D + c * 16, a[g][c]);
+  }
+}
 #endif
 
 // scores[h * stride + t] = q[h] . k[t * row + (h / group) * D] for the `num` tokens of one block (row = the
-// kv heads of one token) and every query head h. Fast path: a kv head's query rows stay in registers while
-// its tokens stream by, read straight from the cache; otherwise the block is widened into `scratch` first.
+// kv heads of one token) and every query head h. Fast path: a tile of a kv head's query rows stays in registers
+// while its tokens stream by, read straight from the cache; otherwise the block is widened into `scratch` first.
 template <typename T>
 void block_scores(const float* q, const T* k, float* scratch, int64_t row, int64_t num, int64_t H, int64_t group,
                   int64_t D, float* scores, int64_t stride) {
 #if defined(__AVX512F__)
-  if (fast_path(D, group)) {
+  if (fast_path(D)) {
     for (int64_t kvh = 0; kvh < H / group; ++kvh) {
-      __m512 qr[4][4];
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < 4; ++c) qr[g][c] = _mm512_loadu_ps(q + (kvh * group + g) * D + c * 16);
-      for (int64_t t = 0; t < num; ++t) {
-        const T* kt = k + t * row + kvh * D;
-        const __m512 k0 = load16(kt), k1 = load16(kt + 16), k2 = load16(kt + 32), k3 = load16(kt + 48);
-        for (int64_t g = 0; g < group; ++g) {
-          const __m512 a = _mm512_fmadd_ps(qr[g][1], k1, _mm512_mul_ps(qr[g][0], k0));
-          const __m512 b = _mm512_fmadd_ps(qr[g][3], k3, _mm512_mul_ps(qr[g][2], k2));
-          scores[(kvh * group + g) * stride + t] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-        }
-      }
+      if (D == 64) scores_kv_head<4>(q, k, row, num, kvh, group, scores, stride);
+      if (D == 128) scores_kv_head<8>(q, k, row, num, kvh, group, scores, stride);
+      if (D == 256) scores_kv_head<16>(q, k, row, num, kvh, group, scores, stride);
     }
     return;
   }
@@ -105,30 +143,17 @@ void block_scores(const float* q, const T* k, float* scratch, int64_t row, int64
 }
 
 // acc[h] += sum_t p[h * stride + t] * v[t * row + (h / group) * D] over the `num` tokens of one block, for every
-// query head h. Fast path: a kv head's accumulators stay in registers and each value row is read once for all
-// the query heads that share it.
+// query head h. Fast path: a tile of a kv head's accumulators stays in registers and each value row is read once
+// per tile of the query heads that share it.
 template <typename T>
 void block_accumulate(float* acc, const T* v, float* scratch, int64_t row, int64_t num, int64_t H, int64_t group,
                       int64_t D, const float* p, int64_t stride) {
 #if defined(__AVX512F__)
-  if (fast_path(D, group)) {
+  if (fast_path(D)) {
     for (int64_t kvh = 0; kvh < H / group; ++kvh) {
-      __m512 a[4][4];
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < 4; ++c) a[g][c] = _mm512_loadu_ps(acc + (kvh * group + g) * D + c * 16);
-      for (int64_t t = 0; t < num; ++t) {
-        const T* vt = v + t * row + kvh * D;
-        const __m512 v0 = load16(vt), v1 = load16(vt + 16), v2 = load16(vt + 32), v3 = load16(vt + 48);
-        for (int64_t g = 0; g < group; ++g) {
-          const __m512 w = _mm512_set1_ps(p[(kvh * group + g) * stride + t]);
-          a[g][0] = _mm512_fmadd_ps(w, v0, a[g][0]);
-          a[g][1] = _mm512_fmadd_ps(w, v1, a[g][1]);
-          a[g][2] = _mm512_fmadd_ps(w, v2, a[g][2]);
-          a[g][3] = _mm512_fmadd_ps(w, v3, a[g][3]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (kvh * group + g) * D + c * 16, a[g][c]);
+      if (D == 64) accumulate_kv_head<4>(acc, v, row, num, kvh, group, p, stride);
+      if (D == 128) accumulate_kv_head<8>(acc, v, row, num, kvh, group, p, stride);
+      if (D == 256) accumulate_kv_head<16>(acc, v, row, num, kvh, group, p, stride);
     }
     return;
   }

@@ -27,11 +27,11 @@ def run_cpu_backend(batch) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim"),
-    [(4, 2, 32), (12, 4, 64), (8, 8, 64), (8, 1, 128), (6, 2, 80), (4, 2, 24)],
+    [(4, 2, 32), (12, 4, 64), (8, 8, 64), (8, 1, 128), (32, 8, 128), (4, 2, 256), (6, 2, 80), (4, 2, 24)],
 )
 def test_decode_rows_match_sdpa(paged_batch, poison, num_heads, num_kv_heads, head_dim):
     """Ragged lengths around block boundaries (block 16), GQA ratios 1-8, head dims with and without the
-    AVX-512 paths (64; multiples of 16; 24); NaN in every cache slot outside the contexts."""
+    AVX-512 paths (64, 128, 256; 24, 32, 80); NaN in every cache slot outside the contexts."""
     seq_lens = [1, 15, 16, 17, 33, 48, 5, 200]
     batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         head_dim=head_dim)  # fmt: skip
