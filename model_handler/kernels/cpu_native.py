@@ -55,7 +55,9 @@ def _cflags() -> list[str]:
 
 
 def build_key() -> str:
-    digest = hashlib.sha256()
+    """Sources, their folder (torch's builder rebuilds when the source paths change, so two checkouts sharing a
+    folder would rebuild in turn), torch version, CPU and flags."""
+    digest = hashlib.sha256(str(CSRC.resolve()).encode())
     for path in (*SOURCES, *HEADERS):
         digest.update(path.read_bytes())
     for part in (torch.__version__, _cpu_fingerprint(), str(_cflags())):
