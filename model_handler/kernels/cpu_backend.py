@@ -25,15 +25,11 @@ class CpuStepPlan:
 
     @classmethod
     def build(cls, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> CpuStepPlan:
-        starts = query_start_loc.tolist()
-        lens = seq_lens.tolist()
-        q_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
-        prefills = [(starts[i], q_lens[i], lens[i], i) for i in range(len(lens)) if q_lens[i] > 1]
-        decode_seqs = [i for i in range(len(lens)) if q_lens[i] == 1]
+        split = reference.RowSplit.of(seq_lens, query_start_loc)
         return cls(
-            torch.tensor([starts[i] for i in decode_seqs], dtype=torch.long),
-            torch.tensor(decode_seqs, dtype=torch.long),
-            prefills,
+            torch.tensor([split.starts[i] for i in split.decode], dtype=torch.long),
+            torch.tensor(split.decode, dtype=torch.long),
+            split.prefills,
         )
 
 

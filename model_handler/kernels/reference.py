@@ -105,6 +105,25 @@ DECODE_CHUNK_BYTES = 4 << 20
 reads them (10-20% faster than the whole batch at once on a 2-core EPYC, bench/engine_step.py)."""
 
 
+@dataclass(slots=True)
+class RowSplit:
+    """A step's sequences split into decode rows (one new token) and prompts or prompt chunks (several)."""
+
+    starts: list[int]  # query_start_loc as a list
+    lens: list[int]  # seq_lens as a list
+    decode: list[int]  # sequences with one new token, in batch order
+    prefills: list[tuple[int, int, int, int]]  # (query start, q_len, seq_len, row) of longer queries
+
+    @classmethod
+    def of(cls, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> RowSplit:
+        """Two host syncs; once per step."""
+        starts = query_start_loc.tolist()
+        lens = seq_lens.tolist()
+        q_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
+        prefills = [(starts[i], q_lens[i], lens[i], i) for i in range(len(lens)) if q_lens[i] > 1]
+        return cls(starts, lens, [i for i in range(len(lens)) if q_lens[i] == 1], prefills)
+
+
 def build_plan(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, k_cache: torch.Tensor
 ) -> StepPlan:
@@ -114,12 +133,9 @@ def build_plan(
     to the longest of the step (32 rows of 128-384 tokens: a third of the gathered keys were padding; 12% less
     attention time measured, identical outputs).
     """
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    num_seqs = len(lens)
-    q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
-    prefills = [(starts[i], q_lens[i], lens[i], i) for i in range(num_seqs) if q_lens[i] > 1]
-    decode_rows = sorted((i for i in range(num_seqs) if q_lens[i] == 1), key=lambda i: lens[i])
+    split = RowSplit.of(seq_lens, query_start_loc)
+    starts, lens = split.starts, split.lens
+    decode_rows = sorted(split.decode, key=lambda i: lens[i])
     block_size = k_cache.shape[1]
     row_block_bytes = 2 * k_cache[0].numel() * k_cache.element_size()  # keys and values of one block
     chunks = []
@@ -135,7 +151,7 @@ def build_plan(
         chunks.append(_decode_chunk_plan(block_tables, [lens[i] for i in rows], rows, [starts[i] for i in rows],
                                          block_size))
         first = last
-    return StepPlan(chunks, prefills)
+    return StepPlan(chunks, split.prefills)
 
 
 def _decode_chunk_plan(
