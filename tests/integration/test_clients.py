@@ -9,7 +9,7 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 
-from model_handler.kernels import cpu_native
+from tests import cpu_kernels
 from tests.openai_schema import validate
 
 MESSAGES = [{"role": "user", "content": "What is deep learning?"}]
@@ -118,5 +118,5 @@ def test_info_reports_what_the_engine_sized_at_start_up(live_server):
     assert engine["kv_cache_tokens"] == engine["kv_cache_blocks"] * engine["kv_cache_block_size"]
     assert engine["kv_cache_tokens"] * 4096 == engine["kv_cache_bytes"]
     assert engine["device"] == "cpu" and engine["prefix_caching"]
-    assert engine["attention_backend"] == ("cpu" if cpu_native.load() else "torch")
+    assert engine["attention_backend"] == cpu_kernels.expected_backend()
     assert info["max_total_tokens"] == engine["max_model_len"]

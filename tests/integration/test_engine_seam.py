@@ -8,10 +8,10 @@ import time
 import gevent
 import pytest
 
-from model_handler.kernels import cpu_native
 from model_handler.request import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import EngineClient, EngineDeadError
+from tests import cpu_kernels
 from tests.live import REPO_ROOT, start_engine
 
 
@@ -54,7 +54,7 @@ def test_info_describes_the_loaded_model(client):
     info = client.info
     assert info.architecture == "LlamaForCausalLM"
     assert info.max_model_len > 0 and info.num_kv_blocks > 0 and info.eos_token_ids
-    assert info.device == "cpu" and info.attention_backend == ("cpu" if cpu_native.load() else "torch")
+    assert info.device == "cpu" and info.attention_backend == cpu_kernels.expected_backend()
 
 
 def test_greedy_request_runs_to_max_tokens(client):
