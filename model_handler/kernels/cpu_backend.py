@@ -1,6 +1,7 @@
-"""The CPU attention backend: decode rows through the C++ kernel (`cpu_native`), which reads the paged cache in
-place; prompts and prompt chunks through the torch reference's causal SDPA, where the work is matmul-shaped; the
-layers' residual add + RMSNorm, SiLU-and-mul and rotary as single C++ passes (`cpu_fused`).
+"""The CPU attention backend: decode rows and prompts (or prompt chunks) through the C++ kernels (`cpu_native`),
+which read the paged cache in place; the layers' residual add + RMSNorm, SiLU-and-mul and rotary as single C++
+passes (`cpu_fused`). Prompts stay on the torch reference's causal SDPA where the prefill kernel was built without
+its AVX-512 tiles (slower than SDPA there).
 
 Chosen by default on CPU when the kernel builds (`select_backend`); the torch reference stays the fallback and
 the oracle the tests compare it with.
@@ -21,7 +22,7 @@ class CpuStepPlan:
 
     query_rows: torch.Tensor  # [n] int64: the query token of each decode row (one new token)
     seq_rows: torch.Tensor  # [n] int64: its sequence
-    prefills: list[tuple[int, int, int, int]]  # (query start, q_len, seq_len, row) of longer queries
+    prefills: torch.Tensor  # [P, 4] int64: (query start, q_len, seq_len, row) of each longer query
 
     @classmethod
     def build(cls, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> CpuStepPlan:
@@ -29,12 +30,12 @@ class CpuStepPlan:
         return cls(
             torch.tensor([split.starts[i] for i in split.decode], dtype=torch.long),
             torch.tensor(split.decode, dtype=torch.long),
-            split.prefills,
+            torch.tensor(split.prefills, dtype=torch.long).reshape(-1, 4),
         )
 
 
 class CpuBackend:
-    """Torch reference for the KV store and prompts, the C++ kernels for decode rows and elementwise ops."""
+    """Torch reference for the KV store, the C++ kernels for attention and the elementwise ops."""
 
     name = "cpu"
     fused = cpu_fused
@@ -42,6 +43,7 @@ class CpuBackend:
     def __init__(self) -> None:
         if not cpu_native.load():
             raise RuntimeError("the C++ CPU kernels could not be built or loaded (the log says why)")
+        self.prefill_kernel = cpu_native.paged_prefill_attention_is_vectorized()
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -74,7 +76,12 @@ class CpuBackend:
                 out, query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, plan.query_rows,
                 plan.seq_rows, scale,
             )  # fmt: skip
-        for start, q_len, seq_len, row in plan.prefills:
-            table = metadata.block_tables[row]
-            reference.prefill_one(query, k_cache, v_cache, table, seq_len, start, q_len, scale, out)
+        if plan.prefills.numel() and self.prefill_kernel:
+            cpu_native.paged_prefill_attention(
+                out, query, k_cache, v_cache, metadata.block_tables, plan.prefills, scale
+            )
+        elif plan.prefills.numel():
+            for start, q_len, seq_len, row in plan.prefills.tolist():
+                table = metadata.block_tables[row]
+                reference.prefill_one(query, k_cache, v_cache, table, seq_len, start, q_len, scale, out)
         return out

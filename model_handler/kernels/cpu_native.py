@@ -1,4 +1,4 @@
-"""Build and load the C++ CPU kernels (`csrc/`: paged decode attention, fused elementwise ops) once per
+"""Build and load the C++ CPU kernels (`csrc/`: paged decode and prefill attention, fused elementwise ops) once per
 machine, through torch's JIT extension builder; `load()` says False where that cannot be done (no compiler, an
 unsupported platform), and the CPU path stays on plain torch.
 
@@ -23,11 +23,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_elementwise.cpp")
+SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill_attention.cpp", CSRC / "cpu_elementwise.cpp")
 HEADERS = (CSRC / "cpu_math.h",)
 OP_NAMESPACE = "sagemaker_llm_cpu"
 BUILD_DIR_ENV = "CPU_KERNELS_BUILD_DIR"
 """Where builds go; default `<model cache root>/cpu-kernels` (TINY_MODEL_CACHE or ~/.cache/sagemaker-llm)."""
+TARGET_ENV = "CPU_KERNELS_TARGET"
+"""The CPU the kernels are compiled for (gcc's -march on x86, -mcpu on ARM); default `native`. The tests set
+`x86-64-v3` to check the paths that CPUs without AVX-512 run."""
 
 
 def _cpu_fingerprint() -> str:
@@ -48,10 +51,14 @@ def _cflags() -> list[str]:
     flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        return [*flags, "-march=native"]
+        return [*flags, f"-march={target()}"]
     if machine in ("aarch64", "arm64"):
-        return [*flags, "-mcpu=native"]
+        return [*flags, f"-mcpu={target()}"]
     return flags
+
+
+def target() -> str:
+    return os.environ.get(TARGET_ENV, "").strip() or "native"
 
 
 def build_key() -> str:
@@ -101,7 +108,14 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join(filter(None, (ninja.BIN_DIR, os.environ.get("PATH"))))
 
 
-OPS = ("paged_decode_attention", "add_rms_norm", "silu_and_mul", "rotary_")
+OPS = (
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "paged_prefill_attention_is_vectorized",
+    "add_rms_norm",
+    "silu_and_mul",
+    "rotary_",
+)
 
 
 def registered() -> bool:
@@ -146,3 +160,21 @@ def paged_decode_attention(
     torch.ops.sagemaker_llm_cpu.paged_decode_attention(
         out, query, k_cache, v_cache, block_tables, seq_lens, query_rows, seq_rows, scale
     )
+
+
+def paged_prefill_attention(
+    out: torch.Tensor,  # [T, H, D] contiguous
+    query: torch.Tensor,  # [T, H, D], rows may be strided
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    prefills: torch.Tensor,  # [P, 4] int64: (query start, query length, sequence length, block table row)
+    scale: float,
+) -> None:
+    """Each prompt's query rows attend causally over its sequence's cached tokens (the prompt's own included)."""
+    torch.ops.sagemaker_llm_cpu.paged_prefill_attention(out, query, k_cache, v_cache, block_tables, prefills, scale)
+
+
+def paged_prefill_attention_is_vectorized() -> bool:
+    """Whether the prefill kernel was built with its AVX-512 tiles (without them SDPA is faster)."""
+    return bool(torch.ops.sagemaker_llm_cpu.paged_prefill_attention_is_vectorized())

@@ -43,7 +43,7 @@ def test_decode_rows_match_sdpa(paged_batch, poison, num_heads, num_kv_heads, he
 
 
 def test_decode_rows_between_prompt_rows_match_sdpa(paged_batch):
-    """A mixed step: prompts and prompt chunks go through SDPA, the decode rows between them through the kernel."""
+    """A mixed step: the decode rows between prompts and prompt chunks go through the decode kernel."""
     batch = paged_batch([3, 1, 5, 1, 1, 0, 20], [3, 40, 21, 16, 9, 4, 20], num_heads=8, num_kv_heads=2)
     torch.testing.assert_close(run_cpu_backend(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
 
