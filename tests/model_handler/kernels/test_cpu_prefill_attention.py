@@ -25,8 +25,8 @@ def built_kernels() -> None:
 def prefill_rows(batch) -> torch.Tensor:
     """(query start, query length, sequence length, table row) of every sequence with more than one new token."""
     starts, lens = batch.query_start_loc.tolist(), batch.seq_lens.tolist()
-    rows = [(starts[i], starts[i + 1] - starts[i], lens[i], i) for i in range(len(lens)) if starts[i + 1] - starts[i] > 1]
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
+    rows = [(starts[i], starts[i + 1] - starts[i], lens[i], i) for i in range(len(lens))]
+    return torch.tensor([row for row in rows if row[1] > 1], dtype=torch.long).reshape(-1, 4)
 
 
 def run_kernel(batch, query: torch.Tensor | None = None) -> torch.Tensor:
