@@ -46,10 +46,10 @@ struct PrefillShape {
 
 // Per-thread buffers, sized once per call.
 struct Scratch {
-  std::vector<float> q, acc, kt, v, m, l;
+  std::vector<float> q, acc, kt, v, m, l, row;
   std::vector<uint32_t> qb, ktb;  // the bf16 dot-product path: query rows and keys as pairs of bf16
   Scratch(int64_t rows, int64_t D)
-      : q(rows * D), acc(rows * D), kt(D * kLanes), v(kLanes * D), m(rows), l(rows), qb(rows * D / 2),
+      : q(rows * D), acc(rows * D), kt(D * kLanes), v(kLanes * D), m(rows), l(rows), row(D), qb(rows * D / 2),
         ktb(D / 2 * kLanes) {}
 };
 
@@ -217,7 +217,7 @@ void load_tile(const T* k_cache, const T* v_cache, const int32_t* table, int64_t
   float* kt = w.kt.data();
   uint32_t* ktb = w.ktb.data();
   float* v = w.v.data();
-  float row[512];  // head_dim <= 512 (checked by the caller)
+  float* row = w.row.data();
   for (int64_t j = 0; j < kLanes; ++j) {
     if (j < n) {
       const int64_t t = t0 + j;
@@ -362,7 +362,6 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::
   TORCH_CHECK(prefills.scalar_type() == at::kLong && prefills.dim() == 2 && prefills.size(1) == 4,
               "prefills: int64 [P, 4] (query start, query length, sequence length, table row)");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0 && query.size(2) == k_cache.size(3), "heads do not match");
-  TORCH_CHECK(query.size(2) <= 512, "head_dim above 512");
   const auto tables = block_tables.contiguous();
   const auto rows = prefills.contiguous();
   const PrefillShape shape{query.size(1), k_cache.size(2), query.size(2), k_cache.size(1),
