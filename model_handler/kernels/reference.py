@@ -175,9 +175,10 @@ _scratch = threading.local()  # per thread: {(dtype, device): flat buffer}
 
 def _scratch_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
     """A reused flat buffer of at least `numel` elements. Fresh multi-MiB tensors every layer made glibc map
-    and unmap pages each time (page faults were half the decode attention's time at long contexts)."""
+    and unmap pages each time (page faults were half the decode attention's time at long contexts). One made
+    under inference mode cannot be written outside it, so each mode keeps its own."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (like.dtype, like.device)
+    key = (like.dtype, like.device, torch.is_inference_mode_enabled())
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = torch.empty(numel, dtype=like.dtype, device=like.device)

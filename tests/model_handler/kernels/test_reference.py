@@ -54,6 +54,17 @@ def test_decode_rows_in_chunks_match_sdpa(paged_batch, monkeypatch, chunk_bytes)
     torch.testing.assert_close(run_reference(batch), sdpa_per_sequence(batch), atol=2e-6, rtol=0)
 
 
+def test_decode_rows_work_in_and_out_of_inference_mode_in_turn(paged_batch):
+    """The reused scratch buffer: one made under inference mode cannot be written outside it (the engine runs in
+    inference mode; tests, tools and the benchmarks may call the path either way in one process)."""
+    batch = paged_batch([1, 1], [40, 17], num_heads=4, num_kv_heads=2, seed=5)
+    expected = sdpa_per_sequence(batch)
+    with torch.inference_mode():
+        inside = run_reference(batch)
+    torch.testing.assert_close(run_reference(batch), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(inside, expected, atol=2e-6, rtol=0)
+
+
 def test_decode_chunks_group_rows_of_similar_length(paged_batch, monkeypatch):
     """Rows are chunked shortest first, so short rows are not padded to the step's longest."""
     monkeypatch.setattr(reference, "DECODE_CHUNK_BYTES", 26 * (ROW_BYTES // 3))  # 26 blocks of keys and values
