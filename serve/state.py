@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gevent
+import gevent.monkey
 
 from model_handler.request import EngineRequest
 from model_handler.sampling_params import SamplingParams
@@ -95,7 +96,7 @@ class ServeState:
         with self._load_lock:
             if self._tokenizer is None:
                 try:
-                    self._tokenizer = TextTokenizer.load(engine.info.model_dir)
+                    self._tokenizer = _load_tokenizer(engine.info.model_dir)
                 except Exception as exc:
                     self._tokenizer_error = f"{type(exc).__name__}: {exc}"
                     logger.exception("could not load the tokenizer", extra={"model_dir": engine.info.model_dir})
@@ -205,6 +206,15 @@ class Job:
         finishes = [g.finish for g in self.generations if g.finish is not None]
         record.finish_reason = finishes[0].value if finishes else "aborted"
         record.is_generation = True
+
+
+def _load_tokenizer(model_dir: str) -> TextTokenizer:
+    """Off the hub in a gevent worker: the ~1 s load (more under load) would otherwise stop the worker accepting
+    and answering meanwhile, and a SIGTERM in that window reset the connections still waiting to be accepted.
+    (Under monkey-patching `threading.Lock` is gevent's, so the caller's lock waits cooperatively.)"""
+    if gevent.monkey.is_module_patched("threading"):
+        return gevent.get_hub().threadpool.apply(TextTokenizer.load, (model_dir,))
+    return TextTokenizer.load(model_dir)
 
 
 def _default_client_factory(address: str):
