@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill_attention.cpp", CSRC / "cpu_elementwise.cpp")
-HEADERS = (CSRC / "cpu_math.h",)
+HEADERS = (CSRC / "cpu_math.h", CSRC / "cpu_paged_checks.h")
 OP_NAMESPACE = "sagemaker_llm_cpu"
 BUILD_DIR_ENV = "CPU_KERNELS_BUILD_DIR"
 """Where builds go; default `<model cache root>/cpu-kernels` (TINY_MODEL_CACHE or ~/.cache/sagemaker-llm)."""

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "cpu_paged_checks.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -230,17 +231,10 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
 void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             const at::Tensor& query_rows, const at::Tensor& seq_rows, double scale) {
-  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query rows must be [H, D] contiguous");
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == query.sizes(), "out must be contiguous and shaped like query");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && query.scalar_type() == v_cache.scalar_type() &&
-                  query.scalar_type() == out.scalar_type(),
-              "query, caches and out must share a dtype");
+  check_paged_attention_args(out, query, k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
   TORCH_CHECK(query_rows.scalar_type() == at::kLong && seq_rows.scalar_type() == at::kLong, "int64 rows");
   TORCH_CHECK(query_rows.sizes() == seq_rows.sizes() && query_rows.dim() == 1, "one seq per query row");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0 && query.size(2) == k_cache.size(3), "heads do not match");
   const auto tables = block_tables.contiguous();
   const auto lens = seq_lens.contiguous();
   const auto q_rows = query_rows.contiguous();

@@ -148,3 +148,27 @@ def test_bad_prompt_rows_raise(paged_batch, row, message):
     with pytest.raises(RuntimeError, match=message):
         cpu_native.paged_prefill_attention(out, batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
                                            torch.tensor([row], dtype=torch.long), SCALE)  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["prefill", "decode"])
+def test_tensors_that_do_not_fit_together_raise(paged_batch, op):
+    """The argument checks both attention ops share (csrc/cpu_paged_checks.h)."""
+    batch = paged_batch([10, 1], [10, 40], num_heads=4, num_kv_heads=2)
+    rows = torch.tensor([10], dtype=torch.long)
+    seqs = torch.tensor([1], dtype=torch.long)
+
+    def call(out, query):
+        if op == "prefill":
+            cpu_native.paged_prefill_attention(out, query, batch.k_cache, batch.v_cache, batch.block_tables,
+                                               prefill_rows(batch), SCALE)  # fmt: skip
+        else:
+            cpu_native.paged_decode_attention(out, query, batch.k_cache, batch.v_cache, batch.block_tables,
+                                              batch.seq_lens, rows, seqs, SCALE)  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        call(torch.empty_like(batch.query, dtype=torch.float64), batch.query)
+    three_heads = batch.query[:, :3].contiguous()
+    with pytest.raises(RuntimeError, match="heads do not match"):
+        call(torch.empty_like(three_heads), three_heads)
+    with pytest.raises(RuntimeError, match="shaped like query"):
+        call(torch.empty(1, 4, batch.query.shape[2]), batch.query)
