@@ -43,6 +43,8 @@ CASES = [
     Case("Llama-3-8B layer, 4 prompts x 128", 32, 8, 128, "prefill", [(0, 128)] * 4),
     Case("100M layer, 32 decode rows x 128-256", 12, 4, 64, "decode", [(128 + 4 * i, 1) for i in range(32)]),
     Case("Llama-3-8B layer, 32 decode rows x 128-256", 32, 8, 128, "decode", [(128 + 4 * i, 1) for i in range(32)]),
+    Case("100M layer, 1 decode row x 2000", 12, 4, 64, "decode", [(1999, 1)]),
+    Case("Llama-3-8B layer, 1 decode row x 4000", 32, 8, 128, "decode", [(3999, 1)]),
 ]
 
 

@@ -123,14 +123,15 @@ void accumulate_kv_head(float* acc, const T* v, int64_t row, int64_t num, int64_
 #endif
 
 // scores[h * stride + t] = q[h] . k[t * row + (h / group) * D] for the `num` tokens of one block (row = the
-// kv heads of one token) and every query head h. Fast path: a tile of a kv head's query rows stays in registers
-// while its tokens stream by, read straight from the cache; otherwise the block is widened into `scratch` first.
+// kv heads of one token) and the query heads h of kv heads [kv0, kv1). Fast path: a tile of a kv head's query rows
+// stays in registers while its tokens stream by, read straight from the cache; otherwise the block is widened
+// into `scratch` first.
 template <typename T>
-void block_scores(const float* q, const T* k, float* scratch, int64_t row, int64_t num, int64_t H, int64_t group,
-                  int64_t D, float* scores, int64_t stride) {
+void block_scores(const float* q, const T* k, float* scratch, int64_t row, int64_t num, int64_t kv0, int64_t kv1,
+                  int64_t group, int64_t D, float* scores, int64_t stride) {
 #if defined(__AVX512F__)
   if (fast_path(D)) {
-    for (int64_t kvh = 0; kvh < H / group; ++kvh) {
+    for (int64_t kvh = kv0; kvh < kv1; ++kvh) {
       if (D == 64) scores_kv_head<4>(q, k, row, num, kvh, group, scores, stride);
       if (D == 128) scores_kv_head<8>(q, k, row, num, kvh, group, scores, stride);
       if (D == 256) scores_kv_head<16>(q, k, row, num, kvh, group, scores, stride);
@@ -140,18 +141,19 @@ void block_scores(const float* q, const T* k, float* scratch, int64_t row, int64
 #endif
   to_float(k, scratch, num * row);
   for (int64_t t = 0; t < num; ++t)
-    for (int64_t h = 0; h < H; ++h) scores[h * stride + t] = dot(q + h * D, scratch + t * row + (h / group) * D, D);
+    for (int64_t h = kv0 * group; h < kv1 * group; ++h)
+      scores[h * stride + t] = dot(q + h * D, scratch + t * row + (h / group) * D, D);
 }
 
-// acc[h] += sum_t p[h * stride + t] * v[t * row + (h / group) * D] over the `num` tokens of one block, for every
-// query head h. Fast path: a tile of a kv head's accumulators stays in registers and each value row is read once
-// per tile of the query heads that share it.
+// acc[h] += sum_t p[h * stride + t] * v[t * row + (h / group) * D] over the `num` tokens of one block, for the
+// query heads h of kv heads [kv0, kv1). Fast path: a tile of a kv head's accumulators stays in registers and each
+// value row is read once per tile of the query heads that share it.
 template <typename T>
-void block_accumulate(float* acc, const T* v, float* scratch, int64_t row, int64_t num, int64_t H, int64_t group,
-                      int64_t D, const float* p, int64_t stride) {
+void block_accumulate(float* acc, const T* v, float* scratch, int64_t row, int64_t num, int64_t kv0, int64_t kv1,
+                      int64_t group, int64_t D, const float* p, int64_t stride) {
 #if defined(__AVX512F__)
   if (fast_path(D)) {
-    for (int64_t kvh = 0; kvh < H / group; ++kvh) {
+    for (int64_t kvh = kv0; kvh < kv1; ++kvh) {
       if (D == 64) accumulate_kv_head<4>(acc, v, row, num, kvh, group, p, stride);
       if (D == 128) accumulate_kv_head<8>(acc, v, row, num, kvh, group, p, stride);
       if (D == 256) accumulate_kv_head<16>(acc, v, row, num, kvh, group, p, stride);
@@ -160,7 +162,7 @@ void block_accumulate(float* acc, const T* v, float* scratch, int64_t row, int64
   }
 #endif
   to_float(v, scratch, num * row);
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t h = kv0 * group; h < kv1 * group; ++h) {
     float* a = acc + h * D;
     for (int64_t t = 0; t < num; ++t) {
       const float w = p[h * stride + t];
@@ -174,15 +176,28 @@ struct Shape {
   int64_t num_rows, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, q_row_stride;
 };
 
+// How many pieces each row's kv heads are cut into: 1 while the rows alone give every thread work; with fewer
+// rows (one long conversation) a row's kv heads go to several threads, or its attention would run on one core.
+inline int64_t kv_splits(int64_t num_rows, int64_t num_kv_heads) {
+  const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  if (num_rows >= wanted) return 1;
+  return std::clamp<int64_t>((wanted + num_rows - 1) / num_rows, 1, num_kv_heads);
+}
+
 template <typename T>
 bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
             const int64_t* query_rows, const int64_t* seq_rows, T* out, const Shape& s, float scale) {
   const int64_t H = s.num_heads, D = s.head_dim, group = s.num_heads / s.num_kv_heads;
   const int64_t row = s.num_kv_heads * D;  // one token's keys (or values) for every kv head: contiguous
+  const int64_t splits = kv_splits(s.num_rows, s.num_kv_heads);
   std::atomic<bool> ok{true};
-  at::parallel_for(0, s.num_rows, 1, [&](int64_t begin, int64_t end) {
+  // Work item: one row's kv heads [kv0, kv1) (all of them unless split).
+  at::parallel_for(0, s.num_rows * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(H * D), acc(H * D), kv(s.block_size * row), scores, inv(H);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / splits, piece = item % splits;
+      const int64_t kv0 = piece * s.num_kv_heads / splits, kv1 = (piece + 1) * s.num_kv_heads / splits;
+      const int64_t h0 = kv0 * group, h1 = kv1 * group;
       const int64_t q_row = query_rows[i], seq = seq_rows[i];
       const int64_t len = seq_lens[seq];
       const int32_t* table = block_tables + seq * s.max_blocks;
@@ -196,16 +211,16 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
           return;
         }
       }
-      to_float(query + q_row * s.q_row_stride, q.data(), H * D);
-      for (int64_t x = 0; x < H * D; ++x) q[x] *= scale;
+      to_float(query + q_row * s.q_row_stride + h0 * D, q.data() + h0 * D, (h1 - h0) * D);
+      for (int64_t x = h0 * D; x < h1 * D; ++x) q[x] *= scale;
       scores.resize(H * len);  // [H, len]
       for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
         const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
         // A block's rows are contiguous in the cache.
-        block_scores(q.data(), k_cache + block * s.block_size * row, kv.data(), row, num, H, group, D,
+        block_scores(q.data(), k_cache + block * s.block_size * row, kv.data(), row, num, kv0, kv1, group, D,
                      scores.data() + t0, len);
       }
-      for (int64_t h = 0; h < H; ++h) {
+      for (int64_t h = h0; h < h1; ++h) {
         float* p = scores.data() + h * len;
         const float top = max_of(p, len);
         for (int64_t t = 0; t < len; ++t) p[t] -= top;
@@ -214,14 +229,14 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
         for (int64_t t = 0; t < len; ++t) sum += p[t];
         inv[h] = 1.f / sum;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
         const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
-        block_accumulate(acc.data(), v_cache + block * s.block_size * row, kv.data(), row, num, H, group, D,
+        block_accumulate(acc.data(), v_cache + block * s.block_size * row, kv.data(), row, num, kv0, kv1, group, D,
                          scores.data() + t0, len);
       }
       T* o = out + q_row * H * D;
-      for (int64_t h = 0; h < H; ++h)
+      for (int64_t h = h0; h < h1; ++h)
         for (int64_t x = 0; x < D; ++x) o[h * D + x] = static_cast<T>(acc[h * D + x] * inv[h]);
     }
   });

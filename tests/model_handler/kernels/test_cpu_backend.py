@@ -42,6 +42,18 @@ def test_decode_rows_match_sdpa(paged_batch, poison, num_heads, num_kv_heads, he
     torch.testing.assert_close(run_cpu_backend(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(12, 4, 64), (32, 8, 128), (8, 1, 64), (6, 3, 80)])
+@pytest.mark.parametrize("seq_lens", [[700], [300, 5, 129]], ids=["one-row", "three-rows"])
+def test_few_rows_split_their_kv_heads_across_threads_and_match_sdpa(paged_batch, poison, num_heads, num_kv_heads,
+                                                                     head_dim, seq_lens):
+    """With fewer rows than the threads can use, each row's kv heads are cut into pieces that run in parallel
+    (one kv head alone, uneven pieces, a single kv head that cannot be cut)."""
+    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim)  # fmt: skip
+    batch.k_cache, batch.v_cache = poison(batch.k_cache, batch.used_slots), poison(batch.v_cache, batch.used_slots)
+    torch.testing.assert_close(run_cpu_backend(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
+
+
 def test_decode_rows_between_prompt_rows_match_sdpa(paged_batch):
     """A mixed step: the decode rows between prompts and prompt chunks go through the decode kernel."""
     batch = paged_batch([3, 1, 5, 1, 1, 0, 20], [3, 40, 21, 16, 9, 4, 20], num_heads=8, num_kv_heads=2)
