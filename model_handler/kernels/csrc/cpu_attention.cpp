@@ -4,9 +4,10 @@
 // it; for GQA's few query heads per kv head that kernel runs at a few GB/s. Here each sequence's keys and
 // values are read once, in place, all kv heads of a token at a time (one contiguous row of the cache), with
 // fp32 scores, softmax and accumulation; rows run in parallel, and when they are too few for the threads each
-// row's kv heads are cut into pieces that do (one long conversation: 1.5-2x on 2 cores). Loops written so gcc/clang vectorize them at -O3; with AVX-512 the
-// two inner products use intrinsics (each token's keys loaded once per kv head, the output accumulated in
-// registers over a block: ~1.8x faster than the plain loops on a Zen4 EPYC).
+// row's kv heads are cut into pieces that do (one long conversation: 1.5-2x on 2 cores). Loops written so
+// gcc/clang vectorize them at -O3; with AVX-512 the two inner products use intrinsics (each token's keys loaded
+// once per kv head, the output accumulated in registers over a block: ~1.8x faster than the plain loops on a
+// Zen4 EPYC).
 //
 // Layout (model_handler/kernels/reference.py): k_cache, v_cache [num_blocks, block_size, num_kv_heads,
 // head_dim]; block_tables [num_seqs, max_blocks] int32; seq_lens [num_seqs] int32; query [T, H, D] with any
