@@ -7,7 +7,7 @@ output tok/s, wall ms per step, median ms of a decode-only step, and process CPU
   python -m bench.engine_step --model tiny --concurrency 32 --requests 64 --max-tokens 128 --rounds 3 \
       --variant greedy:temperature=0 --variant topp:temperature=1,top_p=0.9 --variant t1:threads=1
   python -m bench.engine_step --model llama-100m --prompt-tokens 128 --variant cpu:backend=cpu \
-      --variant torch:backend=torch   # the C++ CPU decode kernel against torch's SDPA path
+      --variant torch:backend=torch   # the C++ CPU kernels against torch's SDPA path
 """
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ class TorchReferenceBackend:
 
 def select_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
     """`name` forces a backend ("torch", "cpu" or "triton"); by default Triton on CUDA, and on CPU the C++
-    decode kernel where it builds (`cpu_native`), else plain torch."""
+    kernels where they build (`cpu_native`), else plain torch."""
     if name is None:
         if device.type == "cuda":
             name = "triton"

@@ -22,7 +22,8 @@ class CpuStepPlan:
 
     query_rows: torch.Tensor  # [n] int64: the query token of each decode row (one new token)
     seq_rows: torch.Tensor  # [n] int64: its sequence
-    prefills: torch.Tensor  # [P, 4] int64: (query start, q_len, seq_len, row) of each longer query
+    prefills: list[tuple[int, int, int, int]]  # (query start, q_len, seq_len, row) of each longer query
+    prefill_rows: torch.Tensor  # the same as a [P, 4] int64 tensor, for the C++ prefill kernel
 
     @classmethod
     def build(cls, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> CpuStepPlan:
@@ -30,6 +31,7 @@ class CpuStepPlan:
         return cls(
             torch.tensor([split.starts[i] for i in split.decode], dtype=torch.long),
             torch.tensor(split.decode, dtype=torch.long),
+            split.prefills,
             torch.tensor(split.prefills, dtype=torch.long).reshape(-1, 4),
         )
 
@@ -76,12 +78,12 @@ class CpuBackend:
                 out, query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, plan.query_rows,
                 plan.seq_rows, scale,
             )  # fmt: skip
-        if plan.prefills.numel() and self.prefill_kernel:
+        if plan.prefills and self.prefill_kernel:
             cpu_native.paged_prefill_attention(
-                out, query, k_cache, v_cache, metadata.block_tables, plan.prefills, scale
+                out, query, k_cache, v_cache, metadata.block_tables, plan.prefill_rows, scale
             )
-        elif plan.prefills.numel():
-            for start, q_len, seq_len, row in plan.prefills.tolist():
+        elif plan.prefills:
+            for start, q_len, seq_len, row in plan.prefills:
                 table = metadata.block_tables[row]
                 reference.prefill_one(query, k_cache, v_cache, table, seq_len, start, q_len, scale, out)
         return out

@@ -10,6 +10,8 @@ from bench import cpu_attention
 from bench.cpu_attention import Case
 from tests import cpu_kernels
 
+# Justified skip: the benchmark times the C++ kernels, which are not built on a GPU machine (the build would only
+# spend device time) or without a C++ compiler; where a compiler exists they must build (tests/cpu_kernels.py).
 pytestmark = pytest.mark.skipif(not cpu_kernels.expected(), reason="GPU machine, or no C++ compiler")
 
 
