@@ -44,6 +44,29 @@ COPY . /tmp/src/
 RUN pip install --no-cache-dir --no-deps /tmp/src \
     && rm -rf /tmp/src
 
+# With a CPU torch (no CUDA), compile the C++ CPU kernels now for three x86 levels (AVX-512+bf16, AVX-512, AVX2;
+# model_handler/kernels/cpu_prebuilt.py): at start-up the engine loads the best one the host runs, so the image
+# needs no compiler and a fresh instance compiles nothing. A compiler missing from the base is installed for this
+# step only, and every package it brought is purged in the same RUN. CUDA images skip the step: their engine
+# never runs the CPU kernels. bash with pipefail, so a failed stage of the purge's pipe fails the build.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV CPU_KERNELS_PREBUILT_DIR=/opt/cpu-kernels
+# hadolint ignore=DL3008
+RUN if python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then \
+        echo "CUDA torch: the C++ CPU kernels are not prebuilt"; \
+    else \
+        added=""; \
+        if ! command -v c++ >/dev/null; then \
+            dpkg-query -W -f='${Package}\n' | sort > /tmp/packages-before \
+            && apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ >/dev/null && added=g++; \
+        fi; \
+        python -m model_handler.kernels.cpu_prebuilt "$CPU_KERNELS_PREBUILT_DIR" \
+        && if [ -n "$added" ]; then \
+            dpkg-query -W -f='${Package}\n' | sort | comm -13 /tmp/packages-before - | xargs apt-get purge -y -qq >/dev/null \
+            && apt-get clean && rm -rf /var/lib/apt/lists/* /tmp/packages-before; \
+        fi; \
+    fi
+
 # container/: the launcher `serve` (local_test/ is in .dockerignore). SageMaker runs `docker run IMAGE serve`: the argument replaces
 # CMD and resolves through PATH (/opt/program comes first), as in AWS's bring-your-own-container example.
 # No ENTRYPOINT is needed; CMD makes a bare `docker run IMAGE` serve as well.

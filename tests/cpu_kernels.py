@@ -1,4 +1,5 @@
-"""Whether the C++ CPU kernels are expected to build here: a CPU-only machine with a C++ compiler.
+"""Whether the C++ CPU kernels are expected here: a CPU-only machine with a C++ compiler, or with a prebuilt
+library that fits its CPU ($CPU_KERNELS_PREBUILT_DIR).
 
 Tests key on the compiler, not on `cpu_native.load()`, so a kernel source that stops compiling fails them
 instead of quietly switching every engine to the torch path.
@@ -10,9 +11,13 @@ import shutil
 import torch
 from torch.utils.cpp_extension import get_cxx_compiler
 
+from model_handler.kernels import cpu_prebuilt
+
 
 def expected() -> bool:
-    return not torch.cuda.is_available() and shutil.which(get_cxx_compiler()) is not None
+    if torch.cuda.is_available():
+        return False
+    return shutil.which(get_cxx_compiler()) is not None or cpu_prebuilt.usable_level() is not None
 
 
 def expected_backend() -> str:

@@ -2,11 +2,11 @@
 machine, through torch's JIT extension builder; `load()` says False where that cannot be done (no compiler, an
 unsupported platform), and the CPU path stays on plain torch.
 
-Built at first use rather than at install: the kernels are compiled for the CPU they run on (-march=native), and
-the build folder is keyed by the sources, the torch version and the CPU's model and flags, so a cache shared
-between different machines never hands one a binary for another. A build takes ~15 s on 2 cores; later starts
-load the cached library. Concurrent builders (tensor-parallel ranks, test processes) are serialised by torch's
-lock file in the build folder.
+Built at first use rather than at install: the kernels are compiled for the best instruction-set level the CPU
+runs (`cpu_levels`), and the build folder is keyed by the sources, the torch version and the CPU's model and
+flags, so a cache shared between different machines never hands one a binary for another. A build takes ~15 s
+on 2 cores; later starts load the cached library. Concurrent builders (tensor-parallel ranks, test processes) are serialised by torch's
+lock file in the build folder. Images without a compiler load a library built ahead of time (`cpu_prebuilt`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from model_handler.kernels import cpu_levels
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
@@ -29,8 +31,7 @@ OP_NAMESPACE = "sagemaker_llm_cpu"
 BUILD_DIR_ENV = "CPU_KERNELS_BUILD_DIR"
 """Where builds go; default `<model cache root>/cpu-kernels` (TINY_MODEL_CACHE or ~/.cache/sagemaker-llm)."""
 TARGET_ENV = "CPU_KERNELS_TARGET"
-"""The CPU the kernels are compiled for (gcc's -march on x86, -mcpu on ARM); default `native`. The tests set
-`x86-64-v3` to check the paths that CPUs without AVX-512 run."""
+"""The CPU the kernels are compiled for: `auto` (default; see `target_flags`), or a gcc -march (x86) / -mcpu (ARM)."""
 
 
 def _cpu_fingerprint() -> str:
@@ -44,30 +45,52 @@ def _cpu_fingerprint() -> str:
     return platform.machine() + "".join(lines.get(key, "") for key in wanted)
 
 
+def base_cflags() -> list[str]:
+    """-O3; -fopenmp so at::parallel_for runs on torch's OpenMP threads (without it the header compiles to a
+    serial loop); no trapping math or errno, so loops with a compare or a float-to-int cast (the softmax's exp)
+    vectorize. No -ffast-math: results keep IEEE rounding."""
+    return ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+
+
 def _cflags() -> list[str]:
-    """-O3 for the CPU at hand; -fopenmp so at::parallel_for runs on torch's OpenMP threads (without it the
-    header compiles to a serial loop); no trapping math or errno, so loops with a compare or a float-to-int
-    cast (the softmax's exp) vectorize. No -ffast-math: results keep IEEE rounding."""
-    flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        return [*flags, f"-march={target()}"]
-    if machine in ("aarch64", "arm64"):
-        return [*flags, f"-mcpu={target()}"]
-    return flags
+    """The base flags for the CPU named by `target()`."""
+    return [*base_cflags(), *target_flags()]
 
 
 def target() -> str:
-    return os.environ.get(TARGET_ENV, "").strip() or "native"
+    return os.environ.get(TARGET_ENV, "").strip() or "auto"
+
+
+def target_flags() -> list[str]:
+    """`auto`: the best `cpu_levels` level this CPU runs (what the image ships, see there), else the CPU itself;
+    any other value: gcc's -march (x86) or -mcpu (ARM)."""
+    machine = platform.machine().lower()
+    name = target()
+    if name == "auto":
+        level = cpu_levels.best_level(None, cpu_levels.cpu_flags(), machine)
+        if level is not None:
+            return list(level.target_flags)
+        name = "native"
+    if machine in ("x86_64", "amd64"):
+        return [f"-march={name}"]
+    if machine in ("aarch64", "arm64"):
+        return [f"-mcpu={name}"]
+    return []
+
+
+def source_digest() -> str:
+    """The kernel sources and headers, by content."""
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def build_key() -> str:
     """Sources, their folder (torch's builder rebuilds when the source paths change, so two checkouts sharing a
     folder would rebuild in turn), torch version, CPU and flags."""
     digest = hashlib.sha256(str(CSRC.resolve()).encode())
-    for path in (*SOURCES, *HEADERS):
-        digest.update(path.read_bytes())
-    for part in (torch.__version__, _cpu_fingerprint(), str(_cflags())):
+    for part in (source_digest(), torch.__version__, _cpu_fingerprint(), str(_cflags())):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -84,7 +107,7 @@ def build(sources: tuple[Path, ...], directory: Path) -> None:
     a failed compile or load."""
     from torch.utils import cpp_extension
 
-    _put_ninja_on_path()
+    put_ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=f"{OP_NAMESPACE}_{directory.name}",
@@ -96,7 +119,7 @@ def build(sources: tuple[Path, ...], directory: Path) -> None:
     )
 
 
-def _put_ninja_on_path() -> None:
+def put_ninja_on_path() -> None:
     """torch's builder runs `ninja` from PATH; the `ninja` package (a dependency) installs it next to this
     Python, which is not on PATH when the venv is not activated (`make test`, the launcher)."""
     if shutil.which("ninja") is not None:
@@ -125,10 +148,22 @@ def registered() -> bool:
 
 @functools.cache
 def load() -> bool:
-    """Build (or load the cached build of) the kernels and register `torch.ops.sagemaker_llm_cpu`; False, with
-    the reason logged, where that fails."""
+    """Register `torch.ops.sagemaker_llm_cpu`: from a prebuilt library that fits this CPU (`cpu_prebuilt`, in
+    images without a compiler), else by building (or loading the cached build of) the kernels here; False,
+    with the reason logged, where neither works."""
+    from model_handler.kernels import cpu_prebuilt
+
     if registered():
         return True
+    try:
+        if cpu_prebuilt.load():
+            if not registered():
+                raise RuntimeError(f"the prebuilt library registered no torch.ops.{OP_NAMESPACE} op")
+            return True
+    except Exception as exc:  # noqa: BLE001 - a prebuilt library that does not load: compile instead
+        logger.warning("prebuilt C++ CPU kernels failed to load: %s", _first_line(exc))
+        if any(hasattr(getattr(torch.ops, OP_NAMESPACE), op) for op in OPS):
+            return False  # half registered: a second library would clash with it
     try:
         build(SOURCES, build_dir())
         if not registered():

@@ -141,6 +141,6 @@ def test_ninja_from_the_package_is_found_without_an_activated_venv(monkeypatch, 
     import ninja
 
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no ninja on it (`make test` does not activate .venv)
-    cpu_native._put_ninja_on_path()
+    cpu_native.put_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert shutil.which("ninja") is not None
