@@ -5,8 +5,9 @@ unsupported platform), and the CPU path stays on plain torch.
 Built at first use rather than at install: the kernels are compiled for the best instruction-set level the CPU
 runs (`cpu_levels`), and the build folder is keyed by the sources, the torch version and the CPU's model and
 flags, so a cache shared between different machines never hands one a binary for another. A build takes ~15 s
-on 2 cores; later starts load the cached library. Concurrent builders (tensor-parallel ranks, test processes) are serialised by torch's
-lock file in the build folder. Images without a compiler load a library built ahead of time (`cpu_prebuilt`).
+on 2 cores; later starts load the cached library. Concurrent builders (tensor-parallel ranks, test processes)
+are serialised by torch's lock file in the build folder. Images without a compiler load a library built ahead
+of time (`cpu_prebuilt`).
 """
 from __future__ import annotations
 

@@ -50,10 +50,13 @@ def prebuild(out_dir: Path, names: list[str] | None = None) -> list[str]:
         extension = CppExtension(
             module,
             [str(source) for source in cpu_native.SOURCES],
-            extra_compile_args=[*cpu_native.base_cflags(), *level.target_flags, "-g0"],  # no debug info: 0.3 MB, not 7.5
+            # -g0: no debug info (0.3 MB a library, not 7.5)
+            extra_compile_args=[*cpu_native.base_cflags(), *level.target_flags, "-g0"],
             py_limited_api=True,  # the kernels use only the dispatcher: no libtorch_python, no Python headers
         )
-        distribution = Distribution({"name": module, "ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}})
+        distribution = Distribution(
+            {"name": module, "ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+        )
         with tempfile.TemporaryDirectory(prefix="cpu-kernels-") as scratch:
             command = distribution.get_command_obj("build_ext")
             command.build_lib = str(Path(scratch) / "lib")
@@ -79,7 +82,7 @@ def folder() -> Path | None:
 def usable_level() -> CpuLevel | None:
     """The level `load()` would load, without loading it."""
     where = folder()
-    choice = _unusable(where) if where is not None else None
+    choice = _choose(where) if where is not None else None
     return choice if isinstance(choice, CpuLevel) else None
 
 
@@ -89,7 +92,7 @@ def load() -> bool:
     where = folder()
     if where is None:
         return False
-    choice = _unusable(where)
+    choice = _choose(where)
     if isinstance(choice, str):
         logger.warning("prebuilt CPU kernels in %s not used: %s", where, choice)
         return False
@@ -98,10 +101,10 @@ def load() -> bool:
     return True
 
 
-def _unusable(folder: Path) -> str | CpuLevel:
-    """Why the folder's libraries cannot serve this process, or the level to load."""
+def _choose(where: Path) -> CpuLevel | str:
+    """The level to load from `where`, or why none of its libraries can serve this process."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((where / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         return f"no readable {MANIFEST} ({exc})"
     if manifest.get("torch") != torch.__version__:
@@ -111,7 +114,7 @@ def _unusable(folder: Path) -> str | CpuLevel:
     level = cpu_levels.best_level(list(manifest.get("levels", [])), cpu_levels.cpu_flags(), platform.machine())
     if level is None:
         return f"none of {manifest.get('levels')} runs on this CPU ({platform.machine()})"
-    if not (folder / f"{level.name}.so").is_file():
+    if not (where / f"{level.name}.so").is_file():
         return f"{level.name}.so is missing"
     return level
 

@@ -68,7 +68,9 @@ def test_nothing_is_looked_for_without_the_variable(monkeypatch):
         ({}, "x86-64-v3.so is missing"),  # where this CPU runs x86-64-v3 (any x86 server of the last decade)
     ],
 )
-def test_a_library_built_for_other_sources_torch_or_cpus_is_not_loaded(monkeypatch, tmp_path, caplog, overrides, reason):
+def test_a_library_built_for_other_sources_torch_or_cpus_is_not_loaded(
+    monkeypatch, tmp_path, caplog, overrides, reason
+):
     if not overrides and cpu_levels.best_level(["x86-64-v3"], cpu_levels.cpu_flags(), platform.machine()) is None:
         overrides = {"levels": []}  # a CPU below x86-64-v3 (or not x86): nothing fits at all
         reason = "runs on this CPU"
@@ -105,7 +107,8 @@ def test_a_named_target_is_compiled_for_in_its_own_folder(monkeypatch, target, e
 def test_the_first_use_build_targets_the_level_the_image_would_load(monkeypatch):
     monkeypatch.delenv(cpu_native.TARGET_ENV, raising=False)
     level = cpu_levels.best_level(None, cpu_levels.cpu_flags(), platform.machine())
-    expected = list(level.target_flags) if level else [f"-m{'arch' if platform.machine() == 'x86_64' else 'cpu'}=native"]
+    native = f"-m{'arch' if platform.machine() == 'x86_64' else 'cpu'}=native"
+    expected = list(level.target_flags) if level else [native]
     assert cpu_native.target() == "auto" and cpu_native.target_flags() == expected
     if platform.machine() == "x86_64" and "avx512_bf16" in cpu_levels.cpu_flags():  # this EPYC: the bf16 level
         assert cpu_native.target_flags() == ["-march=x86-64-v4", "-mavx512bf16"]
