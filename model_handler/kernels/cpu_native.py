@@ -162,9 +162,7 @@ def load() -> bool:
                 raise RuntimeError(f"the prebuilt library registered no torch.ops.{OP_NAMESPACE} op")
             return True
     except Exception as exc:  # noqa: BLE001 - a prebuilt library that does not load: compile instead
-        logger.warning("prebuilt C++ CPU kernels failed to load: %s", _first_line(exc))
-        if any(hasattr(getattr(torch.ops, OP_NAMESPACE), op) for op in OPS):
-            return False  # half registered: a second library would clash with it
+        logger.warning("prebuilt C++ CPU kernels failed to load, compiling them: %s", _first_line(exc))
     try:
         build(SOURCES, build_dir())
         if not registered():

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from model_handler.kernels import cpu_levels, cpu_native, cpu_prebuilt
+from tests import cpu_kernels
+
+REPO = Path(__file__).resolve().parents[3]
 
 ALL = ["x86-64-v4-bf16", "x86-64-v4", "x86-64-v3"]
 ZEN4 = cpu_levels.X86_LEVELS[0].requires | {"sse4_2", "avx512_vnni"}
@@ -112,3 +118,20 @@ def test_the_first_use_build_targets_the_level_the_image_would_load(monkeypatch)
     assert cpu_native.target() == "auto" and cpu_native.target_flags() == expected
     if platform.machine() == "x86_64" and "avx512_bf16" in cpu_levels.cpu_flags():  # this EPYC: the bf16 level
         assert cpu_native.target_flags() == ["-march=x86-64-v4", "-mavx512bf16"]
+
+
+@pytest.mark.skipif(not cpu_kernels.expected() or cpu_prebuilt.folder() is not None, reason="needs a compiler")
+def test_a_prebuilt_library_that_does_not_load_is_compiled_instead(tmp_path):
+    """A damaged file where the manifest promises a library: the engine still gets the kernels (the first-use
+    build, here the one this test run already made) instead of failing or silently taking the torch path."""
+    level = cpu_levels.best_level(None, cpu_levels.cpu_flags(), platform.machine())
+    if level is None:
+        pytest.skip("no prebuilt level runs on this CPU")  # justified: only x86-64-v3 and up have levels
+    write_folder(tmp_path, levels=[level.name])
+    (tmp_path / f"{level.name}.so").write_bytes(b"not a shared library")
+    probe = "from model_handler.kernels import cpu_native; print('loaded', cpu_native.load())"
+    env = {**os.environ, cpu_prebuilt.PREBUILT_DIR_ENV: str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "loaded True" in run.stdout
+    assert "prebuilt C++ CPU kernels failed to load" in run.stderr
