@@ -14,10 +14,14 @@ from torch.utils.cpp_extension import get_cxx_compiler
 from model_handler.kernels import cpu_prebuilt
 
 
+def has_compiler() -> bool:
+    return shutil.which(get_cxx_compiler()) is not None
+
+
 def expected() -> bool:
     if torch.cuda.is_available():
         return False
-    return shutil.which(get_cxx_compiler()) is not None or cpu_prebuilt.usable_level() is not None
+    return has_compiler() or cpu_prebuilt.usable_level() is not None
 
 
 def expected_backend() -> str:

@@ -37,17 +37,24 @@ def levels_for(machine: str) -> tuple[CpuLevel, ...]:
     return X86_LEVELS if machine.lower() in ("x86_64", "amd64") else ()
 
 
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux names them (empty where /proc/cpuinfo is not readable)."""
+def cpuinfo() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first CPU (empty where it is not readable: not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux names them ("Features" on ARM)."""
+    fields = cpuinfo()
+    return frozenset((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def best_level(names: list[str] | None, flags: frozenset[str], machine: str) -> CpuLevel | None:

@@ -37,13 +37,8 @@ TARGET_ENV = "CPU_KERNELS_TARGET"
 
 def _cpu_fingerprint() -> str:
     """The CPU's model name and feature flags (Linux), or the machine name elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    wanted = ("model name", "flags", "Features", "CPU part")
-    lines = {line.split(":", 1)[0].strip(): line for line in text.splitlines() if ":" in line}
-    return platform.machine() + "".join(lines.get(key, "") for key in wanted)
+    fields = cpu_levels.cpuinfo()
+    return platform.machine() + "|".join(fields.get(key, "") for key in ("model name", "flags", "Features", "CPU part"))
 
 
 def base_cflags() -> list[str]:
