@@ -20,13 +20,15 @@ $(STAMP): setup.cfg pyproject.toml
 serve: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" container/serve
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
 clean:

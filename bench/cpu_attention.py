@@ -7,6 +7,7 @@ cache, alternating call by call so a shared machine's noise hits both alike. Pri
 
 Shapes are the layers of the two bench models and of Llama-3-8B (32 query heads, 8 kv heads, head dim 128).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,9 +119,16 @@ def measure(case: Case, dtype: torch.dtype, iterations: int) -> Row:
     kernel = kernel_call(case, x, scale, ours)
     plan = reference.build_plan(x["block_tables"], x["seq_lens"], x["query_start_loc"], x["k_cache"])
     torch_path = lambda: reference.paged_attention(  # noqa: E731
-        x["query"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"], x["query_start_loc"], scale,
-        out=theirs, plan=plan,
-    )  # fmt: skip
+        x["query"],
+        x["k_cache"],
+        x["v_cache"],
+        x["block_tables"],
+        x["seq_lens"],
+        x["query_start_loc"],
+        scale,
+        out=theirs,
+        plan=plan,
+    )
     kernel(), torch_path()  # warm-up (and the outputs compared below)
     diff = (ours.float() - theirs.float()).abs().max().item()
     a: list[float] = []
@@ -129,8 +137,15 @@ def measure(case: Case, dtype: torch.dtype, iterations: int) -> Row:
         timed(kernel, a)
         timed(torch_path, b)
     kernel_us, torch_us = statistics.median(a), statistics.median(b)
-    return Row(case.name, str(dtype).removeprefix("torch."), kernel_us, torch_us, torch_us / kernel_us,
-               flops(case) / kernel_us / 1e3, diff)  # fmt: skip
+    return Row(
+        case.name,
+        str(dtype).removeprefix("torch."),
+        kernel_us,
+        torch_us,
+        torch_us / kernel_us,
+        flops(case) / kernel_us / 1e3,
+        diff,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,20 +157,27 @@ def main(argv: list[str] | None = None) -> None:
     if not cpu_native.load():
         raise SystemExit("the C++ CPU kernels did not build (see the warning above)")
     vectorized = cpu_native.paged_prefill_attention_is_vectorized()
-    print(f"torch threads {torch.get_num_threads()}; prefill kernel vectorized: {vectorized} "
-          "(the engine uses SDPA for prompts where it is not)")  # fmt: skip
+    print(
+        f"torch threads {torch.get_num_threads()}; prefill kernel vectorized: {vectorized} "
+        "(the engine uses SDPA for prompts where it is not)"
+    )
     rows = []
     with torch.inference_mode():
         for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
             for case in CASES:
                 row = measure(case, dtype, args.iterations)
                 rows.append(row)
-                print(f"{row.case:48s} {row.dtype:9s} kernel {row.kernel_us:9.0f} us  torch {row.torch_us:9.0f} us  "
-                      f"{row.speedup:5.2f}x  {row.gflops_kernel:6.1f} GFLOP/s  max |diff| {row.max_abs_diff:.1e}")
+                print(
+                    f"{row.case:48s} {row.dtype:9s} kernel {row.kernel_us:9.0f} us  torch {row.torch_us:9.0f} us  "
+                    f"{row.speedup:5.2f}x  {row.gflops_kernel:6.1f} GFLOP/s  max |diff| {row.max_abs_diff:.1e}"
+                )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"benchmark": "cpu_attention", "machine": machine_info(), "rows": [asdict(r) for r in rows]},
-                      f, indent=1)  # fmt: skip
+            json.dump(
+                {"benchmark": "cpu_attention", "machine": machine_info(), "rows": [asdict(r) for r in rows]},
+                f,
+                indent=1,
+            )
         print(f"results: {args.out}")
 
 

@@ -9,6 +9,7 @@ output tok/s, wall ms per step, median ms of a decode-only step, and process CPU
   python -m bench.engine_step --model llama-100m --prompt-tokens 128 --variant cpu:backend=cpu \
       --variant torch:backend=torch   # the C++ CPU kernels against torch's SDPA path
 """
+
 from __future__ import annotations
 
 import argparse
@@ -160,15 +161,19 @@ def run_variant(
 
 
 def print_table(args: argparse.Namespace, num_requests: int, results: dict[str, list[RunResult]]) -> None:
-    print(f"\nmodel={args.model} concurrency={args.concurrency} requests={num_requests} "
-          f"prompt={args.prompt_tokens} new={args.max_tokens} block={args.block_size} "
-          f"rounds={args.rounds}")  # fmt: skip
+    print(
+        f"\nmodel={args.model} concurrency={args.concurrency} requests={num_requests} "
+        f"prompt={args.prompt_tokens} new={args.max_tokens} block={args.block_size} "
+        f"rounds={args.rounds}"
+    )
     print(f"{'variant':>12} {'tok/s':>8} {'ms/step':>8} {'ms/decode':>9} {'cpu-ms/step':>11}   (medians)")
     for name, runs in results.items():
-        print(f"{name:>12} {statistics.median(r.tokens_per_s for r in runs):8.0f} "
-              f"{statistics.median(r.ms_per_step for r in runs):8.2f} "
-              f"{statistics.median(r.ms_per_decode_step for r in runs):9.2f} "
-              f"{statistics.median(r.cpu_ms_per_step for r in runs):11.2f}")  # fmt: skip
+        print(
+            f"{name:>12} {statistics.median(r.tokens_per_s for r in runs):8.0f} "
+            f"{statistics.median(r.ms_per_step for r in runs):8.2f} "
+            f"{statistics.median(r.ms_per_decode_step for r in runs):9.2f} "
+            f"{statistics.median(r.cpu_ms_per_step for r in runs):11.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,... (repeatable)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for variants that set none")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc keeps freed memory mapped, as the engine process does")  # fmt: skip
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc keeps freed memory mapped, as the engine process does"
+    )
     args = parser.parse_args(argv)
     if args.keep_freed_memory:
         from model_handler.cpu_threads import keep_freed_memory_mapped
@@ -208,9 +214,12 @@ def main(argv: list[str] | None = None) -> None:
             prompts = make_prompts(num_requests, args.prompt_tokens, vocab_size, round_index)
             result = run_variant(engines[variant.backend], variant, prompts, args, f"r{round_index}-{variant.name}")
             results[variant.name].append(result)
-            print(f"round {round_index} {variant.name:>12}: {result.tokens_per_s:8.0f} tok/s  "
-                  f"{result.ms_per_step:6.2f} ms/step  {result.ms_per_decode_step:6.2f} ms/decode-step  "
-                  f"{result.cpu_ms_per_step:6.2f} cpu-ms/step", flush=True)  # fmt: skip
+            print(
+                f"round {round_index} {variant.name:>12}: {result.tokens_per_s:8.0f} tok/s  "
+                f"{result.ms_per_step:6.2f} ms/step  {result.ms_per_decode_step:6.2f} ms/decode-step  "
+                f"{result.cpu_ms_per_step:6.2f} cpu-ms/step",
+                flush=True,
+            )
     print_table(args, num_requests, results)
 
 

@@ -7,6 +7,7 @@ continuous batching (`generate_batch`) on the same model folder, same prompts, s
 `bench/gpu_check.sh` runs the two systems in separate processes (each gets the whole GPU), then the report.
 Greedy, EOS ignored: every request gets exactly --output-tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,9 +65,12 @@ def device_record(device: str) -> dict[str, Any]:
         from bench.gpu_kernels import HBM_PEAK_GBS
 
         name = torch.cuda.get_device_name()
-        record |= {"device": name, "hbm_datasheet_gbs": next((g for k, g in HBM_PEAK_GBS if k in name), None),
-                   "copy_gbs": copy_bandwidth_gbs(), "total_memory_gib": round(
-                       torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}  # fmt: skip
+        record |= {
+            "device": name,
+            "hbm_datasheet_gbs": next((g for k, g in HBM_PEAK_GBS if k in name), None),
+            "copy_gbs": copy_bandwidth_gbs(),
+            "total_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        }
     return record
 
 
@@ -90,20 +94,32 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     return round(2 * nbytes / statistics.median(times) / 1e9, 1)
 
 
-def summarize(batch: int, num_requests: int, args: argparse.Namespace, counts: list[int], span_s: float,
-              ttft_s: list[float], decode_step_s: list[float], first_tokens: list[list[int]]) -> dict[str, Any]:
+def summarize(
+    batch: int,
+    num_requests: int,
+    args: argparse.Namespace,
+    counts: list[int],
+    span_s: float,
+    ttft_s: list[float],
+    decode_step_s: list[float],
+    first_tokens: list[list[int]],
+) -> dict[str, Any]:
     total = sum(counts)
     return {
-        "batch": batch, "num_requests": num_requests, "prompt_tokens": args.prompt_tokens,
-        "output_tokens": args.output_tokens, "total_output_tokens": total,
+        "batch": batch,
+        "num_requests": num_requests,
+        "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens,
+        "total_output_tokens": total,
         "exact_lengths": all(c == args.output_tokens for c in counts) and len(counts) == num_requests,
-        "span_s": round(span_s, 4), "output_tok_s": round(total / span_s, 2) if span_s > 0 else None,
+        "span_s": round(span_s, 4),
+        "output_tok_s": round(total / span_s, 2) if span_s > 0 else None,
         "decode_ms_step_median": round(1e3 * statistics.median(decode_step_s), 3) if decode_step_s else None,
         "num_decode_steps": len(decode_step_s),
         "ttft_ms_median": round(1e3 * statistics.median(ttft_s), 2) if ttft_s else None,
         "ttft_ms_max": round(1e3 * max(ttft_s), 2) if ttft_s else None,
         "first_tokens": first_tokens,
-    }  # fmt: skip
+    }
 
 
 # ---- ours ---------------------------------------------------------------------------------------------------
@@ -167,8 +183,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"system": "ours", **device_record(args.device), "model_dir": str(args.model_dir)}
     environ = dict(os.environ)
     environ["HF_MODEL_ID"] = str(args.model_dir)
-    for name, value in (("DTYPE", args.dtype), ("MAX_BATCH_SIZE", max(args.batch_sizes)),
-                        ("MAX_BATCH_PREFILL_TOKENS", args.max_batch_tokens)):  # fmt: skip
+    for name, value in (
+        ("DTYPE", args.dtype),
+        ("MAX_BATCH_SIZE", max(args.batch_sizes)),
+        ("MAX_BATCH_PREFILL_TOKENS", args.max_batch_tokens),
+    ):
         environ.setdefault(name, str(value))  # the caller's environment wins: MAX_BATCH_SIZE=256 etc.
     phases: dict[str, float] = {}
     _timed(model_runner_module, "load_model", phases, "load_weights_s")
@@ -180,8 +199,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     info = engine.info()
     record["engine"] = dataclasses.asdict(info)
     record["async_scheduling"] = engine.config.async_scheduling
-    record["one_row_linears"] = [{"shape": c.shape, "dtype": c.dtype, "winner": str(c.winner),
-                                  "timings_ms": c.timings_ms} for c in gpu_linear.choices()]  # fmt: skip
+    record["one_row_linears"] = [
+        {"shape": c.shape, "dtype": c.dtype, "winner": str(c.winner), "timings_ms": c.timings_ms}
+        for c in gpu_linear.choices()
+    ]
     graph_runner = getattr(engine.model_runner, "graph_runner", None)
     replays = [0]
     if graph_runner is not None:
@@ -206,9 +227,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         run["graph_replays"] = replays[0] if graph_runner is not None else None
         record["runs"].append(run)
         mode = " async" if engine.config.async_scheduling else ""
-        print(f"ours{mode}  b={batch:<4} {run['output_tok_s']:>10} tok/s  decode {run['decode_ms_step_median']} "
-              f"ms/step  TTFT p50 {run['ttft_ms_median']} ms  graph replays {run['graph_replays']}/{len(steps)}",
-              flush=True)  # fmt: skip
+        print(
+            f"ours{mode}  b={batch:<4} {run['output_tok_s']:>10} tok/s  decode {run['decode_ms_step_median']} "
+            f"ms/step  TTFT p50 {run['ttft_ms_median']} ms  graph replays {run['graph_replays']}/{len(steps)}",
+            flush=True,
+        )
     return record
 
 
@@ -243,8 +266,11 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
 
     began = time.perf_counter()
     deadline = began + args.deadline_s if args.deadline_s > 0 else math.inf
-    record: dict[str, Any] = {"system": "transformers-cb", **device_record(args.device),
-                              "model_dir": str(args.model_dir)}  # fmt: skip
+    record: dict[str, Any] = {
+        "system": "transformers-cb",
+        **device_record(args.device),
+        "model_dir": str(args.model_dir),
+    }
     dtype = getattr(torch, args.dtype)
     t = time.perf_counter()
     # .to() rather than device_map=: device_map needs `accelerate`, which neither the test install
@@ -258,10 +284,12 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     def generate(prompts: list[list[int]], max_new: int) -> dict:
         gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=-1)
         # A cache sized for the work (block 256, HF's default) rather than 90% of the free memory.
-        cb = ContinuousBatchingConfig(num_blocks=len(prompts) * blocks_per_request + 8,
-                                      max_batch_tokens=args.max_batch_tokens)  # fmt: skip
-        return model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb,
-                                    record_timestamps=True, progress_bar=False)  # fmt: skip
+        cb = ContinuousBatchingConfig(
+            num_blocks=len(prompts) * blocks_per_request + 8, max_batch_tokens=args.max_batch_tokens
+        )
+        return model.generate_batch(
+            prompts, generation_config=gen, continuous_batching_config=cb, record_timestamps=True, progress_bar=False
+        )
 
     generate(make_prompts(2, args.prompt_tokens, vocab, 99_999), 4)  # first-call costs off the clock
     record["runs"] = []
@@ -280,20 +308,32 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
         counts = [len(r.generated_tokens) for r in results]
         first = [list(r.generated_tokens[:FIRST_TOKENS_KEPT]) for r in results]
         run = summarize(batch, num, args, counts, end - start, ttft, steps, first)
-        run |= {"wall_s_with_setup": round(wall, 2), "errors": errors[:3],
-                "capped": None if num == batch else f"{num} of {batch} requests: the full run would pass the "
-                                                    "stage's deadline"}  # fmt: skip
+        run |= {
+            "wall_s_with_setup": round(wall, 2),
+            "errors": errors[:3],
+            "capped": None
+            if num == batch
+            else f"{num} of {batch} requests: the full run would pass the stage's deadline",
+        }
         record["runs"].append(run)
-        print(f"tf-cb b={batch:<4} {run['output_tok_s']:>10} tok/s  decode {run['decode_ms_step_median']} ms/step  "
-              f"TTFT p50 {run['ttft_ms_median']} ms  {run['capped'] or ''}", flush=True)
+        print(
+            f"tf-cb b={batch:<4} {run['output_tok_s']:>10} tok/s  decode {run['decode_ms_step_median']} ms/step  "
+            f"TTFT p50 {run['ttft_ms_median']} ms  {run['capped'] or ''}",
+            flush=True,
+        )
     record["total_s"] = round(time.perf_counter() - began, 2)
     return record
 
 
 # ---- report -------------------------------------------------------------------------------------------------
 
-RESULT_FILES = {"model": "gpu_model.json", "kernels": "gpu_kernels.json", "ours": "gpu_engine_ours.json",
-                "ours_async": "gpu_engine_ours-async.json", "hf": "gpu_engine_hf.json"}  # fmt: skip
+RESULT_FILES = {
+    "model": "gpu_model.json",
+    "kernels": "gpu_kernels.json",
+    "ours": "gpu_engine_ours.json",
+    "ours_async": "gpu_engine_ours-async.json",
+    "hf": "gpu_engine_hf.json",
+}
 # Our engine runs once step by step and once with async scheduling; each gets its own rows and verdicts.
 OURS_MODES = (("ours", ""), ("ours_async", " (async)"))
 SUMMARY_FILE = "gpu_check.json"
@@ -339,31 +379,53 @@ def correctness_checks(args: argparse.Namespace, stages: dict[str, str], data: d
         failed = [c["name"] for c in kernels["checks"] if not c["passed"]] if kernels else []
         ok = stages["kernels"] == "0" and kernels is not None and kernels.get("passed") and n > 0
         detail = f"{n - len(failed)}/{n} kernel checks pass" if kernels else f"no results (rc {stages['kernels']})"
-        checks.append({"name": "kernels vs torch reference (bench/gpu_kernels.py)", "ok": bool(ok),
-                       "detail": detail + (f"; failed: {', '.join(failed[:5])}" if failed else "")})  # fmt: skip
+        checks.append(
+            {
+                "name": "kernels vs torch reference (bench/gpu_kernels.py)",
+                "ok": bool(ok),
+                "detail": detail + (f"; failed: {', '.join(failed[:5])}" if failed else ""),
+            }
+        )
     if stages.get("pytest", "skip") != "skip":
         counts = _junit_counts(args.tests_xml)
         ok = stages["pytest"] == "0" and counts is not None and counts["failures"] + counts["errors"] == 0
         if ok and args.require_gpu_tests and counts["passed"] == 0:
             ok = False
-        detail = (f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
-                  f"{counts['skipped']} skipped" if counts else "no junit XML") + f" (rc {stages['pytest']})"
+        detail = (
+            f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
+            f"{counts['skipped']} skipped"
+            if counts
+            else "no junit XML"
+        ) + f" (rc {stages['pytest']})"
         checks.append({"name": "pytest -m gpu tests/model_handler", "ok": ok, "detail": detail})
     for key, label in OURS_MODES:
         ours = data.get(key)
         if ours is not None:
             bad = [r["batch"] for r in ours["runs"] if not r["exact_lengths"]]
-            checks.append({"name": f"ours{label}: every request got exactly --output-tokens", "ok": not bad,
-                           "detail": f"wrong lengths at batch {bad}" if bad else f"{len(ours['runs'])} runs"})
+            checks.append(
+                {
+                    "name": f"ours{label}: every request got exactly --output-tokens",
+                    "ok": not bad,
+                    "detail": f"wrong lengths at batch {bad}" if bad else f"{len(ours['runs'])} runs",
+                }
+            )
     if data.get("ours") and data.get("ours_async"):
         # Same scheduler decisions, same kernels: deferring the read of a token must not change any token.
-        pairs = [(a["first_tokens"], b["first_tokens"]) for a in data["ours"]["runs"]
-                 for b in data["ours_async"]["runs"] if a["batch"] == b["batch"]]
+        pairs = [
+            (a["first_tokens"], b["first_tokens"])
+            for a in data["ours"]["runs"]
+            for b in data["ours_async"]["runs"]
+            if a["batch"] == b["batch"]
+        ]
         differ = sum(x != y for a, b in pairs for x, y in zip(a, b))
         total = sum(len(a) for a, _ in pairs)
-        checks.append({"name": "ours (async) generates the step-by-step tokens", "ok": total > 0 and not differ,
-                       "detail": f"{total - differ}/{total} requests identical over their first "
-                                 f"{FIRST_TOKENS_KEPT} tokens"})  # fmt: skip
+        checks.append(
+            {
+                "name": "ours (async) generates the step-by-step tokens",
+                "ok": total > 0 and not differ,
+                "detail": f"{total - differ}/{total} requests identical over their first {FIRST_TOKENS_KEPT} tokens",
+            }
+        )
     return checks
 
 
@@ -380,8 +442,12 @@ def agreement(ours: dict | None, hf: dict | None) -> dict | None:
         return None
     first = sum(bool(x and y and x[0] == y[0]) for x, y in pairs)
     common = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))) for x, y in pairs]
-    return {"requests": len(pairs), "first_token_match": round(first / len(pairs), 3),
-            "mean_common_prefix": round(sum(common) / len(common), 2), "of_tokens": FIRST_TOKENS_KEPT}
+    return {
+        "requests": len(pairs),
+        "first_token_match": round(first / len(pairs), 3),
+        "mean_common_prefix": round(sum(common) / len(common), 2),
+        "of_tokens": FIRST_TOKENS_KEPT,
+    }
 
 
 def _roofline(model: dict, ours: dict) -> dict | None:
@@ -395,12 +461,17 @@ def _roofline(model: dict, ours: dict) -> dict | None:
     # The brief's measure counts every weight byte; a decode step only gathers rows of the input
     # embedding, so the bytes it must move are fewer (reported beside it, the target uses the former).
     moved = (model["weight_bytes"] - model.get("embedding_bytes", 0)) / step_s / 1e9
-    return {"weight_gb": round(model["weight_bytes"] / 1e9, 3), "achieved_gbs": round(achieved, 1),
-            "datasheet_gbs": datasheet, "copy_gbs": copy, "decode_tok_s": round(1 / step_s, 1),
-            "frac_datasheet": round(achieved / datasheet, 3) if datasheet else None,
-            "frac_copy": round(achieved / copy, 3) if copy else None,
-            "frac_datasheet_without_embedding": round(moved / datasheet, 3) if datasheet else None,
-            "roofline_tok_s": round(datasheet * 1e9 / model["weight_bytes"], 1) if datasheet else None}  # fmt: skip
+    return {
+        "weight_gb": round(model["weight_bytes"] / 1e9, 3),
+        "achieved_gbs": round(achieved, 1),
+        "datasheet_gbs": datasheet,
+        "copy_gbs": copy,
+        "decode_tok_s": round(1 / step_s, 1),
+        "frac_datasheet": round(achieved / datasheet, 3) if datasheet else None,
+        "frac_copy": round(achieved / copy, 3) if copy else None,
+        "frac_datasheet_without_embedding": round(moved / datasheet, 3) if datasheet else None,
+        "roofline_tok_s": round(datasheet * 1e9 / model["weight_bytes"], 1) if datasheet else None,
+    }
 
 
 def targets(args: argparse.Namespace, data: dict) -> tuple[list[dict], dict[str, dict]]:
@@ -416,12 +487,17 @@ def targets(args: argparse.Namespace, data: dict) -> tuple[list[dict], dict[str,
         if roofline:
             rooflines[key] = roofline
             frac = roofline["frac_datasheet"]
-            found.append({"name": f"batch-1 decode >= {args.roofline_target:.0%} of the HBM roofline{label}",
-                          "ok": None if frac is None else frac >= args.roofline_target,
-                          "detail": f"{frac:.1%} ({roofline['achieved_gbs']:.0f} GB/s of {roofline['datasheet_gbs']} "
-                                    f"GB/s datasheet; decode {roofline['decode_tok_s']} tok/s of "
-                                    f"{roofline['roofline_tok_s']})" if frac
-                          else "no datasheet bandwidth for this device"})  # fmt: skip
+            found.append(
+                {
+                    "name": f"batch-1 decode >= {args.roofline_target:.0%} of the HBM roofline{label}",
+                    "ok": None if frac is None else frac >= args.roofline_target,
+                    "detail": f"{frac:.1%} ({roofline['achieved_gbs']:.0f} GB/s of {roofline['datasheet_gbs']} "
+                    f"GB/s datasheet; decode {roofline['decode_tok_s']} tok/s of "
+                    f"{roofline['roofline_tok_s']})"
+                    if frac
+                    else "no datasheet bandwidth for this device",
+                }
+            )
         for r in ours["runs"]:
             base = next((h for h in hf["runs"] if h["batch"] == r["batch"]), None) if hf else None
             complete = base is not None and base["exact_lengths"]
@@ -429,10 +505,14 @@ def targets(args: argparse.Namespace, data: dict) -> tuple[list[dict], dict[str,
             note = f"; baseline capped: {base['capped']}" if base and base.get("capped") else ""
             if base is not None and not complete:
                 note += f"; baseline incomplete: {base['total_output_tokens']} tokens, errors {base.get('errors')}"
-            found.append({"name": f"ours >= {args.speedup_target:g}x transformers generate_batch at batch "
-                                  f"{r['batch']}{label}",
-                          "ok": None if ratio is None else ratio >= args.speedup_target,
-                          "detail": (f"{ratio:.2f}x" if ratio else "no baseline run") + note})  # fmt: skip
+            found.append(
+                {
+                    "name": f"ours >= {args.speedup_target:g}x transformers generate_batch at batch "
+                    f"{r['batch']}{label}",
+                    "ok": None if ratio is None else ratio >= args.speedup_target,
+                    "detail": (f"{ratio:.2f}x" if ratio else "no baseline run") + note,
+                }
+            )
     return found, rooflines
 
 
@@ -444,9 +524,11 @@ def format_table(data: dict) -> list[str]:
     ours, hf = data["ours"] or {"runs": []}, data["hf"] or {"runs": []}
     asy = data.get("ours_async") or {"runs": []}
     batches = sorted({r["batch"] for r in ours["runs"] + asy["runs"] + hf["runs"]})
-    header = (f"{'batch':>5} | {'ours tok/s':>10} {'decode ms':>9} {'TTFT p50':>8} {'max':>7} | "
-              f"{'async tok/s':>11} {'decode ms':>9} | {'tf-cb tok/s':>11} {'decode ms':>9} {'TTFT p50':>8} | "
-              f"{'ours/tf':>7} {'async/tf':>8}")  # fmt: skip
+    header = (
+        f"{'batch':>5} | {'ours tok/s':>10} {'decode ms':>9} {'TTFT p50':>8} {'max':>7} | "
+        f"{'async tok/s':>11} {'decode ms':>9} | {'tf-cb tok/s':>11} {'decode ms':>9} {'TTFT p50':>8} | "
+        f"{'ours/tf':>7} {'async/tf':>8}"
+    )
     lines = [header]
 
     def ratio(a: dict, b: dict) -> str:
@@ -455,12 +537,14 @@ def format_table(data: dict) -> list[str]:
 
     for b in batches:
         o, a, h = ({} if not x else next((r for r in x["runs"] if r["batch"] == b), {}) for x in (ours, asy, hf))
-        lines.append(f"{b:>5} | {_fmt(o.get('output_tok_s'), '10.1f')} {_fmt(o.get('decode_ms_step_median'), '9.2f')} "
-                     f"{_fmt(o.get('ttft_ms_median'), '8.1f')} {_fmt(o.get('ttft_ms_max'), '7.1f')} | "
-                     f"{_fmt(a.get('output_tok_s'), '11.1f')} {_fmt(a.get('decode_ms_step_median'), '9.2f')} | "
-                     f"{_fmt(h.get('output_tok_s'), '11.1f')} {_fmt(h.get('decode_ms_step_median'), '9.2f')} "
-                     f"{_fmt(h.get('ttft_ms_median'), '8.1f')} | {ratio(o, h):>7} {ratio(a, h):>8}"
-                     + (" (tf capped)" if h.get("capped") else ""))  # fmt: skip
+        lines.append(
+            f"{b:>5} | {_fmt(o.get('output_tok_s'), '10.1f')} {_fmt(o.get('decode_ms_step_median'), '9.2f')} "
+            f"{_fmt(o.get('ttft_ms_median'), '8.1f')} {_fmt(o.get('ttft_ms_max'), '7.1f')} | "
+            f"{_fmt(a.get('output_tok_s'), '11.1f')} {_fmt(a.get('decode_ms_step_median'), '9.2f')} | "
+            f"{_fmt(h.get('output_tok_s'), '11.1f')} {_fmt(h.get('decode_ms_step_median'), '9.2f')} "
+            f"{_fmt(h.get('ttft_ms_median'), '8.1f')} | {ratio(o, h):>7} {ratio(a, h):>8}"
+            + (" (tf capped)" if h.get("capped") else "")
+        )
     return lines
 
 
@@ -473,43 +557,61 @@ def report_main(args: argparse.Namespace) -> int:
     ours, hf, model = data["ours"] or {}, data["hf"] or {}, data["model"] or {}
     built = "reused" if model.get("reused") else f"built in {model.get('build_s')} s"
     lines = [
-        (f"device: {ours.get('device', '?')}  torch {ours.get('torch', '?')}  "
-         f"transformers {hf.get('transformers', ours.get('transformers', '?'))}"),
-        (f"model: {model.get('model_dir', '?')} ({model.get('weight_bytes', 0) / 1e9:.2f} GB, {built}); "
-         f"ours start-up {ours.get('init_s')} s {ours.get('init_phases', {})}; tf load {hf.get('load_s')} s"),
+        (
+            f"device: {ours.get('device', '?')}  torch {ours.get('torch', '?')}  "
+            f"transformers {hf.get('transformers', ours.get('transformers', '?'))}"
+        ),
+        (
+            f"model: {model.get('model_dir', '?')} ({model.get('weight_bytes', 0) / 1e9:.2f} GB, {built}); "
+            f"ours start-up {ours.get('init_s')} s {ours.get('init_phases', {})}; tf load {hf.get('load_s')} s"
+        ),
         "",
-    ]  # fmt: skip
+    ]
     lines += format_table(data)
     for key, label in OURS_MODES:
         roofline = rooflines.get(key)
         if roofline and roofline["datasheet_gbs"]:
-            lines.append(f"batch-1 roofline{label}: {roofline['weight_gb']} GB of weights per step -> "
-                         f"{roofline['achieved_gbs']} GB/s = {roofline['frac_datasheet']:.1%} of the "
-                         f"{roofline['datasheet_gbs']} GB/s datasheet (roofline {roofline['roofline_tok_s']} tok/s), "
-                         f"{_fmt(roofline['frac_copy'], '.1%')} of the measured copy {roofline['copy_gbs']} GB/s; "
-                         f"without the embedding table {roofline['frac_datasheet_without_embedding']:.1%} "
-                         f"of datasheet")  # fmt: skip
+            lines.append(
+                f"batch-1 roofline{label}: {roofline['weight_gb']} GB of weights per step -> "
+                f"{roofline['achieved_gbs']} GB/s = {roofline['frac_datasheet']:.1%} of the "
+                f"{roofline['datasheet_gbs']} GB/s datasheet (roofline {roofline['roofline_tok_s']} tok/s), "
+                f"{_fmt(roofline['frac_copy'], '.1%')} of the measured copy {roofline['copy_gbs']} GB/s; "
+                f"without the embedding table {roofline['frac_datasheet_without_embedding']:.1%} "
+                f"of datasheet"
+            )
         record = data.get(key) or {}
         if record.get("engine", {}).get("cuda_graphs"):
             replays = [f"b{r['batch']} {r.get('graph_replays')}/{r.get('num_decode_steps')}" for r in record["runs"]]
             lines.append(f"ours{label} decode steps replayed as CUDA graphs: {', '.join(replays)}")
     agree = agreement(data["ours"], data["hf"])
     if agree:
-        lines.append(f"greedy agreement ours vs transformers (info): first token {agree['first_token_match']:.0%} "
-                     f"of {agree['requests']} requests, mean common prefix {agree['mean_common_prefix']}"
-                     f"/{agree['of_tokens']}")  # fmt: skip
+        lines.append(
+            f"greedy agreement ours vs transformers (info): first token {agree['first_token_match']:.0%} "
+            f"of {agree['requests']} requests, mean common prefix {agree['mean_common_prefix']}"
+            f"/{agree['of_tokens']}"
+        )
     lines += ["", "correctness:"] + [f"  {_verdict(c['ok']):<4} {c['name']}: {c['detail']}" for c in checks]
     lines += ["targets:"] + [f"  {_verdict(t['ok']):<4} {t['name']}: {t['detail']}" for t in found]
     if missing:
-        lines.append(f"stages that failed or timed out (rc 124 = timeout): "
-                     f"{', '.join(f'{n} rc {stages[n]}' for n in missing)}")  # fmt: skip
+        lines.append(
+            f"stages that failed or timed out (rc 124 = timeout): {', '.join(f'{n} rc {stages[n]}' for n in missing)}"
+        )
     rc = 1 if any(c["ok"] is False for c in checks) else (2 if missing else 0)
-    lines.append(f"gpu_check: {'correctness FAILED' if rc == 1 else 'stage FAILED' if rc == 2 else 'correct'}; "
-                 f"targets {sum(t['ok'] is True for t in found)}/{len(found)} PASS")  # fmt: skip
+    lines.append(
+        f"gpu_check: {'correctness FAILED' if rc == 1 else 'stage FAILED' if rc == 2 else 'correct'}; "
+        f"targets {sum(t['ok'] is True for t in found)}/{len(found)} PASS"
+    )
     print("\n".join(lines))
-    summary = {"stages": stages, "checks": checks, "targets": found, "roofline": rooflines.get("ours"),
-               "roofline_async": rooflines.get("ours_async"), "agreement": agree,
-               "table": format_table(data), "exit_code": rc}  # fmt: skip
+    summary = {
+        "stages": stages,
+        "checks": checks,
+        "targets": found,
+        "roofline": rooflines.get("ours"),
+        "roofline_async": rooflines.get("ours_async"),
+        "agreement": agree,
+        "table": format_table(data),
+        "exit_code": rc,
+    }
     (args.results / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return rc
 

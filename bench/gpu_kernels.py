@@ -4,6 +4,7 @@
   python bench/gpu_kernels.py --device cpu --small                      # CPU (TRITON_INTERPRET=1): checks only
 Exits 1 when a check fails. Shapes are Llama-3-8B's (32 q heads, 8 kv heads, head_dim 128, block 16).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,18 @@ from pathlib import Path
 
 # HBM peaks from NVIDIA datasheets, GB/s, matched in this order against the device name.
 HBM_PEAK_GBS = (
-    ("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350), ("H200", 4800), ("A100-SXM4-40GB", 1555),
-    ("A100 80GB PCIe", 1935), ("A100", 2039), ("A10G", 600), ("A10", 600), ("L40S", 864), ("L4", 300),
-)  # fmt: skip
+    ("H100 PCIe", 2000),
+    ("H100 NVL", 3900),
+    ("H100", 3350),
+    ("H200", 4800),
+    ("A100-SXM4-40GB", 1555),
+    ("A100 80GB PCIe", 1935),
+    ("A100", 2039),
+    ("A10G", 600),
+    ("A10", 600),
+    ("L40S", 864),
+    ("L4", 300),
+)
 # (atol, rtol) against an fp32 oracle: the output's own rounding plus the rounding of P before the P @ V product.
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (3e-3, 3e-3), "bfloat16": (1.5e-2, 1.5e-2)}
 L2_FLUSH_BYTES = 256 << 20  # timing rotates through cache copies at least this large, so reads come from HBM
@@ -121,8 +131,9 @@ def record(report: Report, name: str, dtype, actual, expected) -> None:
     diff = (actual.float() - expected.float()).abs()
     err = float(diff.max()) if diff.numel() else 0.0
     passed = finite and bool((diff <= atol + rtol * expected.float().abs()).all())
-    report.checks.append(dict(name=name, dtype=dtype_name, max_abs_err=err, atol=atol, rtol=rtol,
-                              finite=finite, passed=passed))  # fmt: skip
+    report.checks.append(
+        dict(name=name, dtype=dtype_name, max_abs_err=err, atol=atol, rtol=rtol, finite=finite, passed=passed)
+    )
     print(f"{'PASS' if passed else 'FAIL'}  {name:<44} {dtype_name:<9} max_abs_err={err:.2e}")
 
 
@@ -250,20 +261,31 @@ def time_decode(report: Report, shapes: Shapes, device) -> None:
             out = torch.empty_like(b["query"])
             scale = shapes.head_dim**-0.5
 
-            def call(i: int) -> None:
-                k, v = caches[i % copies]
+            def call(i: int, b=b, caches=caches, out=out, scale=scale) -> None:
+                k, v = caches[i % len(caches)]
                 paged_attention(b["query"], k, v, b["block_tables"], b["seq_lens"], b["query_start_loc"], scale, 1, out)
 
             graph_us = cuda_time_us(call, iters=max(16, copies))
             gbs = kv_bytes / graph_us / 1e3
             splits = default_num_splits(batch, shapes.num_kv_heads, device)
-            row = dict(kernel="decode", dtype="bfloat16", batch=batch, context=ctx, splits=splits,
-                       graph_us=round(graph_us, 2), eager_us=round(eager_time_us(call), 2), kv_bytes=kv_bytes,
-                       kv_gbs=round(gbs, 1), frac_of_hbm_peak=_frac(gbs, report.hbm_peak_gbs),
-                       frac_of_copy=_frac(gbs, report.copy_gbs))  # fmt: skip
+            row = dict(
+                kernel="decode",
+                dtype="bfloat16",
+                batch=batch,
+                context=ctx,
+                splits=splits,
+                graph_us=round(graph_us, 2),
+                eager_us=round(eager_time_us(call), 2),
+                kv_bytes=kv_bytes,
+                kv_gbs=round(gbs, 1),
+                frac_of_hbm_peak=_frac(gbs, report.hbm_peak_gbs),
+                frac_of_copy=_frac(gbs, report.copy_gbs),
+            )
             report.timings.append(row)
-            print(f"decode b={batch:<4} ctx={ctx:<5} splits={splits:<3} {graph_us:8.1f} us (graph) "
-                  f"{row['eager_us']:8.1f} us (eager)  {gbs:7.0f} GB/s  {row['frac_of_hbm_peak']} of peak")  # fmt: skip
+            print(
+                f"decode b={batch:<4} ctx={ctx:<5} splits={splits:<3} {graph_us:8.1f} us (graph) "
+                f"{row['eager_us']:8.1f} us (eager)  {gbs:7.0f} GB/s  {row['frac_of_hbm_peak']} of peak"
+            )
 
 
 def time_prefill_and_store(report: Report, shapes: Shapes, device) -> None:
@@ -272,7 +294,7 @@ def time_prefill_and_store(report: Report, shapes: Shapes, device) -> None:
     for name, q_lens, seq_lens in cases:
         b = build_batch(shapes, q_lens, seq_lens, dtype, device, seed=3)
         out = torch.empty_like(b["query"])
-        us = cuda_time_us(lambda i: run_kernel(b, out), iters=5)
+        us = cuda_time_us(lambda i, b=b, out=out: run_kernel(b, out), iters=5)
         pairs = sum(q * (s - q) + q * (q + 1) / 2 for q, s in zip(q_lens, seq_lens))  # causal (query, key) pairs
         tflops = 4 * pairs * shapes.num_heads * shapes.head_dim / us / 1e6
         report.timings.append(dict(kernel=name, dtype="bfloat16", graph_us=round(us, 1), tflops=round(tflops, 1)))
@@ -280,14 +302,18 @@ def time_prefill_and_store(report: Report, shapes: Shapes, device) -> None:
     for num_tokens in (128, 4096):
         b = build_batch(shapes, [num_tokens], [num_tokens], dtype, device, seed=4)
         key = torch.randn(num_tokens, shapes.num_kv_heads, shapes.head_dim, device=device, dtype=dtype)
-        us = cuda_time_us(lambda i: store_kv(key, key, b["k_cache"], b["v_cache"], b["slot_mapping"]), iters=10)
+        us = cuda_time_us(
+            lambda i, b=b, key=key: store_kv(key, key, b["k_cache"], b["v_cache"], b["slot_mapping"]), iters=10
+        )
         report.timings.append(dict(kernel="store_kv", dtype="bfloat16", tokens=num_tokens, graph_us=round(us, 2)))
         print(f"store_kv tokens={num_tokens:<5} {us:9.2f} us")
 
 
 # (N, K) of Llama-3-8B's one-row linears: qkv, o, gate_up, down, LM head; small ones for the interpreter.
-GEMV_SHAPES = {"llama3-8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)),
-               "small": ((48, 64), (37, 300))}  # fmt: skip
+GEMV_SHAPES = {
+    "llama3-8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)),
+    "small": ((48, 64), (37, 300)),
+}
 
 
 def check_and_time_gemv(report: Report, device, small: bool, timing: bool) -> None:
@@ -311,13 +337,28 @@ def check_and_time_gemv(report: Report, device, small: bool, timing: bool) -> No
             choice = gpu_linear.measure(x, weight, None)
             t = choice.timings_ms
             best = min((v, c) for c, v in t.items() if c != gpu_linear.CUBLAS)
-            gbs = lambda ms: round(weight.numel() * 2 / ms / 1e6, 1)  # noqa: E731
-            row = dict(kernel="one-row linear", n=n, k=k, cublas_us=round(1e3 * t[gpu_linear.CUBLAS], 1),
-                       cublas_gbs=gbs(t[gpu_linear.CUBLAS]), triton_us=round(1e3 * best[0], 1),
-                       triton_gbs=gbs(best[0]), triton_config=best[1], chosen=str(choice.winner), all_ms=t)
+            weight_bytes = weight.numel() * 2
+
+            def gbs(ms: float, weight_bytes: int = weight_bytes) -> float:
+                return round(weight_bytes / ms / 1e6, 1)
+
+            row = dict(
+                kernel="one-row linear",
+                n=n,
+                k=k,
+                cublas_us=round(1e3 * t[gpu_linear.CUBLAS], 1),
+                cublas_gbs=gbs(t[gpu_linear.CUBLAS]),
+                triton_us=round(1e3 * best[0], 1),
+                triton_gbs=gbs(best[0]),
+                triton_config=best[1],
+                chosen=str(choice.winner),
+                all_ms=t,
+            )
             report.timings.append(row)
-            print(f"gemv {n:>6}x{k:<5}  cuBLAS {row['cublas_us']:8.1f} us {row['cublas_gbs']:7.1f} GB/s   "
-                  f"triton {row['triton_us']:8.1f} us {row['triton_gbs']:7.1f} GB/s  ({best[1]})  -> {row['chosen']}")
+            print(
+                f"gemv {n:>6}x{k:<5}  cuBLAS {row['cublas_us']:8.1f} us {row['cublas_gbs']:7.1f} GB/s   "
+                f"triton {row['triton_us']:8.1f} us {row['triton_gbs']:7.1f} GB/s  ({best[1]})  -> {row['chosen']}"
+            )
         del x, weight
 
 

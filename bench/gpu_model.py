@@ -6,6 +6,7 @@ shard, chunks of at most 64M elements), so a 16 GB folder never sits whole in ho
 A folder already built with the same preset and seed is reused. The benchmarks feed token ids, so there is
 no tokenizer; config.json is Llama-3.1-8B's own (llama3 rope scaling in its 4.x spelling).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,20 +29,48 @@ CHUNK_ELEMENTS = 64 << 20  # 128 MB of bf16 per device draw: keeps each writer's
 
 # Meta-Llama-3.1-8B's config.json, verbatim apart from the version stamp.
 LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 4096,
-    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
-    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
     "vocab_size": 128256,
-}  # fmt: skip
+}
 # The same architecture and config fields at a size the CPU smoke run builds and runs in seconds.
-SMOKE = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096,
-         "bos_token_id": 1, "eos_token_id": [2, 3]}  # fmt: skip
+SMOKE = {
+    **LLAMA3_8B,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 4096,
+    "bos_token_id": 1,
+    "eos_token_id": [2, 3],
+}
 PRESETS = {"llama3-8b": LLAMA3_8B, "smoke": SMOKE}
 
 
@@ -97,8 +126,9 @@ def safetensors_header(names: list[str], shapes: dict[str, tuple[int, ...]]) -> 
     return struct.pack("<Q", len(text)) + text
 
 
-def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], seed: int,
-                 device: torch.device) -> int:
+def _write_shard(
+    path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], seed: int, device: torch.device
+) -> int:
     """Stream one shard: header, then each tensor drawn in row chunks on `device` and copied out."""
     staging = None
     if device.type == "cuda":
@@ -129,8 +159,7 @@ def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]
     return written
 
 
-def build(out_dir: Path, preset: str = "llama3-8b", device: str = "cuda", seed: int = 0,
-          shard_gb: float = 2.0) -> dict:
+def build(out_dir: Path, preset: str = "llama3-8b", device: str = "cuda", seed: int = 0, shard_gb: float = 2.0) -> dict:
     """Write config.json, generation_config.json and sharded random weights; returns what build.json records."""
     config = PRESETS[preset]
     key = {"format": FORMAT_VERSION, "preset": preset, "seed": seed, "config": config}
@@ -165,11 +194,17 @@ def build(out_dir: Path, preset: str = "llama3-8b", device: str = "cuda", seed: 
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     seconds = time.perf_counter() - started
     record = {
-        "key": key, "model_dir": str(out_dir), "device": str(dev), "weight_bytes": total,
+        "key": key,
+        "model_dir": str(out_dir),
+        "device": str(dev),
+        "weight_bytes": total,
         "embedding_bytes": 2 * math.prod(shapes["model.embed_tokens.weight"]),
-        "num_tensors": len(shapes), "num_shards": len(shards), "build_s": round(seconds, 2),
-        "write_gbs": round(total / seconds / 1e9, 2), "reused": False,
-    }  # fmt: skip
+        "num_tensors": len(shapes),
+        "num_shards": len(shards),
+        "build_s": round(seconds, 2),
+        "write_gbs": round(total / seconds / 1e9, 2),
+        "reused": False,
+    }
     check_headers(out_dir)
     marker.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -205,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     record = build(args.out_dir, args.preset, args.device, args.seed, args.shard_gb)
     how = "reused" if record["reused"] else f"built in {record['build_s']} s ({record['write_gbs']} GB/s)"
-    print(f"model folder {record['model_dir']}: {record['weight_bytes'] / 1e9:.2f} GB in "
-          f"{record['num_shards']} shards, {how}")  # fmt: skip
+    print(
+        f"model folder {record['model_dir']}: {record['weight_bytes'] / 1e9:.2f} GB in "
+        f"{record['num_shards']} shards, {how}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")

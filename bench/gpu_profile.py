@@ -6,6 +6,7 @@ captured forward alone, and the kernels (torch.profiler) of a few steady decode 
 A step's wall time minus the GPU's busy time is the bubble the host leaves between kernels: the part
 that overlapping host work with the GPU, or fewer launches, could win back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,9 +99,15 @@ def kernel_table(prof, steps: int) -> tuple[float, list[dict[str, Any]]]:
             per_name[event.name].append(event.time_range.elapsed_us())
     busy_ms = sum(sum(v) for v in per_name.values()) / 1e3 / steps
     rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
-    table = [{"kernel": name[:110], "calls_per_step": round(len(t) / steps, 2),
-              "us_per_step": round(sum(t) / steps, 1), "us_mean": round(statistics.mean(t), 2)}
-             for name, t in rows[:TOP_KERNELS]]  # fmt: skip
+    table = [
+        {
+            "kernel": name[:110],
+            "calls_per_step": round(len(t) / steps, 2),
+            "us_per_step": round(sum(t) / steps, 1),
+            "us_mean": round(statistics.mean(t), 2),
+        }
+        for name, t in rows[:TOP_KERNELS]
+    ]
     return round(busy_ms, 3), table
 
 
@@ -113,8 +120,9 @@ def profile_batch(engine, timer: PhaseTimer, batch: int, args: argparse.Namespac
     params = SamplingParams(max_tokens=total_steps + 4, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(make_prompts(batch, args.prompt_tokens, vocab, 77 + batch)):
         engine.add_request(EngineRequest(f"p{batch}-{i}", prompt, params))
-    while len(engine.scheduler.waiting) or any(s.num_computed_tokens < s.num_prompt_tokens
-                                                for s in engine.scheduler.running):  # fmt: skip
+    while len(engine.scheduler.waiting) or any(
+        s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
+    ):
         engine.step()
     for _ in range(4):
         engine.step()
@@ -142,9 +150,13 @@ def profile_batch(engine, timer: PhaseTimer, batch: int, args: argparse.Namespac
             shutil.copyfileobj(src, dst)
         raw.unlink()
     runner = engine.model_runner
-    record: dict[str, Any] = {"batch": batch, "step_wall_ms_median": round(1e3 * statistics.median(walls), 3),
-                              "host_phases_ms_median": phases, "gpu_busy_ms_per_step": busy_ms,
-                              "kernels": kernels}  # fmt: skip
+    record: dict[str, Any] = {
+        "batch": batch,
+        "step_wall_ms_median": round(1e3 * statistics.median(walls), 3),
+        "host_phases_ms_median": phases,
+        "gpu_busy_ms_per_step": busy_ms,
+        "kernels": kernels,
+    }
     graphs = runner.graph_runner
     if graphs is not None:
         size = min(s for s in graphs.batch_sizes if s >= batch)
@@ -155,8 +167,11 @@ def profile_batch(engine, timer: PhaseTimer, batch: int, args: argparse.Namespac
         engine.step()
     step = record["step_wall_ms_median"]
     busy = f"GPU busy {busy_ms} ms/step ({busy_ms / step:.0%} of the step)" if busy_ms is not None else "no GPU"
-    print(f"b={batch}: step {step} ms, {busy}, graph replay {record.get('graph_replay_ms')} ms, LM head "
-          f"{record.get('lm_head_ms')} ms, async scheduling {engine.config.async_scheduling}", flush=True)
+    print(
+        f"b={batch}: step {step} ms, {busy}, graph replay {record.get('graph_replay_ms')} ms, LM head "
+        f"{record.get('lm_head_ms')} ms, async scheduling {engine.config.async_scheduling}",
+        flush=True,
+    )
     print(f"  host phases (median ms): {phases}", flush=True)
     for row in kernels:
         print(f"  {row['us_per_step']:>9} us/step {row['calls_per_step']:>7} calls  {row['kernel']}", flush=True)
@@ -186,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         timer.wrap(engine.scheduler, "advance", "advance")
     else:
         timer.wrap(engine.scheduler, "update_from_output", "update")
-    record: dict[str, Any] = {**device_record(args.device), "engine": str(engine.info()),
-                              "async_scheduling": engine.config.async_scheduling, "runs": []}  # fmt: skip
+    record: dict[str, Any] = {
+        **device_record(args.device),
+        "engine": str(engine.info()),
+        "async_scheduling": engine.config.async_scheduling,
+        "runs": [],
+    }
     for i, batch in enumerate(args.batch_sizes):
         record["runs"].append(profile_batch(engine, timer, batch, args, args.trace if i == 0 else None))
     args.out.write_text(json.dumps(record, indent=1))

@@ -3,6 +3,7 @@
 Stdlib asyncio only (one thread, raw HTTP/1.1) so the client costs little CPU on a small shared machine:
 each of `concurrency` workers sends its next request as soon as its previous one ends.
 """
+
 from __future__ import annotations
 
 import asyncio

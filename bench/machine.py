@@ -2,6 +2,7 @@
 
 "Other" means every process that is neither this harness nor one of its descendants (the servers it started).
 """
+
 from __future__ import annotations
 
 import datetime

@@ -3,6 +3,7 @@
 TTFT = time to the first streamed chunk that carries content; ITL = every gap between consecutive content
 chunks, pooled over requests; TPOT = (latency - TTFT) / (output_tokens - 1) per request.
 """
+
 from __future__ import annotations
 
 import math
@@ -140,8 +141,9 @@ def summarize(results: list[RequestResult], concurrency: int) -> LevelMetrics:
         prompt_tokens_min=min(prompt_counts, default=None),
         prompt_tokens_max=max(prompt_counts, default=None),
         tokens_counted_by=counted_by,
-        total_retokenized_tokens=None if any(r.retokenized_tokens is None for r in ok) else sum(
-            r.retokenized_tokens for r in ok),
+        total_retokenized_tokens=None
+        if any(r.retokenized_tokens is None for r in ok)
+        else sum(r.retokenized_tokens for r in ok),
         num_chunks=sum(len(r.chunk_times) for r in ok),
         num_without_content=len(ok) - len(timed),
         finish_reasons=reasons,

@@ -5,6 +5,7 @@ behind a lock, the way a simple server avoids oversubscribing the CPU; `--parall
 request's `generate` runs in its own thread at batch size 1. Tokens stream one SSE chunk per token.
 Run: `python -m bench.naive_server --model DIR --port 8000`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,11 @@ class NaiveEngine:
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )  # input_ids: [1, prompt_len]
-        sampling = {"do_sample": False} if temperature == 0.0 else {
-            "do_sample": True, "temperature": temperature, "top_p": float(body.get("top_p", 1.0))}
+        sampling = (
+            {"do_sample": False}
+            if temperature == 0.0
+            else {"do_sample": True, "temperature": temperature, "top_p": float(body.get("top_p", 1.0))}
+        )
         streamer = TokenStreamer(self.tokenizer)
 
         def run() -> None:
@@ -87,8 +91,13 @@ class NaiveEngine:
                     if body.get("seed") is not None:
                         torch.manual_seed(int(body["seed"]))
                     self.model.generate(
-                        **inputs, max_new_tokens=max_tokens, min_new_tokens=min_tokens, streamer=streamer,
-                        pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                        **inputs,
+                        max_new_tokens=max_tokens,
+                        min_new_tokens=min_tokens,
+                        streamer=streamer,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        **sampling,
+                    )
             except _Cancelled:
                 streamer.end()
             except Exception as exc:  # reported to the client inside the stream
@@ -99,8 +108,13 @@ class NaiveEngine:
 
 
 def _chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict[str, Any]:
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -162,10 +176,21 @@ class Handler(BaseHTTPRequestHandler):
         finish = "length" if streamer.num_tokens >= max_tokens else "stop"
         send(_chunk(rid, model, {}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": streamer.num_tokens,
-                     "total_tokens": prompt_tokens + streamer.num_tokens}
-            send({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                  "choices": [], "usage": usage})
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": streamer.num_tokens,
+                "total_tokens": prompt_tokens + streamer.num_tokens,
+            }
+            send(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         self.wfile.write(b"data: [DONE]\n\n")
 
     def _complete(self, streamer: TokenStreamer, rid: str, prompt_tokens: int, max_tokens: int) -> None:
@@ -174,13 +199,23 @@ class Handler(BaseHTTPRequestHandler):
             if isinstance(event, Exception):
                 return self._json(500, {"error": {"message": str(event), "type": "server_error"}})
             text += event[0]
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": streamer.num_tokens,
-                 "total_tokens": prompt_tokens + streamer.num_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": streamer.num_tokens,
+            "total_tokens": prompt_tokens + streamer.num_tokens,
+        }
         finish = "length" if streamer.num_tokens >= max_tokens else "stop"
-        self._json(200, {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                         "model": self.engine.model_name, "usage": usage, "choices": [
-                             {"index": 0, "message": {"role": "assistant", "content": text},
-                              "finish_reason": finish}]})
+        self._json(
+            200,
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.engine.model_name,
+                "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            },
+        )
 
 
 class _Server(ThreadingHTTPServer):

@@ -1,4 +1,5 @@
 """Best-of-rounds selection, the printed table, the CPU targets (ratios, PASS/FAIL), and the JSON results file."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,23 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-_COLUMNS = ("model", "server", "conc", "ok/n", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-            "TPOT p50", "out tok/req", "prompt tok", "tok/s by round", "other CPU%", "load1")
+_COLUMNS = (
+    "model",
+    "server",
+    "conc",
+    "ok/n",
+    "out tok/s",
+    "TTFT p50",
+    "TTFT p99",
+    "ITL p50",
+    "ITL p99",
+    "TPOT p50",
+    "out tok/req",
+    "prompt tok",
+    "tok/s by round",
+    "other CPU%",
+    "load1",
+)
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
@@ -44,19 +60,32 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     rounds: dict[tuple[str, str, int], list[float]] = {}
     for run in runs:
         rounds.setdefault((run["model"], run["server"], run["concurrency"]), []).append(
-            run["metrics"]["output_tokens_per_s"])
+            run["metrics"]["output_tokens_per_s"]
+        )
     rows = [_COLUMNS]
     for key, run in sorted(best_runs(runs).items()):
         m, load = run["metrics"], run["load"]
         prompt = "-" if m["prompt_tokens_min"] is None else _range(m["prompt_tokens_min"], m["prompt_tokens_max"])
-        rows.append((
-            run["model"], run["server"], str(run["concurrency"]), f"{m['num_ok']}/{m['num_requests']}",
-            _fmt(m["output_tokens_per_s"]), _fmt(m["ttft_ms_p50"]), _fmt(m["ttft_ms_p99"]),
-            _fmt(m["itl_ms_p50"]), _fmt(m["itl_ms_p99"]), _fmt(m["tpot_ms_p50"]),
-            _range(m["output_tokens_min"], m["output_tokens_max"]) + ("" if m["tokens_counted_by"] == "usage" else "*"),
-            prompt, " ".join(_fmt(rate, 0) for rate in rounds[key]),
-            _fmt(load["other_cpu_max_percent"], 0), _fmt(load["loadavg_1m_start"], 2),
-        ))
+        rows.append(
+            (
+                run["model"],
+                run["server"],
+                str(run["concurrency"]),
+                f"{m['num_ok']}/{m['num_requests']}",
+                _fmt(m["output_tokens_per_s"]),
+                _fmt(m["ttft_ms_p50"]),
+                _fmt(m["ttft_ms_p99"]),
+                _fmt(m["itl_ms_p50"]),
+                _fmt(m["itl_ms_p99"]),
+                _fmt(m["tpot_ms_p50"]),
+                _range(m["output_tokens_min"], m["output_tokens_max"])
+                + ("" if m["tokens_counted_by"] == "usage" else "*"),
+                prompt,
+                " ".join(_fmt(rate, 0) for rate in rounds[key]),
+                _fmt(load["other_cpu_max_percent"], 0),
+                _fmt(load["loadavg_1m_start"], 2),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -76,13 +105,17 @@ def evaluate_targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     targets = []
     for model in sorted({run["model"] for run in runs}):
-        def metric(server: str, concurrency: int, name: str) -> float | None:
+
+        def metric(server: str, concurrency: int, name: str, model: str = model) -> float | None:
             values = [
-                run["metrics"][name] for run in runs
+                run["metrics"][name]
+                for run in runs
                 if (run["model"], run["server"], run["concurrency"]) == (model, server, concurrency)
-                and run["metrics"]["num_failed"] == 0 and run["metrics"]["num_ok"] > 0
-                and run["metrics"][name] is not None and not math.isnan(run["metrics"][name])
-            ]  # fmt: skip
+                and run["metrics"]["num_failed"] == 0
+                and run["metrics"]["num_ok"] > 0
+                and run["metrics"][name] is not None
+                and not math.isnan(run["metrics"][name])
+            ]
             if not values:
                 return None
             return min(values) if name.startswith("ttft") else max(values)
@@ -94,30 +127,52 @@ def evaluate_targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         present = {run["server"] for run in runs if run["model"] == model}
         for server in [s for s in OURS if s in present] or ["ours"]:
             checks = (
-                (f"{TARGET_CONCURRENCY} streams: output tok/s {server} / best tf-serve >= 3",
-                 metric(server, TARGET_CONCURRENCY, "output_tokens_per_s"),
-                 baseline(TARGET_CONCURRENCY, "output_tokens_per_s", max), lambda r: r >= 3.0),
-                (f"{TARGET_CONCURRENCY} streams: TTFT p50 {server} / best tf-serve <= 1/3",
-                 metric(server, TARGET_CONCURRENCY, "ttft_ms_p50"),
-                 baseline(TARGET_CONCURRENCY, "ttft_ms_p50", min), lambda r: r <= 1.0 / 3.0),
-                (f"1 stream: output tok/s {server} / best tf-serve >= 1",
-                 metric(server, 1, "output_tokens_per_s"),
-                 baseline(1, "output_tokens_per_s", max), lambda r: r >= 1.0),
+                (
+                    f"{TARGET_CONCURRENCY} streams: output tok/s {server} / best tf-serve >= 3",
+                    metric(server, TARGET_CONCURRENCY, "output_tokens_per_s"),
+                    baseline(TARGET_CONCURRENCY, "output_tokens_per_s", max),
+                    lambda r: r >= 3.0,
+                ),
+                (
+                    f"{TARGET_CONCURRENCY} streams: TTFT p50 {server} / best tf-serve <= 1/3",
+                    metric(server, TARGET_CONCURRENCY, "ttft_ms_p50"),
+                    baseline(TARGET_CONCURRENCY, "ttft_ms_p50", min),
+                    lambda r: r <= 1.0 / 3.0,
+                ),
+                (
+                    f"1 stream: output tok/s {server} / best tf-serve >= 1",
+                    metric(server, 1, "output_tokens_per_s"),
+                    baseline(1, "output_tokens_per_s", max),
+                    lambda r: r >= 1.0,
+                ),
             )
             for name, ours, theirs, passes in checks:
                 ratio = ours / theirs if ours is not None and theirs else None
                 verdict = "n/a" if ratio is None else ("PASS" if passes(ratio) else "FAIL")
-                targets.append({"model": model, "server": server, "target": name, "ours": ours, "baseline": theirs,
-                                "ratio": ratio, "verdict": verdict})
+                targets.append(
+                    {
+                        "model": model,
+                        "server": server,
+                        "target": name,
+                        "ours": ours,
+                        "baseline": theirs,
+                        "ratio": ratio,
+                        "verdict": verdict,
+                    }
+                )
     return targets
 
 
 def format_targets(targets: list[dict[str, Any]]) -> str:
-    lines = ["CPU targets (each metric's best round per server; baseline = the best transformers serve mode and "
-             "dtype in the run):"]
+    lines = [
+        "CPU targets (each metric's best round per server; baseline = the best transformers serve mode and "
+        "dtype in the run):"
+    ]
     for t in targets:
-        lines.append(f"  {t['verdict']:4}  {t['model']}: {t['target']}: ratio {_fmt(t['ratio'], 2)} "
-                     f"(ours {_fmt(t['ours'])}, baseline {_fmt(t['baseline'])})")
+        lines.append(
+            f"  {t['verdict']:4}  {t['model']}: {t['target']}: ratio {_fmt(t['ratio'], 2)} "
+            f"(ours {_fmt(t['ours'])}, baseline {_fmt(t['baseline'])})"
+        )
     return "\n".join(lines)
 
 

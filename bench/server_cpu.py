@@ -5,6 +5,7 @@ one gunicorn worker is a ceiling on streamed tokens/s; CPU time per output token
 Roles come from command lines: the engine (`model_handler.server`, tensor-parallel ranks), gunicorn's workers
 (a gunicorn process whose parent is gunicorn), everything else (launcher, arbiter, a one-process baseline).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

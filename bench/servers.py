@@ -3,6 +3,7 @@
 Each server runs in its own session (process group), so stopping it kills its workers too; every started
 server is registered and stopped at interpreter exit even if the benchmark fails half-way.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -50,8 +51,12 @@ SERVERS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec("ours", "openai-ext", "/ping", "container/serve (this project), its default DTYPE=auto"),
         ServerSpec("ours-fp32", "openai-ext", "/ping", "container/serve with DTYPE=float32"),
-        ServerSpec("ours-torch-attn", "openai-ext", "/ping",
-                   "container/serve with ATTENTION_BACKEND=torch (the CPU path without the C++ kernels)"),
+        ServerSpec(
+            "ours-torch-attn",
+            "openai-ext",
+            "/ping",
+            "container/serve with ATTENTION_BACKEND=torch (the CPU path without the C++ kernels)",
+        ),
         ServerSpec("tf-serve", "tf-serve", "/health", "transformers serve, generate() one request at a time"),
         ServerSpec("tf-serve-cb", "tf-serve-cb", "/health", "transformers serve --continuous-batching"),
         ServerSpec("tf-serve-bf16", "tf-serve", "/health", "tf-serve with --dtype bfloat16"),
@@ -86,11 +91,29 @@ def _command(spec: ServerSpec, model_dir: str, port: int, cb: CbSettings) -> tup
             env["ATTENTION_BACKEND"] = "torch"
         return [sys.executable, str(REPO_ROOT / "container" / "serve"), "serve"], env  # as `docker run IMAGE serve`
     if spec.name.startswith("tf-serve"):
-        argv = [str(bin_dir / "transformers"), "serve", model_dir, "--device", "cpu", "--host", HOST,
-                "--port", str(port), "--log-level", "warning"]
+        argv = [
+            str(bin_dir / "transformers"),
+            "serve",
+            model_dir,
+            "--device",
+            "cpu",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
         if spec.flavor == "tf-serve-cb":
-            argv += ["--continuous-batching", "--cb-block-size", str(cb.block_size),
-                     "--cb-num-blocks", str(cb.num_blocks), "--cb-max-batch-tokens", str(cb.max_batch_tokens)]
+            argv += [
+                "--continuous-batching",
+                "--cb-block-size",
+                str(cb.block_size),
+                "--cb-num-blocks",
+                str(cb.num_blocks),
+                "--cb-max-batch-tokens",
+                str(cb.max_batch_tokens),
+            ]
         if spec.name.endswith("-bf16"):
             argv += ["--dtype", "bfloat16"]
         return argv, env
@@ -130,8 +153,15 @@ class ServerProcess:
         argv, env = _command(self.spec, self.model_dir, self.port, self.cb)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            self._proc = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         ServerProcess._live.add(self)
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:

@@ -5,6 +5,7 @@ trimmed until `apply_chat_template(..., add_generation_prompt=True)` yields exac
 With random weights a greedy reply can repeat one invisible token (a lone UTF-8 continuation byte) and stream
 nothing, so prompts may be screened: only those whose first greedy tokens decode to visible text are kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def _fit_content(tokenizer: Any, text: str, prompt_tokens: int) -> tuple[str, in
     return best
 
 
-def build_prompts(tokenizer: Any, num_prompts: int, prompt_tokens: int, seed: int = 0,
-                  model_dir: str | None = None) -> list[Prompt]:
+def build_prompts(
+    tokenizer: Any, num_prompts: int, prompt_tokens: int, seed: int = 0, model_dir: str | None = None
+) -> list[Prompt]:
     """`num_prompts` distinct single-turn chats whose templated length is `prompt_tokens` (checked, not assumed).
 
     With `model_dir`, candidates are screened with `visible_prompts` and only those that stream text are kept.
@@ -97,14 +99,22 @@ def visible_prompts(model_dir: str, tokenizer: Any, prompts: list[Prompt], num_t
     for group in by_length.values():  # equal lengths: a batch needs no padding
         for start in range(0, len(group), _SCREEN_BATCH):
             batch = group[start : start + _SCREEN_BATCH]
-            input_ids = torch.tensor([
-                tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-                for p in batch
-            ])  # [batch, prompt_tokens]
+            input_ids = torch.tensor(
+                [
+                    tokenizer.apply_chat_template(
+                        p.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                    )
+                    for p in batch
+                ]
+            )  # [batch, prompt_tokens]
             with torch.inference_mode():
                 output = model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                    max_new_tokens=num_tokens, min_new_tokens=num_tokens, pad_token_id=tokenizer.pad_token_id,
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    do_sample=False,
+                    max_new_tokens=num_tokens,
+                    min_new_tokens=num_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
                 )  # [batch, prompt_tokens + num_tokens]
             for prompt, new_ids in zip(batch, output[:, input_ids.shape[1] :].tolist()):
                 if all(_is_visible(tokenizer, token_id) for token_id in new_ids):

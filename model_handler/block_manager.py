@@ -4,6 +4,7 @@ Prefix caching keys every full block by a hash chained over all tokens up to its
 equal KV. Freed cached blocks keep their content and are evicted least recently used, only when no
 plain free block is left.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict, deque

@@ -2,6 +2,7 @@
 
 TGI's and SageMaker's variable names; a bad value raises ValueError naming the variable.
 """
+
 from __future__ import annotations
 
 import re
@@ -87,9 +88,7 @@ class EngineConfig:
             raise ValueError(
                 f"MAX_TOTAL_TOKENS={max_model_len} is larger than the model's max_position_embeddings ({max_pos})"
             )
-        max_num_batched_tokens = _int(
-            environ, "MAX_BATCH_PREFILL_TOKENS", DEFAULT_MAX_BATCHED_TOKENS[kind], minimum=1
-        )
+        max_num_batched_tokens = _int(environ, "MAX_BATCH_PREFILL_TOKENS", DEFAULT_MAX_BATCHED_TOKENS[kind], minimum=1)
         max_num_seqs = _int(environ, "MAX_BATCH_SIZE", DEFAULT_MAX_NUM_SEQS[kind], minimum=1)
         block_size = _int(environ, "KV_CACHE_BLOCK_SIZE", 16, minimum=1)
         if block_size & (block_size - 1) or block_size > 256:

@@ -1,4 +1,5 @@
 """What this CPU computes natively, read once: the choice of CPU dtype and CPU matmul kernels rests on it."""
+
 from __future__ import annotations
 
 import functools

@@ -6,6 +6,7 @@ only wins when another process keeps a core busy all the time (OpenMP waits on a
 Allocator: glibc returns freed multi-MiB blocks to the kernel and faults them in again on the next touch;
 a prefill step's activations paid ~20% of its time in page faults. Keeping them mapped avoids that.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -8,6 +8,7 @@ ones and copied straight into them: one host-to-device copy per buffer, no per-s
 no device-side copy kernels, so the host gets to `replay()` sooner (at batch 1 the host's work between
 two steps is time the GPU sits idle).
 """
+
 from __future__ import annotations
 
 import bisect

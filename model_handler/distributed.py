@@ -3,6 +3,7 @@
 Layers hold their own `tp_rank`/`tp_size` and call these only when `tp_size > 1`, so a single-rank
 model never touches torch.distributed (it need not even be initialised).
 """
+
 from __future__ import annotations
 
 import torch

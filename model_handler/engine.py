@@ -9,6 +9,7 @@ those tokens. The host's scheduling, batching and output handling then overlap t
 leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
 penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,8 @@ import torch
 
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
-from model_handler.model_config import ModelConfig
 from model_handler.input_patch import InputPatch
+from model_handler.model_config import ModelConfig
 from model_handler.model_runner import ModelRunner
 from model_handler.request import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
 from model_handler.sampler import Sampler
@@ -211,8 +212,7 @@ class Engine:
         num_blocks = -(-(len(prompt) + params.max_tokens - 1) // self.config.block_size)
         if num_blocks > self.block_manager.num_blocks:
             raise ValueError(
-                f"prompt + max_tokens needs {num_blocks} KV blocks but the cache holds "
-                f"{self.block_manager.num_blocks}"
+                f"prompt + max_tokens needs {num_blocks} KV blocks but the cache holds {self.block_manager.num_blocks}"
             )
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and repetition_penalty > 0")

@@ -1,4 +1,5 @@
 """Small host tensors (step inputs, per-row sampling parameters) to the device without a hidden wait."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Async scheduling: input tokens that are still on the device, sampled by the step launched before."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 CPU: as many blocks as KV_CACHE_CPU_BYTES holds. CUDA: what is left of CUDA_MEMORY_FRACTION of the device
 after the weights and the peak of a warm-up forward at the largest batch.
 """
+
 from __future__ import annotations
 
 import torch

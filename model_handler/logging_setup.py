@@ -2,6 +2,7 @@
 
 The level comes from `SAGEMAKER_CONTAINER_LOG_LEVEL` (the SDK sets "20"), else `LOG_LEVEL`, else INFO.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 `ModelConfig` is what the engine sizes things by (KV cache, stop tokens, context length); the model
 classes read the full HF config for the rest.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,11 +69,11 @@ class ModelConfig:
     torch_dtype: str
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
+    def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:
         return cls.from_hf_config(load_hf_config(model_dir), model_dir)
 
     @classmethod
-    def from_hf_config(cls, hf_config: PretrainedConfig, model_dir: str | Path | None = None) -> "ModelConfig":
+    def from_hf_config(cls, hf_config: PretrainedConfig, model_dir: str | Path | None = None) -> ModelConfig:
         generation: dict = {}
         if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
             generation = json.loads((Path(model_dir) / "generation_config.json").read_text())

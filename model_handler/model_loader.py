@@ -1,4 +1,5 @@
 """Model folder -> our model module on the device, weights loaded, eval mode."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
 from model_handler.kernels import AttentionBackend
 from model_handler.model_config import ModelConfig, load_hf_config
 from model_handler.models import CausalLM, get_model_class

@@ -4,6 +4,7 @@ Each step's flat batch (all sequences' new tokens concatenated) is built with a 
 per-token Python: on CPU this is the hot loop of small models. With tensor parallelism rank 0's runner
 starts the other ranks, sends them each step's batch, and every rank runs its shard of the same forward.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -102,8 +103,10 @@ class ModelRunner:
         self._cache, self.kv_caches = self._allocate(self.num_kv_blocks)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
-            self.num_kv_blocks, self.block_size, self.kv_cache_bytes / 2**20,
-        )  # fmt: skip
+            self.num_kv_blocks,
+            self.block_size,
+            self.kv_cache_bytes / 2**20,
+        )
         self.graph_runner: CudaGraphRunner | None = None
         # Graphs need a backend with no host syncs: the torch reference reads lengths on the host.
         if self.device.type == "cuda" and config.cuda_graph_sizes and self.backend.name != "torch":
@@ -147,8 +150,8 @@ class ModelRunner:
     def _warm_up(self, num_tokens: int, num_seqs: int) -> int:
         """A forward of `num_tokens` prompt tokens over `num_seqs` sequences, plus their logits and sampling
         temporaries, on a scratch cache; returns the scratch cache's bytes."""
-        from model_handler.sampler import Sampler
         from model_handler.request import EngineRequest
+        from model_handler.sampler import Sampler
         from model_handler.sampling_params import SamplingParams
         from model_handler.sequence import Sequence
 
@@ -310,9 +313,7 @@ class ModelRunner:
         if inputs.logits_indices.shape[0] == 0:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)  # [0, vocab]
         if inputs.logits_indices.shape[0] != hidden.shape[0]:
-            raise RuntimeError(
-                f"{hidden.shape[0]} hidden rows for {inputs.logits_indices.shape[0]} sampling sequences"
-            )
+            raise RuntimeError(f"{hidden.shape[0]} hidden rows for {inputs.logits_indices.shape[0]} sampling sequences")
         return self.model.compute_logits(hidden)  # [num_sampling, vocab]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:

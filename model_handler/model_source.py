@@ -2,6 +2,7 @@
 
 Only a hub id that is not a local path is downloaded, with huggingface_hub; everything else is read in place.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

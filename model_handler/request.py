@@ -3,6 +3,7 @@
 Token ids only: the HTTP side owns text. Every message is a small slotted dataclass, pickled over a
 local ZeroMQ socket (see `model_handler/server.py` and `serve/engine_client.py`).
 """
+
 from __future__ import annotations
 
 import enum

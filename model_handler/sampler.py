@@ -6,6 +6,7 @@ go to the GPU from pinned memory: a copy from pageable memory would wait for the
 Sampling uses the exponential race `argmax(probs / Exponential(1))`: it needs no multinomial, and a seeded
 row draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf

@@ -3,6 +3,7 @@
 A plain record with no torch in it: the HTTP side builds it from a request body and it crosses the
 process seam as is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ number of decodes running never shrinks how much prompt a step computes. When
 KV blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to
 the front of the waiting queue, to be recomputed from its tokens later.
 """
+
 from __future__ import annotations
 
 from collections import deque

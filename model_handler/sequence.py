@@ -1,4 +1,5 @@
 """Sequence: the engine's mutable state of one request (tokens, KV blocks, progress, stop checks)."""
+
 from __future__ import annotations
 
 import enum
@@ -63,9 +64,9 @@ class Sequence:
         self.generator: torch.Generator | None = None
         """Per-request RNG for seeded sampling, created by the sampler on first use."""
         # EOS ends a request unless ignore_eos; explicit stop ids always do.
-        self.stop_token_ids: frozenset[int] = frozenset(
-            () if params.ignore_eos else eos_token_ids
-        ) | frozenset(params.stop_token_ids)
+        self.stop_token_ids: frozenset[int] = frozenset(() if params.ignore_eos else eos_token_ids) | frozenset(
+            params.stop_token_ids
+        )
         self.num_pending_tokens = 0
         """Trailing PLACEHOLDER_TOKENs in `token_ids` whose values the device has not handed back yet."""
 

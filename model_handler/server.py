@@ -4,6 +4,7 @@ An I/O thread owns the socket: it queues incoming requests, forwards each step's
 even while a long step or the model load holds the main thread (torch releases the GIL), so `/ping` on the
 HTTP side never waits on the engine. Run as `python -m model_handler.server --address ipc:///tmp/x.sock`.
 """
+
 from __future__ import annotations
 
 import argparse

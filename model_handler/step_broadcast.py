@@ -6,6 +6,7 @@ a worker waits on it between steps for as long as the server idles, so it gets a
 the model's collectives keep torch's short one. The batch is built on the host anyway, so sending it over
 gloo costs no extra device copy; each rank then copies it to its own device.
 """
+
 from __future__ import annotations
 
 import datetime

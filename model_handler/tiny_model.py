@@ -4,6 +4,7 @@ tokenizer trained on the Python reference text that CPython ships (`pydoc_data.t
 Torch-free (numpy + tokenizers), so the HTTP side and the launcher can resolve the default model cheaply.
 `python -m model_handler.tiny_model [--preset NAME] [OUT]` prints the folder it built (or found cached).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,12 @@ class TinyModelSpec:
 PRESETS: dict[str, TinyModelSpec] = {
     "tiny": TinyModelSpec(),  # 3.8M parameters: tests and the embedded default
     "llama-100m": TinyModelSpec(  # 110M parameters: the CPU benchmark model
-        vocab_size=8192, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4,
+        vocab_size=8192,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
         init_std=0.06,  # the same ~1.6/sqrt(hidden): varied text, activations far inside fp16's range
     ),
 }
@@ -60,6 +66,7 @@ PRESETS: dict[str, TinyModelSpec] = {
 
 def _train_tokenizer(vocab_size: int):
     import pydoc_data.topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -178,7 +185,14 @@ def build_tiny_model(
 ) -> Path:
     """Write a complete model folder into `out_dir` (created if needed) and return its path."""
     spec = TinyModelSpec(
-        vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, max_position_embeddings, seed,
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        max_position_embeddings,
+        seed,
         init_std,
     )
     if hidden_size % num_heads or num_heads % num_kv_heads:

@@ -5,6 +5,7 @@ A worker that dies (killed, out of memory, a failed load) takes the engine proce
 and so does a step that fails on rank 0: the launcher then stops the container and SageMaker replaces it,
 where ranks out of step would hang in a collective forever. A worker whose engine process dies exits too.
 """
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ HF tensor names are mapped onto our fused parameters through the model's `packed
 parameter's `weight_loader` cuts its tensor-parallel shard and converts the dtype. Every parameter (and
 every shard of a fused one) must be filled exactly once, and every checkpoint tensor must land somewhere.
 """
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ acceptable latency) rather than from a CPU model's numbers.
     python autoscaling.py --endpoint-name my-llm --min 1 --max 4 --target 60
     python autoscaling.py --endpoint-name my-llm --delete      # back to a fixed instance count
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ def scalable_target_request(endpoint_name: str, variant: str, min_capacity: int,
     }
 
 
-def scaling_policy_request(endpoint_name: str, variant: str, target_invocations: float,
-                           scale_in_cooldown: int = 300, scale_out_cooldown: int = 60) -> dict:
+def scaling_policy_request(
+    endpoint_name: str,
+    variant: str,
+    target_invocations: float,
+    scale_in_cooldown: int = 300,
+    scale_out_cooldown: int = 60,
+) -> dict:
     """Arguments for `put_scaling_policy`: scale out fast, scale in slowly (a new instance loads the model)."""
     if target_invocations <= 0:
         raise ValueError(f"target invocations per instance must be > 0, got {target_invocations}")
@@ -67,8 +73,11 @@ def apply(client, target_request: dict, policy_request: dict) -> str:
 
 def remove(client, endpoint_name: str, variant: str) -> None:
     """Delete the policy and deregister the variant."""
-    common = {"ServiceNamespace": NAMESPACE, "ResourceId": resource_id(endpoint_name, variant),
-              "ScalableDimension": DIMENSION}
+    common = {
+        "ServiceNamespace": NAMESPACE,
+        "ResourceId": resource_id(endpoint_name, variant),
+        "ScalableDimension": DIMENSION,
+    }
     client.delete_scaling_policy(PolicyName=policy_name(endpoint_name), **common)
     client.deregister_scalable_target(**common)
 
@@ -102,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autoscaling removed from {resource_id(args.endpoint_name, args.variant)}")
         return 0
     target = scalable_target_request(args.endpoint_name, args.variant, args.min_capacity, args.max_capacity)
-    policy = scaling_policy_request(args.endpoint_name, args.variant, args.target,
-                                    args.scale_in_cooldown, args.scale_out_cooldown)
+    policy = scaling_policy_request(
+        args.endpoint_name, args.variant, args.target, args.scale_in_cooldown, args.scale_out_cooldown
+    )
     print(apply(client, target, policy))
     return 0
 

@@ -9,6 +9,7 @@ Uses the same `HuggingFaceModel` call as Hugging Face's TGI image, only with our
 
 Environment fallbacks: IMAGE_URI, SAGEMAKER_ROLE_ARN, HF_MODEL_ID, ENDPOINT_NAME, AWS_REGION.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,20 +96,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-uri", default=env("IMAGE_URI"))
     parser.add_argument("--role", default=env("SAGEMAKER_ROLE_ARN"), help="IAM role ARN that SageMaker assumes")
-    parser.add_argument("--model-id", default=env("HF_MODEL_ID", "Qwen/Qwen2.5-1.5B-Instruct"),
-                        help="Hugging Face hub id; '' to serve --model-data instead")
-    parser.add_argument("--model-data", default=env("MODEL_DATA"),
-                        help="s3://.../model.tar.gz that SageMaker unpacks into /opt/ml/model")
+    parser.add_argument(
+        "--model-id",
+        default=env("HF_MODEL_ID", "Qwen/Qwen2.5-1.5B-Instruct"),
+        help="Hugging Face hub id; '' to serve --model-data instead",
+    )
+    parser.add_argument(
+        "--model-data",
+        default=env("MODEL_DATA"),
+        help="s3://.../model.tar.gz that SageMaker unpacks into /opt/ml/model",
+    )
     parser.add_argument("--num-gpus", type=int, default=1, help="SM_NUM_GPUS: tensor-parallel degree")
-    parser.add_argument("--env", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
-                        metavar="NAME=VALUE", help="extra container environment, e.g. MAX_TOTAL_TOKENS=4096")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        metavar="NAME=VALUE",
+        help="extra container environment, e.g. MAX_TOTAL_TOKENS=4096",
+    )
     parser.add_argument("--endpoint-name", default=env("ENDPOINT_NAME", "sagemaker-llm"))
     parser.add_argument("--model-name")
     parser.add_argument("--instance-type", default=INSTANCE_TYPE)
     parser.add_argument("--instance-count", type=int, default=1)
-    parser.add_argument("--inference-ami-version", default=env("INFERENCE_AMI_VERSION"),
-                        help="host AMI, e.g. al2023-ami-sagemaker-inference-gpu-4-1 (NVIDIA driver 580); "
-                             "default: SageMaker's choice")
+    parser.add_argument(
+        "--inference-ami-version",
+        default=env("INFERENCE_AMI_VERSION"),
+        help="host AMI, e.g. al2023-ami-sagemaker-inference-gpu-4-1 (NVIDIA driver 580); default: SageMaker's choice",
+    )
     parser.add_argument("--startup-timeout", type=int, default=900, help="seconds until /ping must answer 200")
     parser.add_argument("--region", default=env("AWS_REGION") or env("AWS_DEFAULT_REGION"))
     parser.add_argument("--no-wait", action="store_true")

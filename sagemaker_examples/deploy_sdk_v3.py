@@ -11,6 +11,7 @@ sagemaker-core 2.27 (stream with boto3 instead: invoke_boto3.py --stream).
 
 Environment fallbacks: IMAGE_URI, SAGEMAKER_ROLE_ARN, HF_MODEL_ID, ENDPOINT_NAME, AWS_REGION.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--role", default=env("SAGEMAKER_ROLE_ARN"), help="IAM role ARN that SageMaker assumes")
     parser.add_argument("--model-id", default=env("HF_MODEL_ID", "Qwen/Qwen2.5-1.5B-Instruct"))
     parser.add_argument("--num-gpus", type=int, default=1, help="SM_NUM_GPUS: tensor-parallel degree")
-    parser.add_argument("--env", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
-                        metavar="NAME=VALUE", help="extra container environment, e.g. MAX_TOTAL_TOKENS=4096")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        metavar="NAME=VALUE",
+        help="extra container environment, e.g. MAX_TOTAL_TOKENS=4096",
+    )
     parser.add_argument("--endpoint-name", default=env("ENDPOINT_NAME", "sagemaker-llm"))
     parser.add_argument("--model-name")
     parser.add_argument("--instance-type", default=INSTANCE_TYPE)

@@ -8,13 +8,15 @@ end in the middle of a line, so the bytes are re-buffered into lines before the 
     # against the container on this machine (it also serves the SageMaker API paths):
     python invoke_boto3.py --endpoint-url http://localhost:8080 --stream "Hello"
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 
 def chat_request(prompt: str, max_tokens: int = 256, temperature: float | None = None, stream: bool = False) -> dict:
@@ -123,8 +125,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", default="What is deep learning?")
     parser.add_argument("--endpoint-name", default=os.environ.get("ENDPOINT_NAME", "local"))
-    parser.add_argument("--endpoint-url", default=os.environ.get("SAGEMAKER_RUNTIME_URL"),
-                        help="e.g. http://localhost:8080 for a local container (default: AWS)")
+    parser.add_argument(
+        "--endpoint-url",
+        default=os.environ.get("SAGEMAKER_RUNTIME_URL"),
+        help="e.g. http://localhost:8080 for a local container (default: AWS)",
+    )
     parser.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float)

@@ -6,12 +6,14 @@ Start the container first (container/local_test/serve_local.sh), then:
     python openai_local.py --stream "Write a haiku about GPUs."   # token by token
     python openai_local.py --base-url http://localhost:8080/v1 --api-key "$API_KEY" "Hi"
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def make_client(base_url: str, api_key: str):
@@ -21,8 +23,13 @@ def make_client(base_url: str, api_key: str):
     return OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 
 
-def chat_kwargs(prompt: str, max_tokens: int = 256, temperature: float | None = None, stream: bool = False,
-                system: str | None = None) -> dict[str, Any]:
+def chat_kwargs(
+    prompt: str,
+    max_tokens: int = 256,
+    temperature: float | None = None,
+    stream: bool = False,
+    system: str | None = None,
+) -> dict[str, Any]:
     """Arguments for `client.chat.completions.create`."""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})

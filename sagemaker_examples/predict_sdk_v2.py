@@ -7,19 +7,22 @@
 
 Local mode has no streaming: the SDK's local runtime client lacks InvokeEndpointWithResponseStream.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 
 
-def chat_request(prompt: str, max_tokens: int = 256, temperature: float | None = None,
-                 system: str | None = None) -> dict:
+def chat_request(
+    prompt: str, max_tokens: int = 256, temperature: float | None = None, system: str | None = None
+) -> dict:
     """What `predictor.predict()` sends: TGI's Messages API body on /invocations."""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})

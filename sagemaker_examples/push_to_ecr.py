@@ -7,6 +7,7 @@
 Creates the repository when it is missing. The registry password goes to `docker login` on stdin, never in argv.
 Prints the image URI to pass to deploy_sdk_v2.py / deploy_sdk_v3.py (--image-uri).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class RegistryLogin:
-    registry: str       # host name, e.g. 111122223333.dkr.ecr.us-east-1.amazonaws.com
+    registry: str  # host name, e.g. 111122223333.dkr.ecr.us-east-1.amazonaws.com
     username: str
     password: str
 
@@ -45,8 +46,14 @@ def registry_login(ecr) -> RegistryLogin:
     return RegistryLogin(registry, username, password)
 
 
-def push_commands(engine: str, local_image: str, remote_image: str, login: RegistryLogin,
-                  build_context: Path | None = None, platform: str = "linux/amd64") -> list[list[str]]:
+def push_commands(
+    engine: str,
+    local_image: str,
+    remote_image: str,
+    login: RegistryLogin,
+    build_context: Path | None = None,
+    platform: str = "linux/amd64",
+) -> list[list[str]]:
     """The engine commands, in order: [build], login (password on stdin), tag, push."""
     commands = []
     if build_context is not None:
@@ -89,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ecr = make_ecr_client(args.region)
     remote_image = f"{ensure_repository(ecr, args.repository)}:{args.tag}"
     login = registry_login(ecr)
-    commands = push_commands(args.engine, args.local_image, remote_image, login,
-                             REPO_ROOT if args.build else None)
+    commands = push_commands(args.engine, args.local_image, remote_image, login, REPO_ROOT if args.build else None)
     if args.dry_run:
         for command in commands:
             print(shlex.join(command))

@@ -9,6 +9,7 @@ master clears a dead worker's row, so requests it held stop counting.
 
 Without a table (one worker run in-process, as the tests' apps are) the count is local.
 """
+
 from __future__ import annotations
 
 import fcntl

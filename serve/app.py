@@ -3,6 +3,7 @@
 `create_app(settings, engine_client)`: tests pass their own client; without one, each worker creates the
 real one lazily (after gunicorn's fork) from `settings.engine_address`.
 """
+
 from __future__ import annotations
 
 import hmac

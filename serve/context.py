@@ -1,4 +1,5 @@
 """Per-request helpers the route modules share: this worker's state, the request record, the JSON body."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ Each new token releases the text it completes: nothing while a UTF-8 character i
 (the decoder shows U+FFFD there) and nothing for special tokens, so the pieces always add up to
 `tokenizer.decode(all_ids, skip_special_tokens=True)`.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

@@ -4,6 +4,7 @@ Everything here is cooperative (gevent + zmq.green), so a greenlet waiting for t
 A reader greenlet routes each step's outputs to the waiting requests; heartbeats from the engine say whether
 it is ready, and their absence says it is gone.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -81,9 +82,12 @@ def _can_merge(first: RequestOutput, second: RequestOutput) -> bool:
     """Token logprobs line up with token ids only where both outputs carry them for every token, or neither."""
     if first.new_logprobs is None and second.new_logprobs is None:
         return True
-    return (first.new_logprobs is not None and second.new_logprobs is not None
-            and len(first.new_logprobs) == len(first.new_token_ids)
-            and len(second.new_logprobs) == len(second.new_token_ids))  # fmt: skip
+    return (
+        first.new_logprobs is not None
+        and second.new_logprobs is not None
+        and len(first.new_logprobs) == len(first.new_token_ids)
+        and len(second.new_logprobs) == len(second.new_token_ids)
+    )
 
 
 def _merged(first: RequestOutput, second: RequestOutput) -> RequestOutput:

@@ -3,6 +3,7 @@
 One `ApiError` per failure; the route's dialect renders it: TGI's `{"error", "error_type"}` with TGI's status
 codes, or OpenAI's `{"error": {"message", "type", "param", "code"}}` with OpenAI's.
 """
+
 from __future__ import annotations
 
 import enum

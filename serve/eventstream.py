@@ -3,6 +3,7 @@
 Each chunk of the container's reply becomes one `PayloadPart` message: a prelude (total and header lengths and
 their CRC32), string headers, the raw payload and a CRC32 of the whole message (botocore checks both).
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 `Generation` wraps one engine request (detokenizer, stop strings, counts, timings); `merge` interleaves the
 updates of several (n > 1, best_of, batched prompts) as they arrive. Closing either aborts what is unfinished.
 """
+
 from __future__ import annotations
 
 import enum

@@ -2,6 +2,7 @@
 
 Bind address and worker count come from the launcher's command line (read from Settings).
 """
+
 import os
 
 from model_handler.logging_setup import parse_log_level

@@ -4,6 +4,7 @@
 `prompt` → completions, `inputs` → TGI generate), as TGI ≥ 2.4 does. A body of an excluded shape gets a 422
 that names the variable.
 """
+
 from __future__ import annotations
 
 from flask import Response

@@ -4,6 +4,7 @@ SIGTERM drains: gunicorn stops accepting and finishes in-flight requests (the en
 then the engine stops; exit 0. If either child dies on its own, the other is stopped and we exit non-zero,
 so SageMaker replaces the instance instead of keeping a half-dead container.
 """
+
 from __future__ import annotations
 
 import glob

@@ -3,6 +3,7 @@
 Handlers and the JSON formatter are set up once per process by `model_handler.logging_setup.configure_logging`
 (the level follows SAGEMAKER_CONTAINER_LOG_LEVEL / LOG_LEVEL); this module only decides what a request logs.
 """
+
 from __future__ import annotations
 
 import logging

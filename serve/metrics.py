@@ -7,13 +7,13 @@ heartbeat any worker saw. Without the variable (an app in a test) the values are
 TGI's counters have no `_total` suffix, which prometheus-client's Counter always adds: they are stored as
 summed gauges and declared `counter` in the exposition.
 """
+
 from __future__ import annotations
 
 import os
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, multiprocess
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -35,10 +35,15 @@ class Metrics:
         self.multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_ENV) or None
         self.registry = CollectorRegistry(auto_describe=True)
         self._counters = {
-            name: Gauge(name, doc, ["err"] if name == "tgi_request_failure" else [], registry=self.registry,
-                        multiprocess_mode="sum")
+            name: Gauge(
+                name,
+                doc,
+                ["err"] if name == "tgi_request_failure" else [],
+                registry=self.registry,
+                multiprocess_mode="sum",
+            )
             for name, doc in _COUNTERS.items()
-        }  # fmt: skip
+        }
         for kind in FAILURE_KINDS:
             self._counters["tgi_request_failure"].labels(err=kind).inc(0)  # every kind shows, at 0 until it happens
 
@@ -68,8 +73,12 @@ class Metrics:
         self.queue_size = engine_gauge("tgi_queue_size", "Requests waiting in the engine")
         self.batch_size = engine_gauge("tgi_batch_current_size", "Requests running in the engine")
         self.free_blocks = engine_gauge("tgi_kv_cache_free_blocks", "Free KV cache blocks")
-        self.in_flight = Gauge("tgi_request_in_flight", "Requests the HTTP workers are serving",
-                               registry=self.registry, multiprocess_mode="livesum")
+        self.in_flight = Gauge(
+            "tgi_request_in_flight",
+            "Requests the HTTP workers are serving",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
 
     def count(self, name: str, **labels: str) -> None:
         gauge = self._counters[name]

@@ -3,6 +3,7 @@
 OpenAI: chat completions and their stream chunks, legacy completions, usage and logprobs (with `bytes`).
 TGI: `GenerateResponse` with `details`, `StreamResponse` events; field names and nesting as TGI's serde output.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -213,8 +214,7 @@ def tgi_generate_response(
         body["details"] = tgi_sequence_details(tokenizer, best, top_n_tokens)
         if others:
             body["details"]["best_of_sequences"] = [
-                {"generated_text": prefix + g.text, **tgi_sequence_details(tokenizer, g, top_n_tokens)}
-                for g in others
+                {"generated_text": prefix + g.text, **tgi_sequence_details(tokenizer, g, top_n_tokens)} for g in others
             ]
     return body
 

@@ -2,6 +2,7 @@
 
 Health answers from the last engine heartbeat only, so it is instant even while the engine is busy or gone.
 """
+
 from __future__ import annotations
 
 from flask import Blueprint, Response
@@ -17,8 +18,15 @@ from serve.schemas_tgi import GenerateRequest
 blueprint = Blueprint("basic", __name__)
 
 PUBLIC_ENDPOINTS = frozenset(
-    {"basic.ping", "basic.health", "basic.health_root", "basic.info", "basic.models", "basic.metrics",
-     "basic.chat_tokenize"}
+    {
+        "basic.ping",
+        "basic.health",
+        "basic.health_root",
+        "basic.info",
+        "basic.models",
+        "basic.metrics",
+        "basic.chat_tokenize",
+    }
 )
 """Routes TGI serves without `API_KEY`; every other route needs the bearer token when it is set."""
 

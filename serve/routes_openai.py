@@ -2,6 +2,7 @@
 
 The handlers take an already decoded body so `/invocations` can dispatch to them too.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -13,10 +14,10 @@ from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
 from serve.errors import ApiError, Dialect, ErrorKind
 from serve.generation import Finish
+from serve.logging_setup import RequestRecord
 from serve.schemas import parse_body, resolve_max_new_tokens
 from serve.schemas_openai import ChatCompletionRequest, CompletionRequest
-from serve.logging_setup import RequestRecord
-from serve.state import ServeState, Job, SequenceSpec
+from serve.state import Job, SequenceSpec, ServeState
 from serve.streaming import SSE_DONE, guarded_events, sse_data, sse_response
 from serve.tokenizer import TextTokenizer
 

@@ -5,6 +5,7 @@
 here): the same dispatch, container errors as SageMaker's `ModelError` (424), and the streaming reply framed
 as event-stream `PayloadPart`s.
 """
+
 from __future__ import annotations
 
 import logging

@@ -2,6 +2,7 @@
 
 `handle_generate` also serves TGI-shaped `/invocations` bodies (list-wrapped reply, full text by default).
 """
+
 from __future__ import annotations
 
 import enum

@@ -3,6 +3,7 @@
 The models live in `schemas_openai.py` (chat, completions) and `schemas_tgi.py` (generate); this module turns
 pydantic's complaints into each dialect's messages and checks prompt lengths against the token limits.
 """
+
 from __future__ import annotations
 
 from typing import TypeVar

@@ -3,6 +3,7 @@
 Types are checked by pydantic (unknown fields ignored); ranges by `check()` with OpenAI's wording and 4xx codes;
 `to_sampling_params()` turns a checked body into the engine's record.
 """
+
 from __future__ import annotations
 
 import json

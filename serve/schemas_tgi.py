@@ -2,6 +2,7 @@
 
 Messages are TGI's own (router/src/validation.rs), so clients that match on them keep working.
 """
+
 from __future__ import annotations
 
 import random

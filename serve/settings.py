@@ -3,6 +3,7 @@
 TGI's and SageMaker's variable names; a bad value raises ValueError naming the variable. Limits that depend on
 the model (max input/total tokens) are resolved against the engine's context length by `token_limits`.
 """
+
 from __future__ import annotations
 
 import logging

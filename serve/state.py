@@ -3,6 +3,7 @@
 `ServeState.start_job` admits a request (429 past the limit), submits its engine requests and returns a `Job`,
 whose `close()` aborts what is unfinished and gives the slot back, however the reply ended.
 """
+
 from __future__ import annotations
 
 import logging
@@ -127,9 +128,7 @@ class ServeState:
     def num_in_flight(self) -> int:
         return self._in_flight
 
-    def start_job(
-        self, record: RequestRecord, specs: list[SequenceSpec], stops: list[str], include_stop: bool
-    ) -> Job:
+    def start_job(self, record: RequestRecord, specs: list[SequenceSpec], stops: list[str], include_stop: bool) -> Job:
         """Admit and submit; 503 unless the engine is ready now (the tokenizer, once loaded, no longer asks);
         429 when the server (every worker together) already serves MAX_CONCURRENT_REQUESTS."""
         tokenizer = self.tokenizer()

@@ -4,6 +4,7 @@ OpenAI semantics (`include_stop=False`): the stop text and everything after it a
 still become the start of a stop string is held back until it cannot. TGI semantics (`include_stop=True`):
 the output keeps the stop text and ends right after it.
 """
+
 from __future__ import annotations
 
 

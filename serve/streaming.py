@@ -2,6 +2,7 @@
 
 Frames are exactly `data: <compact json>\\n\\n`; OpenAI streams end with `data: [DONE]\\n\\n`, TGI's do not.
 """
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 Loaded once per worker from the engine's model folder with transformers' fast tokenizer (no torch import).
 """
+
 from __future__ import annotations
 
 import json

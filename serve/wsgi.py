@@ -1,4 +1,5 @@
 """The WSGI entry gunicorn loads in each worker (after the fork, so the engine client is per worker)."""
+
 import os
 
 from model_handler.logging_setup import configure_logging

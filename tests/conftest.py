@@ -3,6 +3,7 @@
 Without a CUDA device Triton kernels run under its interpreter, which must be switched on before anything
 imports triton, so it is set here, at collection start; tests marked `gpu` are skipped.
 """
+
 from __future__ import annotations
 
 import os

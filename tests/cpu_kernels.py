@@ -4,6 +4,7 @@ library that fits its CPU ($CPU_KERNELS_PREBUILT_DIR).
 Tests key on the compiler, not on `cpu_native.load()`, so a kernel source that stops compiling fails them
 instead of quietly switching every engine to the torch path.
 """
+
 from __future__ import annotations
 
 import shutil

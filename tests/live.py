@@ -4,6 +4,7 @@
 process, tiny model), on a free port; `start_engine` runs only the engine process, for route tests that
 drive a Flask test client with a real EngineClient.
 """
+
 from __future__ import annotations
 
 import os

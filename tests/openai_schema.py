@@ -1,4 +1,5 @@
 """Validate replies against OpenAI's own JSON schemas (tests/specs, taken from OpenAI's OpenAPI document)."""
+
 from __future__ import annotations
 
 import json

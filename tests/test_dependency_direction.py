@@ -1,4 +1,5 @@
 """The dependency direction is serve -> model_handler, never back; the HTTP side never imports torch."""
+
 from __future__ import annotations
 
 import ast

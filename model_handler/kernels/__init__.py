@@ -5,6 +5,7 @@ Every backend has the same two entry points with the layout documented in `refer
 `attention(query, k_cache, v_cache, metadata, scale, out) -> out`,
 and says in `fused` which fused elementwise kernels the layers use with it (None: plain torch ops).
 """
+
 from __future__ import annotations
 
 from typing import Protocol

@@ -6,6 +6,7 @@ its AVX-512 tiles (slower than SDPA there).
 Chosen by default on CPU when the kernel builds (`select_backend`); the torch reference stays the fallback and
 the oracle the tests compare it with.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,9 +76,16 @@ class CpuBackend:
             plan = metadata.backend_plan = CpuStepPlan.build(metadata.seq_lens, metadata.query_start_loc)
         if plan.query_rows.numel():
             cpu_native.paged_decode_attention(
-                out, query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, plan.query_rows,
-                plan.seq_rows, scale,
-            )  # fmt: skip
+                out,
+                query,
+                k_cache,
+                v_cache,
+                metadata.block_tables,
+                metadata.seq_lens,
+                plan.query_rows,
+                plan.seq_rows,
+                scale,
+            )
         if plan.prefills and self.prefill_kernel:
             cpu_native.paged_prefill_attention(
                 out, query, k_cache, v_cache, metadata.block_tables, plan.prefill_rows, scale

@@ -3,6 +3,7 @@
 Each replaces several torch ops with one pass over memory, with torch's roundings (see the C++ file): a 512-token
 prefill step of the 100M model in bf16 spent 10-12% of its time in those ops on 2 cores (now ~5%).
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ code it runs must be compiled for levels, not for the build host; a first-use bu
 on a Zen 4 EPYC with GCC 12 the prefill kernel built for x86-64-v4 + AVX512-BF16 took 12-15% less time than the
 `-march=native` build (512-token prompt, 100M layer: 2.50-2.65 vs 2.89-3.35 ms), decode alike.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

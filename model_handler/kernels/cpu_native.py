@@ -9,6 +9,7 @@ on 2 cores; later starts load the cached library. Concurrent builders (tensor-pa
 are serialised by torch's lock file in the build folder. Images without a compiler load a library built ahead
 of time (`cpu_prebuilt`).
 """
+
 from __future__ import annotations
 
 import functools

@@ -9,6 +9,7 @@ A manifest records the
 torch version and the kernel sources the libraries were built from; a library built for other sources or
 another torch is never loaded (`cpu_native` then compiles, or the torch path runs).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ Layout shared by every backend:
 The new tokens of a sequence are its last ones, so query token j of sequence i sits at position
 seq_lens[i] - q_len_i + j and attends causally to keys 0..that position.
 """
+
 from __future__ import annotations
 
 import threading
@@ -148,8 +149,9 @@ def build_plan(
                 break
             last += 1
         rows = decode_rows[first:last]
-        chunks.append(_decode_chunk_plan(block_tables, [lens[i] for i in rows], rows, [starts[i] for i in rows],
-                                         block_size))
+        chunks.append(
+            _decode_chunk_plan(block_tables, [lens[i] for i in rows], rows, [starts[i] for i in rows], block_size)
+        )
         first = last
     return StepPlan(chunks, split.prefills)
 

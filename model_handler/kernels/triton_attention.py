@@ -3,6 +3,7 @@
 All programs of one kv head hold every query head of its GQA group, so each KV tile is read once per group.
 Softmax runs online in fp32 (base 2, scale folded into the logits). Layout and semantics: `reference.py`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,17 +19,37 @@ M_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _attend_tile(q, k_cache_ptr, v_cache_ptr, table_row, pos, pos_mask, s_mask, kv_head, dims, m_i, l_i, acc,
-                 scale_log2, stride_b, stride_s, stride_h,
-                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr):
+def _attend_tile(
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,
+    pos,
+    pos_mask,
+    s_mask,
+    kv_head,
+    dims,
+    m_i,
+    l_i,
+    acc,
+    scale_log2,
+    stride_b,
+    stride_s,
+    stride_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     """Gather TILE_N cached keys/values of one kv head and take one online-softmax step for q [M, D]."""
     block = tl.load(table_row + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)  # [TILE_N]
     row = block * stride_b + (pos % BLOCK_SIZE) * stride_s + kv_head * stride_h  # [TILE_N] element offsets
     d_mask = dims < HEAD_DIM
-    k = tl.load(k_cache_ptr + row[None, :] + dims[:, None], mask=pos_mask[None, :] & d_mask[:, None],
-                other=0.0)  # [BLOCK_D, TILE_N]
-    v = tl.load(v_cache_ptr + row[:, None] + dims[None, :], mask=pos_mask[:, None] & d_mask[None, :],
-                other=0.0)  # [TILE_N, BLOCK_D]
+    k = tl.load(
+        k_cache_ptr + row[None, :] + dims[:, None], mask=pos_mask[None, :] & d_mask[:, None], other=0.0
+    )  # [BLOCK_D, TILE_N]
+    v = tl.load(
+        v_cache_ptr + row[:, None] + dims[None, :], mask=pos_mask[:, None] & d_mask[None, :], other=0.0
+    )  # [TILE_N, BLOCK_D]
     if DOT_FP32:
         # fp32 tiles: exact on GPU ("ieee", no tf32) and the only correct path for bf16 under the interpreter.
         s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")  # [M, TILE_N]
@@ -48,13 +69,33 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, table_row, pos, pos_mask, s_mask, 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2,
-    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
-    stride_kv_b, stride_kv_s, stride_kv_h, stride_bt,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_kv_b,
+    stride_kv_s,
+    stride_kv_h,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS); each program covers one slice of one sequence's context."""
     seq = tl.program_id(0)
@@ -85,9 +126,27 @@ def _decode_kernel(
     for tile in range(tile_lo, tile_hi):
         pos = tile * TILE_N + tl.arange(0, TILE_N)  # [TILE_N]
         pos_mask = pos < seq_len
-        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table_row, pos, pos_mask, pos_mask[None, :],
-                                     kv_head, dims, m_i, l_i, acc, scale_log2, stride_kv_b, stride_kv_s,
-                                     stride_kv_h, HEAD_DIM, BLOCK_SIZE, DOT_FP32)
+        m_i, l_i, acc = _attend_tile(
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_row,
+            pos,
+            pos_mask,
+            pos_mask[None, :],
+            kv_head,
+            dims,
+            m_i,
+            l_i,
+            acc,
+            scale_log2,
+            stride_kv_b,
+            stride_kv_s,
+            stride_kv_h,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            DOT_FP32,
+        )
 
     if NUM_SPLITS == 1:
         # l == 0 only for an empty context (CUDA-graph padding rows): write zeros, not 0/0.
@@ -104,9 +163,17 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_acc_ptr, part_ml_ptr, query_start_loc_ptr, stride_o_t, stride_o_h,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    query_start_loc_ptr,
+    stride_o_t,
+    stride_o_h,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Grid (num_seqs, num_heads): rescale each split by exp2(m_split - m_max) and normalise once."""
     seq = tl.program_id(0)
@@ -119,10 +186,10 @@ def _merge_splits_kernel(
     split_mask = splits < NUM_SPLITS
     part = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS + splits  # [BLOCK_S]
     m = tl.load(part_ml_ptr + part * 2, mask=split_mask, other=M_INIT)
-    l = tl.load(part_ml_ptr + part * 2 + 1, mask=split_mask, other=0.0)
+    denom = tl.load(part_ml_ptr + part * 2 + 1, mask=split_mask, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :], mask=split_mask[:, None], other=0.0)
-    weight = tl.exp2(m - tl.max(m, axis=0))  # [BLOCK_S]; empty splits carry l = 0 and acc = 0
-    total = tl.sum(weight * l, axis=0)
+    weight = tl.exp2(m - tl.max(m, axis=0))  # [BLOCK_S]; empty splits carry denom = 0 and acc = 0
+    total = tl.sum(weight * denom, axis=0)
     o = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
     o_ptr = out_ptr + q_start.to(tl.int64) * stride_o_t + head * stride_o_h + dims
     tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
@@ -130,13 +197,31 @@ def _merge_splits_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_seqs, scale_log2,
-    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
-    stride_kv_b, stride_kv_s, stride_kv_h, stride_bt,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    num_seqs,
+    scale_log2,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_kv_b,
+    stride_kv_s,
+    stride_kv_h,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """Grid (num_tokens // BLOCK_Q + num_seqs, num_kv_heads): BLOCK_Q query tokens x the GQA group per program.
 
@@ -168,8 +253,9 @@ def _prefill_kernel(
     dims = tl.arange(0, BLOCK_D)
     q_mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)  # [M, BLOCK_D]
     token_row = (q_start + tok).to(tl.int64)  # [M]
-    q = tl.load(q_ptr + token_row[:, None] * stride_q_t + heads[:, None] * stride_q_h + dims[None, :],
-                mask=q_mask, other=0.0)
+    q = tl.load(
+        q_ptr + token_row[:, None] * stride_q_t + heads[:, None] * stride_q_h + dims[None, :], mask=q_mask, other=0.0
+    )
     q_pos = context_len + tok  # [M] absolute position: attends keys 0..q_pos
 
     m_i = tl.full([BLOCK_Q * BLOCK_G], M_INIT, tl.float32)
@@ -181,9 +267,27 @@ def _prefill_kernel(
         pos = start + tl.arange(0, TILE_N)  # [TILE_N]
         pos_mask = pos < kv_end
         s_mask = pos_mask[None, :] & (pos[None, :] <= q_pos[:, None])  # [M, TILE_N]
-        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table_row, pos, pos_mask, s_mask,
-                                     kv_head, dims, m_i, l_i, acc, scale_log2, stride_kv_b, stride_kv_s,
-                                     stride_kv_h, HEAD_DIM, BLOCK_SIZE, DOT_FP32)
+        m_i, l_i, acc = _attend_tile(
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_row,
+            pos,
+            pos_mask,
+            s_mask,
+            kv_head,
+            dims,
+            m_i,
+            l_i,
+            acc,
+            scale_log2,
+            stride_kv_b,
+            stride_kv_s,
+            stride_kv_h,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            DOT_FP32,
+        )
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + token_row[:, None] * stride_o_t + heads[:, None] * stride_o_h + dims[None, :]
@@ -225,7 +329,7 @@ def _num_sms(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -246,17 +350,25 @@ def launch_constexprs(
     group = num_heads // num_kv_heads
     block_g = triton.next_power_of_2(group)
     common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=cfg.block_d, BLOCK_SIZE=block_size, TILE_N=cfg.tile_n,
-        DOT_FP32=cfg.dot_fp32, num_warps=cfg.num_warps, num_stages=2,
-    )  # fmt: skip
+        HEAD_DIM=head_dim,
+        BLOCK_D=cfg.block_d,
+        BLOCK_SIZE=block_size,
+        TILE_N=cfg.tile_n,
+        DOT_FP32=cfg.dot_fp32,
+        num_warps=cfg.num_warps,
+        num_stages=2,
+    )
     # tl.dot needs >= 16 rows when compiled: small GQA groups are padded with masked rows.
     block_m = max(cfg.block_m, 16) if on_gpu else cfg.block_m
     return {
         "decode": dict(NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, block_g), NUM_SPLITS=num_splits, **common),
         "merge": dict(
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=cfg.block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-        ),  # fmt: skip
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=cfg.block_d,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+        ),
         "prefill": dict(GROUP=group, BLOCK_G=block_g, BLOCK_Q=max(1, block_m // block_g), **common),
     }
 
@@ -339,9 +451,15 @@ def paged_attention(
         raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
     consts = launch_constexprs(num_heads, num_kv_heads, head_dim, block_size, num_splits, cfg, on_gpu)
     strides = (
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-    )  # fmt: skip
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+    )
     scale_log2 = scale * LOG2E
 
     if num_splits > 1:
@@ -350,9 +468,19 @@ def paged_attention(
     else:
         part_acc = part_ml = out  # unused: the kernel writes `out` directly
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc, scale_log2,
-        *strides, **consts["decode"],
-    )  # fmt: skip
+        query,
+        k_cache,
+        v_cache,
+        out,
+        part_acc,
+        part_ml,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale_log2,
+        *strides,
+        **consts["decode"],
+    )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             out, part_acc, part_ml, query_start_loc, out.stride(0), out.stride(1), **consts["merge"]
@@ -360,7 +488,16 @@ def paged_attention(
     if max_query_len > 1:
         block_q = consts["prefill"]["BLOCK_Q"]
         _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
-            query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, num_seqs, scale_log2,
-            *strides, **consts["prefill"],
-        )  # fmt: skip
+            query,
+            k_cache,
+            v_cache,
+            out,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            num_seqs,
+            scale_log2,
+            *strides,
+            **consts["prefill"],
+        )
     return out

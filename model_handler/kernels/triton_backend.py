@@ -1,4 +1,5 @@
 """The Triton attention backend: fused KV store plus paged decode/prefill kernels behind `AttentionBackend`."""
+
 from __future__ import annotations
 
 import torch

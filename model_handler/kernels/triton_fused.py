@@ -6,6 +6,7 @@ each a separate launch of a few microseconds (bench/gpu_profile.py). One launch 
 computes in fp32 and rounds once on store; `reference`-style torch versions live in the layers and are
 what these are tested against (tests/model_handler/kernels/test_triton_fused.py, under TRITON_INTERPRET=1).
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,12 +59,21 @@ def add_rms_norm(
     residual_out = x if residual is None else torch.empty_like(x)  # [T, hidden]
     if num_tokens:
         _add_rms_norm_kernel[(num_tokens,)](
-            x, x if residual is None else residual, weight, out, residual_out,
-            x.stride(0), x.stride(0) if residual is None else residual.stride(0), out.stride(0),
-            residual_out.stride(0), hidden_size, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size),
+            x,
+            x if residual is None else residual,
+            weight,
+            out,
+            residual_out,
+            x.stride(0),
+            x.stride(0) if residual is None else residual.stride(0),
+            out.stride(0),
+            residual_out.stride(0),
+            hidden_size,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=triton.next_power_of_2(hidden_size),
             num_warps=8 if hidden_size >= 4096 else 4,
-        )  # fmt: skip
+        )
     return out, residual_out
 
 
@@ -141,8 +151,17 @@ def rotary_(
     if num_tokens:
         half = rotary_dim // 2
         _rotary_kernel[(num_tokens, triton.cdiv(num_heads, ROTARY_BLOCK_H))](
-            x, cos_sin_cache, positions, x.stride(0), x.stride(1), cos_sin_cache.stride(0),
-            cos_sin_cache.stride(1), num_heads,
-            HALF=half, BLOCK_H=ROTARY_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
-        )  # fmt: skip
+            x,
+            cos_sin_cache,
+            positions,
+            x.stride(0),
+            x.stride(1),
+            cos_sin_cache.stride(0),
+            cos_sin_cache.stride(1),
+            num_heads,
+            HALF=half,
+            BLOCK_H=ROTARY_BLOCK_H,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            num_warps=4,
+        )
     return x

@@ -6,6 +6,7 @@ profile-*.json). This kernel gives each program BLOCK_N whole weight rows, reads
 coalesced chunks and reduces in fp32 once at the end. Which config (or cuBLAS) runs for a weight shape is
 measured on the device (`layers/gpu_linear.py`); here is only the kernel and its configs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,9 +56,19 @@ CONFIGS = (
 
 @triton.jit
 def _gemv_row_block(
-    x_ptr, w_ptr, bias_ptr, y_ptr, row_block, N, K, stride_w,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    row_block,
+    N,
+    K,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -97,11 +108,13 @@ def _gemv_kernel(
 ):
     if STRIDED_GRID:  # a fixed grid: each program takes every grid-th row block
         for row_block in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-            _gemv_row_block(x_ptr, w_ptr, bias_ptr, y_ptr, row_block, N, K, stride_w,
-                            HAS_BIAS, EVEN_K, BLOCK_N, BLOCK_K)  # fmt: skip
+            _gemv_row_block(
+                x_ptr, w_ptr, bias_ptr, y_ptr, row_block, N, K, stride_w, HAS_BIAS, EVEN_K, BLOCK_N, BLOCK_K
+            )
     else:  # a program per row block
-        _gemv_row_block(x_ptr, w_ptr, bias_ptr, y_ptr, tl.program_id(0), N, K, stride_w,
-                        HAS_BIAS, EVEN_K, BLOCK_N, BLOCK_K)  # fmt: skip
+        _gemv_row_block(
+            x_ptr, w_ptr, bias_ptr, y_ptr, tl.program_id(0), N, K, stride_w, HAS_BIAS, EVEN_K, BLOCK_N, BLOCK_K
+        )
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:

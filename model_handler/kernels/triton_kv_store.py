@@ -2,6 +2,7 @@
 
 Layout as in `reference.store_kv`; a negative slot (a padding row of a CUDA-graph batch) writes nothing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,9 +49,7 @@ def _store_kv_kernel(
     key = tl.load(
         key_ptr + token64 * stride_key_t + heads[:, None] * stride_key_h + dims[None, :], mask=mask
     )  # [BLOCK_H, BLOCK_D]
-    value = tl.load(
-        value_ptr + token64 * stride_value_t + heads[:, None] * stride_value_h + dims[None, :], mask=mask
-    )
+    value = tl.load(value_ptr + token64 * stride_value_t + heads[:, None] * stride_value_h + dims[None, :], mask=mask)
     k_dst = k_cache_ptr + block * stride_kc_b + offset * stride_kc_s + heads[:, None] * stride_kc_h + dims[None, :]
     v_dst = v_cache_ptr + block * stride_vc_b + offset * stride_vc_s + heads[:, None] * stride_vc_h + dims[None, :]
     tl.store(k_dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -82,9 +81,7 @@ def _check_inputs(
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} is not supported; expected float32, float16 or bfloat16")
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"slot_mapping must be a 1-D int64 tensor, got {slot_mapping.dim()}-D {slot_mapping.dtype}"
-        )
+        raise ValueError(f"slot_mapping must be a 1-D int64 tensor, got {slot_mapping.dim()}-D {slot_mapping.dtype}")
     if slot_mapping.stride(0) != 1 and slot_mapping.shape[0] > 1:
         raise ValueError("slot_mapping must be contiguous")
     num_tokens = slot_mapping.shape[0]

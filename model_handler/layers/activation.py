@@ -1,4 +1,5 @@
 """Gated activation over the fused gate/up projection output."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

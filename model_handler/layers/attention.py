@@ -3,6 +3,7 @@
 The backend (torch reference or Triton) is handed in at construction; the per-step batch description
 arrives as an argument, so there is no global attention context.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Built once per step by the model runner and passed down the model; the layout is documented in
 `model_handler/kernels/reference.py`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

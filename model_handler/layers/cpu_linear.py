@@ -8,6 +8,7 @@ packed kernel was as fast or faster at 19 of 20 shapes measured, 1-512 rows x 12
 runs at ~2x the fp32 FLOP/s. The packed copy is made on first use and doubles the CPU memory of those
 weights; a changed weight (new storage or an in-place write) is packed again.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,9 +67,7 @@ class PackedWeight:
         return self.packed
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> torch.Tensor:
     """F.linear(x, weight, bias), through the packed oneDNN kernel where that is faster."""
     if (
         x.device.type != "cpu"

@@ -3,6 +3,7 @@
 The vocabulary is padded up to a multiple of tp_size; padded rows are zero and padded logits are cut off,
 so `compute_logits` always returns exactly `vocab_size` columns.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ capture (the model runner's one-token warm-up forward at start-up), by timing cu
 `triton_gemv.CONFIGS` entry on that weight with the L2 cache flushed (Triton's `do_bench`). A config
 whose output disagrees with cuBLAS is never chosen. The choices are logged and kept in `choices()`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,8 +89,16 @@ def measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     winner, timings = fastest_correct(candidates, timer, reference=CUBLAS)
     choice = Choice((n, k), dtype, winner, timings)
     ms, cublas_ms = timings.get(str(winner), float("nan")), timings.get(CUBLAS, float("nan"))
-    logger.info("one-row linear %dx%d %s: %s, %.4f ms (%.0f GB/s); cuBLAS %.4f ms",
-                n, k, dtype, winner, ms, weight.numel() * weight.element_size() / (ms * 1e6), cublas_ms)  # fmt: skip
+    logger.info(
+        "one-row linear %dx%d %s: %s, %.4f ms (%.0f GB/s); cuBLAS %.4f ms",
+        n,
+        k,
+        dtype,
+        winner,
+        ms,
+        weight.numel() * weight.element_size() / (ms * 1e6),
+        cublas_ms,
+    )
     return choice
 
 

@@ -5,6 +5,7 @@ the full checkpoint tensor and the loader copies (and converts) this rank's slic
 `param.detach()`, not `.data`, so the parameter's version moves and a packed CPU copy (cpu_linear) follows.
 With tp_size == 1 the layers are plain linears and never touch torch.distributed.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The product every linear layer and the LM head run: the fastest kernel known for the device and shape."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Every rope type transformers knows (default, linear, dynamic, yarn, longrope, ll
 `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`. "dynamic" and "longrope" keep their frequencies for
 the original context; HF recomputes them once a sequence outgrows it, so beyond that point they differ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

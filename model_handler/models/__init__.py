@@ -1,5 +1,6 @@
 """Architecture registry: HF `architectures` name -> our model class (imported lazily, so naming a model
 does not import torch)."""
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,12 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("model_handler.models.llama", "Qwen3ForCausalLM"),
 }
 # config.json without `architectures` (a bare config class saved by hand): fall back on model_type
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def supported_architectures() -> list[str]:

@@ -4,6 +4,7 @@ Qwen3 (per-head q/k RMSNorm), tied or untied embeddings, tensor-parallel ready.
 Parameter names follow HF's except the fused `qkv_proj` and `gate_up_proj`; `packed_modules_mapping`
 tells `weights.py` how the HF tensors fill them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """The CPU attention benchmark: its paged inputs, FLOP count and a short real run writing JSON."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,14 @@ def test_flops_count_causal_keys():
 
 
 def test_short_run_agrees_with_the_torch_path_and_writes_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cpu_attention, "CASES", [
-        Case("prefill", 4, 2, 64, "prefill", [(0, 40), (17, 9)]),
-        Case("decode", 4, 2, 64, "decode", [(30, 1), (5, 1)]),
-    ])  # fmt: skip
+    monkeypatch.setattr(
+        cpu_attention,
+        "CASES",
+        [
+            Case("prefill", 4, 2, 64, "prefill", [(0, 40), (17, 9)]),
+            Case("decode", 4, 2, 64, "decode", [(30, 1), (5, 1)]),
+        ],
+    )
     out = tmp_path / "r.json"
     cpu_attention.main(["--dtypes", "float32", "--iterations", "2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]

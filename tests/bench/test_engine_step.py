@@ -1,4 +1,5 @@
 """The offline engine benchmark: variant parsing and a short real run on the tiny model."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,9 +40,23 @@ def test_short_run_prints_a_row_per_variant_and_restores_attributes(capsys):
 
     tau = math.tau
     engine_step.main(
-        ["--concurrency", "2", "--requests", "3", "--prompt-tokens", "5", "--max-tokens", "4", "--rounds", "1",
-         "--variant", "a:", "--variant", "b:threads=1,attr.math.tau=1.0"]
-    )  # fmt: skip
+        [
+            "--concurrency",
+            "2",
+            "--requests",
+            "3",
+            "--prompt-tokens",
+            "5",
+            "--max-tokens",
+            "4",
+            "--rounds",
+            "1",
+            "--variant",
+            "a:",
+            "--variant",
+            "b:threads=1,attr.math.tau=1.0",
+        ]
+    )
     assert math.tau == tau
     lines = capsys.readouterr().out.splitlines()
     table = {line.split()[0]: line.split()[1:] for line in lines[-2:]}
@@ -53,8 +68,24 @@ def test_variants_with_their_own_attention_backend_run_on_their_own_engines(monk
     build = engine_step.build_engine
     monkeypatch.setattr(engine_step, "build_engine", lambda *a: built.append(a[-1]) or build(*a))
     engine_step.main(
-        ["--concurrency", "2", "--requests", "2", "--prompt-tokens", "5", "--max-tokens", "3", "--rounds", "1",
-         "--variant", "t:backend=torch", "--variant", "t2:backend=torch,threads=1", "--variant", "d:"]
-    )  # fmt: skip
+        [
+            "--concurrency",
+            "2",
+            "--requests",
+            "2",
+            "--prompt-tokens",
+            "5",
+            "--max-tokens",
+            "3",
+            "--rounds",
+            "1",
+            "--variant",
+            "t:backend=torch",
+            "--variant",
+            "t2:backend=torch,threads=1",
+            "--variant",
+            "d:",
+        ]
+    )
     assert built == ["torch", None]  # one engine per distinct backend, the default's included
     assert Variant.parse("c:backend=cpu").backend == "cpu"

@@ -1,5 +1,6 @@
 """The GPU check without a GPU: shell syntax and usage, the random model folder, the report's verdicts, and the
 whole `bench/gpu_check.sh --cpu-smoke` run (same Python, tiny model of the same config, on CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 
 
 def run_script(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], check=False, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHON": sys.executable, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+    )
 
 
 def test_script_parses_and_explains_itself():
@@ -69,8 +76,10 @@ def test_llama3_8b_plan_matches_the_published_size():
 
 
 def test_baseline_work_is_capped_only_when_it_would_pass_the_deadline():
-    history = [{"batch": 1, "num_requests": 1, "decode_ms_step_median": 30.0, "ttft_ms_max": 50.0},
-               {"batch": 32, "num_requests": 32, "decode_ms_step_median": 40.0, "ttft_ms_max": 400.0}]
+    history = [
+        {"batch": 1, "num_requests": 1, "decode_ms_step_median": 30.0, "ttft_ms_max": 50.0},
+        {"batch": 32, "num_requests": 32, "decode_ms_step_median": 40.0, "ttft_ms_max": 400.0},
+    ]
     assert gpu_engine.plan_hf_requests(128, [], 0.0, 128) == 128  # nothing measured yet: try it all
     assert gpu_engine.plan_hf_requests(128, history, 200.0, 128) == 128
     # 128 steps of ~71 ms plus 1.6 s of prefill, with margin ~19 s: half of it fits in 10 s.
@@ -79,26 +88,61 @@ def test_baseline_work_is_capped_only_when_it_would_pass_the_deadline():
     assert gpu_engine.plan_hf_requests(128, history, -1.0, 128) == 1
 
 
-def write_results(folder: Path, *, step_ms: float, ours_rates: dict, hf_rates: dict, kernels_pass: bool = True,
-                  exact: bool = True, async_step_ms: float | None = None, async_tokens: list | None = None) -> None:
+def write_results(
+    folder: Path,
+    *,
+    step_ms: float,
+    ours_rates: dict,
+    hf_rates: dict,
+    kernels_pass: bool = True,
+    exact: bool = True,
+    async_step_ms: float | None = None,
+    async_tokens: list | None = None,
+) -> None:
     def runs(rates, ms, tokens=(5, 6, 7)):
-        return [{"batch": b, "num_requests": b, "output_tok_s": r, "decode_ms_step_median": ms, "ttft_ms_median": 20.0,
-                 "ttft_ms_max": 30.0, "exact_lengths": exact, "first_tokens": [list(tokens)] * b, "capped": None,
-                 "num_decode_steps": 127, "graph_replays": 127, "total_output_tokens": 128 * b}
-                for b, r in rates.items()]
+        return [
+            {
+                "batch": b,
+                "num_requests": b,
+                "output_tok_s": r,
+                "decode_ms_step_median": ms,
+                "ttft_ms_median": 20.0,
+                "ttft_ms_max": 30.0,
+                "exact_lengths": exact,
+                "first_tokens": [list(tokens)] * b,
+                "capped": None,
+                "num_decode_steps": 127,
+                "graph_replays": 127,
+                "total_output_tokens": 128 * b,
+            }
+            for b, r in rates.items()
+        ]
 
     files = {
-        "gpu_model.json": {"model_dir": "/dev/shm/m", "weight_bytes": 16_060_522_496, "embedding_bytes": 1_050_673_152,
-                           "build_s": 30.0, "reused": False},
+        "gpu_model.json": {
+            "model_dir": "/dev/shm/m",
+            "weight_bytes": 16_060_522_496,
+            "embedding_bytes": 1_050_673_152,
+            "build_s": 30.0,
+            "reused": False,
+        },
         "gpu_kernels.json": {"passed": kernels_pass, "checks": [{"name": "decode", "passed": kernels_pass}]},
-        "gpu_engine_ours.json": {"device": "NVIDIA H100 80GB HBM3", "hbm_datasheet_gbs": 3350, "copy_gbs": 3000.0,
-                                 "engine": {"cuda_graphs": True}, "runs": runs(ours_rates, step_ms)},
+        "gpu_engine_ours.json": {
+            "device": "NVIDIA H100 80GB HBM3",
+            "hbm_datasheet_gbs": 3350,
+            "copy_gbs": 3000.0,
+            "engine": {"cuda_graphs": True},
+            "runs": runs(ours_rates, step_ms),
+        },
         "gpu_engine_hf.json": {"runs": runs(hf_rates, 35.0)},
-    }  # fmt: skip
+    }
     if async_step_ms is not None:
         rates = {b: r * step_ms / async_step_ms for b, r in ours_rates.items()}
-        files["gpu_engine_ours-async.json"] = {**files["gpu_engine_ours.json"], "async_scheduling": True,
-                                              "runs": runs(rates, async_step_ms, async_tokens or (5, 6, 7))}
+        files["gpu_engine_ours-async.json"] = {
+            **files["gpu_engine_ours.json"],
+            "async_scheduling": True,
+            "runs": runs(rates, async_step_ms, async_tokens or (5, 6, 7)),
+        }
     else:
         (folder / "gpu_engine_ours-async.json").unlink(missing_ok=True)
     for name, data in files.items():
@@ -147,8 +191,14 @@ def test_report_gives_async_scheduling_its_own_rows_and_verdicts(tmp_path, capsy
 
 
 def test_report_fails_when_async_scheduling_changes_a_token(tmp_path):
-    write_results(tmp_path, step_ms=6.0, ours_rates={1: 160.0, 8: 900.0}, hf_rates={1: 30.0}, async_step_ms=5.5,
-                  async_tokens=(5, 6, 8))
+    write_results(
+        tmp_path,
+        step_ms=6.0,
+        ours_rates={1: 160.0, 8: 900.0},
+        hf_rates={1: 30.0},
+        async_step_ms=5.5,
+        async_tokens=(5, 6, 8),
+    )
     rc, summary = report(tmp_path, "build=0", "kernels=0", "ours=0", "ours-async=0", "hf=0")
     same = next(c for c in summary["checks"] if c["name"] == "ours (async) generates the step-by-step tokens")
     assert rc == 1 and not same["ok"] and same["detail"].startswith("0/9 requests identical")
@@ -179,8 +229,16 @@ def test_cpu_smoke_runs_every_stage_and_reports(smoke):
     done, out = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "gpu_check.json", "gpu_check.log", "gpu_engine_hf.json", "gpu_engine_ours-async.json", "gpu_engine_ours.json",
-        "gpu_kernels.json", "gpu_model.json", "profile-async.json", "profile-sync.json"]  # fmt: skip
+        "gpu_check.json",
+        "gpu_check.log",
+        "gpu_engine_hf.json",
+        "gpu_engine_ours-async.json",
+        "gpu_engine_ours.json",
+        "gpu_kernels.json",
+        "gpu_model.json",
+        "profile-async.json",
+        "profile-sync.json",
+    ]
     # The profile stage ran the engine in both modes: the async one reads each step's tokens a step later.
     profiles = {mode: json.loads((out / f"profile-{mode}.json").read_text()) for mode in ("sync", "async")}
     assert profiles["sync"]["async_scheduling"] is False and profiles["async"]["async_scheduling"] is True
@@ -188,8 +246,7 @@ def test_cpu_smoke_runs_every_stage_and_reports(smoke):
     assert "read_tokens_and_update" in profiles["async"]["runs"][0]["host_phases_ms_median"]
     assert [r["batch"] for r in profiles["async"]["runs"]] == [1, 4]
     summary = json.loads((out / "gpu_check.json").read_text())
-    assert summary["stages"] == {"build": "0", "pytest": "0", "kernels": "0", "ours": "0", "ours-async": "0",
-                                 "hf": "0"}
+    assert summary["stages"] == {"build": "0", "pytest": "0", "kernels": "0", "ours": "0", "ours-async": "0", "hf": "0"}
     assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 5
     assert "gpu_check: exit 0" in (out / "gpu_check.log").read_text()
 

@@ -1,4 +1,5 @@
 """The load generator against a real naive server on loopback (tiny model), and its HTTP body parsing."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,9 @@ def _bodies(prompts, output_tokens: int = OUTPUT_TOKENS) -> list[dict]:
 
 
 def test_two_concurrent_streams_give_consistent_metrics(naive_server: ServerProcess, prompts) -> None:
-    results = loadgen.run_load_sync(naive_server.url + "/v1/chat/completions", _bodies(prompts), concurrency=2,
-                                    timeout_s=60)
+    results = loadgen.run_load_sync(
+        naive_server.url + "/v1/chat/completions", _bodies(prompts), concurrency=2, timeout_s=60
+    )
     loadgen.fill_token_counts(results, lambda text: len(text.split()))  # usage, when present, keeps priority
 
     assert len(results) == 2
@@ -69,8 +71,9 @@ def test_two_concurrent_streams_give_consistent_metrics(naive_server: ServerProc
 
 def test_rejected_request_is_counted_as_failed(naive_server: ServerProcess, prompts) -> None:
     bad = {**_bodies(prompts)[0], "messages": []}
-    results = loadgen.run_load_sync(naive_server.url + "/v1/chat/completions", [bad, _bodies(prompts)[1]],
-                                    concurrency=1, timeout_s=60)
+    results = loadgen.run_load_sync(
+        naive_server.url + "/v1/chat/completions", [bad, _bodies(prompts)[1]], concurrency=1, timeout_s=60
+    )
 
     assert results[0].error is not None and results[0].error.startswith("HTTP 400")
     metrics = summarize(results, concurrency=1)
@@ -117,8 +120,7 @@ def test_a_point_records_the_server_cpu_it_cost(naive_server: ServerProcess, pro
 
     from bench.serving import measure_point
 
-    args = argparse.Namespace(no_wait_quiet=True, quiet_timeout=0.0, request_timeout=60.0,
-                              output_tokens=OUTPUT_TOKENS)
+    args = argparse.Namespace(no_wait_quiet=True, quiet_timeout=0.0, request_timeout=60.0, output_tokens=OUTPUT_TOKENS)
     point = measure_point(naive_server, _bodies(prompts), 2, args, lambda text: len(text.split()))
     assert point["output_tokens_exact"] and point["metrics"]["total_output_tokens"] == 2 * OUTPUT_TOKENS
     cpu, per_token = point["server_cpu_s"], point["server_cpu_us_per_output_token"]
@@ -127,4 +129,5 @@ def test_a_point_records_the_server_cpu_it_cost(naive_server: ServerProcess, pro
     # The client's own CPU (this process): more than nothing, at most all of the cores for the point's duration.
     assert 0 < point["client_cpu_s"] <= os.cpu_count() * point["metrics"]["duration_s"]
     assert point["client_cpu_percent_of_core"] == pytest.approx(
-        100 * point["client_cpu_s"] / point["metrics"]["duration_s"])
+        100 * point["client_cpu_s"] / point["metrics"]["duration_s"]
+    )

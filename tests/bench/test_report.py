@@ -1,4 +1,5 @@
 """Best-of-rounds selection, the CPU targets' verdicts, the table, and strict JSON out of NaN metrics."""
+
 from __future__ import annotations
 
 import json
@@ -8,30 +9,51 @@ from bench import report
 from bench.metrics import RequestResult, summarize
 
 
-def make_run(server: str, concurrency: int, rate: float, ttft_ms: float, round_index: int = 0,
-             failed: int = 0) -> dict:
+def make_run(server: str, concurrency: int, rate: float, ttft_ms: float, round_index: int = 0, failed: int = 0) -> dict:
     metrics = {
-        "output_tokens_per_s": rate, "ttft_ms_p50": ttft_ms, "ttft_ms_p99": ttft_ms * 2, "itl_ms_p50": 5.0,
-        "itl_ms_p99": 9.0, "tpot_ms_p50": 5.0, "num_ok": 4 - failed, "num_requests": 4, "num_failed": failed,
-        "output_tokens_min": 16, "output_tokens_max": 16, "prompt_tokens_min": 64, "prompt_tokens_max": 64,
+        "output_tokens_per_s": rate,
+        "ttft_ms_p50": ttft_ms,
+        "ttft_ms_p99": ttft_ms * 2,
+        "itl_ms_p50": 5.0,
+        "itl_ms_p99": 9.0,
+        "tpot_ms_p50": 5.0,
+        "num_ok": 4 - failed,
+        "num_requests": 4,
+        "num_failed": failed,
+        "output_tokens_min": 16,
+        "output_tokens_max": 16,
+        "prompt_tokens_min": 64,
+        "prompt_tokens_max": 64,
         "tokens_counted_by": "usage",
     }
     load = {"other_cpu_max_percent": 3.0, "loadavg_1m_start": 0.5}
-    return {"model": "tiny", "server": server, "concurrency": concurrency, "round": round_index,
-            "metrics": metrics, "load": load}
+    return {
+        "model": "tiny",
+        "server": server,
+        "concurrency": concurrency,
+        "round": round_index,
+        "metrics": metrics,
+        "load": load,
+    }
 
 
 def test_best_round_is_the_fastest_without_failures() -> None:
-    runs = [make_run("ours", 8, 100.0, 50.0, 0), make_run("ours", 8, 300.0, 40.0, 1, failed=1),
-            make_run("ours", 8, 200.0, 45.0, 2)]
+    runs = [
+        make_run("ours", 8, 100.0, 50.0, 0),
+        make_run("ours", 8, 300.0, 40.0, 1, failed=1),
+        make_run("ours", 8, 200.0, 45.0, 2),
+    ]
     assert report.best_runs(runs)[("tiny", "ours", 8)]["round"] == 2
 
 
 def test_targets_compare_ours_with_the_better_transformers_mode() -> None:
     runs = [
-        make_run("ours", 32, 700.0, 30.0), make_run("tf-serve", 32, 100.0, 900.0),
+        make_run("ours", 32, 700.0, 30.0),
+        make_run("tf-serve", 32, 100.0, 900.0),
         make_run("tf-serve-cb", 32, 200.0, 120.0),
-        make_run("ours", 1, 40.0, 10.0), make_run("tf-serve", 1, 50.0, 20.0), make_run("tf-serve-cb", 1, 30.0, 20.0),
+        make_run("ours", 1, 40.0, 10.0),
+        make_run("tf-serve", 1, 50.0, 20.0),
+        make_run("tf-serve-cb", 1, 30.0, 20.0),
     ]
     throughput, ttft, single = report.evaluate_targets(runs)
     assert throughput["ratio"] == 3.5 and throughput["baseline"] == 200.0 and throughput["verdict"] == "PASS"
@@ -42,8 +64,10 @@ def test_targets_compare_ours_with_the_better_transformers_mode() -> None:
 
 def test_each_of_our_precisions_meets_the_best_transformers_mode_and_dtype() -> None:
     runs = [
-        make_run("ours", 32, 900.0, 30.0), make_run("ours-fp32", 32, 600.0, 60.0),
-        make_run("tf-serve-cb", 32, 200.0, 150.0), make_run("tf-serve-cb-bf16", 32, 250.0, 100.0),
+        make_run("ours", 32, 900.0, 30.0),
+        make_run("ours-fp32", 32, 600.0, 60.0),
+        make_run("tf-serve-cb", 32, 200.0, 150.0),
+        make_run("tf-serve-cb-bf16", 32, 250.0, 100.0),
     ]
     targets = report.evaluate_targets(runs)
     by_server = {(t["server"], t["target"].split(":")[1].split()[0]): t for t in targets if "32 streams" in t["target"]}
@@ -55,7 +79,7 @@ def test_each_of_our_precisions_meets_the_best_transformers_mode_and_dtype() -> 
 
 
 def test_bf16_transformers_modes_ask_for_bf16() -> None:
-    from bench.servers import SERVERS, _command, CbSettings
+    from bench.servers import SERVERS, CbSettings, _command
 
     cb = CbSettings(num_blocks=10)
     argv, _ = _command(SERVERS["tf-serve-cb-bf16"], "/m", 1234, cb)
@@ -72,8 +96,10 @@ def test_each_metric_takes_its_own_best_round_for_every_server() -> None:
     """A baseline's TTFT is its fastest round, not the TTFT of its best-throughput round; failed rounds count
     for nothing."""
     runs = [
-        make_run("ours", 32, 700.0, 90.0, 0), make_run("ours", 32, 600.0, 60.0, 1),
-        make_run("tf-serve-cb", 32, 200.0, 400.0, 0), make_run("tf-serve-cb", 32, 150.0, 240.0, 1),
+        make_run("ours", 32, 700.0, 90.0, 0),
+        make_run("ours", 32, 600.0, 60.0, 1),
+        make_run("tf-serve-cb", 32, 200.0, 400.0, 0),
+        make_run("tf-serve-cb", 32, 150.0, 240.0, 1),
         make_run("tf-serve-cb", 32, 900.0, 10.0, 2, failed=1),
     ]
     throughput, ttft, _ = report.evaluate_targets(runs)

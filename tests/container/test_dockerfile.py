@@ -1,4 +1,5 @@
 """The image's contract with SageMaker, read from the Dockerfile itself (no engine needed), plus hadolint."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -108,7 +109,7 @@ def test_unbuffered_python_and_writable_home(instructions):
 
 
 def test_serve_resolves_through_path(instructions):
-    """SageMaker runs `docker run IMAGE serve`: `serve` must be an executable on PATH, not swallowed by an ENTRYPOINT."""
+    """SageMaker runs `docker run IMAGE serve`: `serve` must be an executable on PATH, not an ENTRYPOINT's argument."""
     assert of(instructions, "ENTRYPOINT") == []
     assert json.loads(of(instructions, "CMD")[-1]) == ["serve"]
     copies = [shlex.split(args) for args in of(instructions, "COPY")]
@@ -128,8 +129,9 @@ def test_requirement_extraction_matches_setup_cfg(instructions):
     run = next(args for args in of(instructions, "RUN") if "install_requires" in args)
     snippet = shlex.split(run.split("python -c ", 1)[1])[0]
     env = {**os.environ, "TORCH_REQUIREMENT": "torch==2.13.0\n"}
-    result = subprocess.run([sys.executable, "-c", snippet, str(REPO / "setup.cfg")], env=env,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", snippet, str(REPO / "setup.cfg")], env=env, capture_output=True, text=True, check=True
+    )
     names = [Requirement(line).name for line in result.stdout.splitlines() if line.strip()]
     assert names[0] == "torch" and {"transformers", "gunicorn", "gevent", "flask"} <= set(names)
 
@@ -145,8 +147,7 @@ def is_ignored(path: str, patterns: list[str]) -> bool:
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     for pattern in patterns:
         bare = pattern.removeprefix("**/")
-        if any(fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(prefix.split("/")[-1], bare)
-               for prefix in prefixes):
+        if any(fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(prefix.split("/")[-1], bare) for prefix in prefixes):
             return True
     return False
 
@@ -155,8 +156,14 @@ def test_dockerignore_keeps_sources_and_drops_local_state():
     patterns = dockerignore_patterns()
     for needed in ("setup.cfg", "pyproject.toml", "container/serve", "serve/app.py", "model_handler/engine.py"):
         assert not is_ignored(needed, patterns), needed
-    for dropped in (".venv/bin/python", ".git/HEAD", "serve/__pycache__/x.pyc", "bench/results/run.json",
-                    "container/local_test/build_and_run.sh", ".cache/local_test/rootfs.tar"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "serve/__pycache__/x.pyc",
+        "bench/results/run.json",
+        "container/local_test/build_and_run.sh",
+        ".cache/local_test/rootfs.tar",
+    ):
         assert is_ignored(dropped, patterns), dropped
 
 

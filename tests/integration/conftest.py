@@ -1,4 +1,5 @@
 """One real server (launcher, gunicorn + gevent, engine process, tiny model) on loopback for the module."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """The whole server with async scheduling (the default on one GPU; forced on here, on CPU) answers exactly as the
 step-by-step server does: concurrent streams, stop sequences, penalties and logprobs (which drain to the
 step-by-step path), and a client that leaves mid-stream."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,14 @@ def test_stop_sequences_penalties_and_logprobs_match(live_server, async_server):
 
 
 def test_a_client_leaving_mid_stream_leaves_the_server_answering(live_server, async_server):
-    body = {"model": "tgi", "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 200,
-            "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "tgi",
+        "messages": [{"role": "user", "content": QUESTIONS[1]}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     request = urllib.request.Request(
         f"{async_server.url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )

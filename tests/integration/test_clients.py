@@ -1,8 +1,8 @@
 """The official clients users point at us, unchanged, against the real server on loopback."""
+
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import openai

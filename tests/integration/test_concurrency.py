@@ -1,4 +1,5 @@
 """Many simultaneous streams through gunicorn + gevent + the engine process: all finish, none mixes up."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,29 @@ def _stream_text(url: str, question: str) -> tuple[str, str]:
 
 
 def test_sixteen_concurrent_streams_match_their_solo_runs(live_server):
-    questions = [f"Question number {i}: what does the keyword {word} do?" for i, word in enumerate(
-        ["lambda", "yield", "with", "class", "def", "import", "global", "assert",
-         "return", "try", "while", "for", "del", "pass", "raise", "async"])]
+    questions = [
+        f"Question number {i}: what does the keyword {word} do?"
+        for i, word in enumerate(
+            [
+                "lambda",
+                "yield",
+                "with",
+                "class",
+                "def",
+                "import",
+                "global",
+                "assert",
+                "return",
+                "try",
+                "while",
+                "for",
+                "del",
+                "pass",
+                "raise",
+                "async",
+            ]
+        )
+    ]
     solo = [_stream_text(live_server.url, q) for q in questions]
     with ThreadPoolExecutor(max_workers=16) as pool:
         together = list(pool.map(lambda q: _stream_text(live_server.url, q), questions))

@@ -1,6 +1,7 @@
 """The whole server at its default `DTYPE=auto` (the other tests pin fp32, transformers' precision): on a CPU with
 native bf16 that is the bf16 engine. Chat (whole and streamed, with logprobs and penalties), completions and TGI's
 `/generate` with details all answer in their formats, with exactly the tokens asked for."""
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,20 @@ def test_info_reports_the_dtype_auto_chose(default_server):
 
 def test_chat_completions_and_generate_answer_at_the_default_dtype(default_server):
     messages = [{"role": "user", "content": "Tell me about rivers."}]
-    reply = _post(default_server, "/v1/chat/completions", {
-        "model": "tgi", "messages": messages, "max_tokens": 16, "min_tokens": 16, "ignore_eos": True,
-        "logprobs": True, "top_logprobs": 2, "frequency_penalty": 0.5,
-    })  # fmt: skip
+    reply = _post(
+        default_server,
+        "/v1/chat/completions",
+        {
+            "model": "tgi",
+            "messages": messages,
+            "max_tokens": 16,
+            "min_tokens": 16,
+            "ignore_eos": True,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "frequency_penalty": 0.5,
+        },
+    )
     validate(reply, "CreateChatCompletionResponse")
     assert reply["usage"]["completion_tokens"] == 16 and reply["choices"][0]["finish_reason"] == "length"
     logprobs = reply["choices"][0]["logprobs"]["content"]
@@ -49,20 +60,31 @@ def test_chat_completions_and_generate_answer_at_the_default_dtype(default_serve
 
     client = openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="-")
     stream = client.chat.completions.create(
-        model="tgi", messages=messages, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"min_tokens": 12, "ignore_eos": True},
-    )  # fmt: skip
+        model="tgi",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"min_tokens": 12, "ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 12
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
-    completion = _post(default_server, "/v1/completions", {"model": "tgi", "prompt": "Once upon", "max_tokens": 8,
-                                                             "min_tokens": 8, "ignore_eos": True})  # fmt: skip
+    completion = _post(
+        default_server,
+        "/v1/completions",
+        {"model": "tgi", "prompt": "Once upon", "max_tokens": 8, "min_tokens": 8, "ignore_eos": True},
+    )
     validate(completion, "CreateCompletionResponse")
     assert completion["usage"]["completion_tokens"] == 8
 
-    generated = _post(default_server, "/generate", {"inputs": "Once upon", "parameters": {
-        "max_new_tokens": 8, "details": True, "repetition_penalty": 1.2}})
+    generated = _post(
+        default_server,
+        "/generate",
+        {"inputs": "Once upon", "parameters": {"max_new_tokens": 8, "details": True, "repetition_penalty": 1.2}},
+    )
     details = generated["details"]
     assert 1 <= details["generated_tokens"] == len(details["tokens"]) <= 8  # TGI has no ignore_eos: EOS may end it
     assert details["finish_reason"] in ("length", "eos_token")

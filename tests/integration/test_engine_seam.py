@@ -1,4 +1,5 @@
 """The seam between HTTP workers and the engine process: a real engine process and a real EngineClient."""
+
 from __future__ import annotations
 
 import subprocess
@@ -172,8 +173,9 @@ def test_the_requests_of_a_worker_that_died_are_aborted(engine):
     try:
         assert watcher.wait_ready(30)
         start_free = watcher.last_heartbeat.num_free_blocks
-        doomed = subprocess.Popen([sys.executable, "-c", _DOOMED_WORKER, engine.address], cwd=REPO_ROOT,
-                                  stdout=subprocess.PIPE)
+        doomed = subprocess.Popen(
+            [sys.executable, "-c", _DOOMED_WORKER, engine.address], cwd=REPO_ROOT, stdout=subprocess.PIPE
+        )
         try:
             assert doomed.stdout.readline().strip() == b"generating"
             gevent.sleep(1.2)  # two heartbeats: the watcher sees the busy engine

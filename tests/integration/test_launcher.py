@@ -1,4 +1,5 @@
 """container/serve as SageMaker runs it: configuration errors, SIGTERM drains, a dead child stops the rest."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,10 @@ def test_bad_configuration_stops_startup_naming_the_variable(name, value):
     env = {**os.environ, "PORT": str(free_port()), name: value}
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "container" / "serve"), "serve"],
-        env=env, capture_output=True, text=True, timeout=90,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert result.returncode != 0
     assert name in result.stderr + result.stdout
@@ -40,7 +44,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(workers):
     results: list[dict] = []
 
     def call() -> None:
-        request = urllib.request.Request(f"{server.url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{server.url}/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as reply:
             results.append({"status": reply.status, "body": json.loads(reply.read())})
 
@@ -62,7 +68,8 @@ def test_engine_death_stops_the_server_with_an_error_code():
     try:
         engine_pids = subprocess.run(
             ["pgrep", "-f", "-s", str(os.getpgid(server.process.pid)), "model_handler.server"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         ).stdout.split()
         assert engine_pids, "engine process not found"
         os.kill(int(engine_pids[0]), signal.SIGKILL)
@@ -77,8 +84,7 @@ def test_busy_server_answers_ping_takes_sagemaker_headers_and_logs_json_lines():
     server = start_server({"SAGEMAKER_CONTAINER_LOG_LEVEL": "20"})
     try:
         long_body = json.dumps(
-            {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 400, "ignore_eos": True,
-             "stream": True}
+            {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 400, "ignore_eos": True, "stream": True}
         ).encode()
         finished = threading.Event()
 

@@ -4,6 +4,7 @@ Both workers serve generations, `/metrics` gives the same totals whichever worke
 benchmark's per-role CPU accounting (bench/server_cpu.py) finds the engine and both workers, and
 MAX_CONCURRENT_REQUESTS holds for the two together.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -43,8 +44,7 @@ def _post(server: LiveServer, path: str, body: dict) -> tuple[int, dict]:
 
 
 def _chat(server: LiveServer, index: int) -> tuple[int, dict]:
-    body = {"messages": [{"role": "user", "content": f"request {index}"}], "max_tokens": MAX_TOKENS,
-            "ignore_eos": True}
+    body = {"messages": [{"role": "user", "content": f"request {index}"}], "max_tokens": MAX_TOKENS, "ignore_eos": True}
     return _post(server, "/v1/chat/completions", body)
 
 
@@ -81,8 +81,13 @@ def _value(text: str, series: str) -> float:
 
 def test_both_workers_serve_from_one_engine(two_workers):
     workers = _worker_pids(two_workers)
-    roles = [role_of(p) for p in [psutil.Process(two_workers.process.pid),
-                                  *psutil.Process(two_workers.process.pid).children(recursive=True)]]
+    roles = [
+        role_of(p)
+        for p in [
+            psutil.Process(two_workers.process.pid),
+            *psutil.Process(two_workers.process.pid).children(recursive=True),
+        ]
+    ]
     assert roles.count("engine") == 1 and roles.count("http") == 2 and len(workers) == 2
     before = cpu_seconds_by_role(two_workers.process.pid)
     sent = 0
@@ -165,8 +170,9 @@ def test_the_concurrency_limit_is_for_the_whole_server(two_workers_four_requests
     for attempt in range(3):  # the kernel picks the workers anew each time
         streams = _hold_streams(server, 4)
         for _ in range(2):
-            status, error = _post(server, "/v1/chat/completions",
-                                  {"messages": [{"role": "user", "content": "one more"}], "max_tokens": 1})
+            status, error = _post(
+                server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "one more"}], "max_tokens": 1}
+            )
             assert status == 429, (attempt, status, error)
             assert error["error"]["type"] == "rate_limit_error" and error["error"]["code"] == "overloaded"
         for connection, _ in streams:

@@ -1,4 +1,5 @@
 """Engine-test fixtures: the small test model folder, transformers' copy of it, and the KV-block check."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Small factories for the engine-core tests: requests, sequences and schedulers without a model."""
+
 from __future__ import annotations
 
 import itertools
@@ -78,9 +79,16 @@ def build_test_model(out_dir: Path) -> Path:
     from model_handler.tiny_model import build_tiny_model
 
     return build_tiny_model(
-        out_dir, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-        num_kv_heads=2, max_position_embeddings=512, init_std=0.15,
-    )  # fmt: skip
+        out_dir,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+        init_std=0.15,
+    )
 
 
 def create_engine(model_dir, device: str = "cpu", **env: str):
@@ -89,10 +97,12 @@ def create_engine(model_dir, device: str = "cpu", **env: str):
     from model_handler.engine import Engine
 
     environ = {
-        "HF_MODEL_ID": str(model_dir), "KV_CACHE_CPU_BYTES": "4MiB", "KV_CACHE_BLOCK_SIZE": "8",
+        "HF_MODEL_ID": str(model_dir),
+        "KV_CACHE_CPU_BYTES": "4MiB",
+        "KV_CACHE_BLOCK_SIZE": "8",
         "DTYPE": "float32",  # transformers' fp32 is the oracle (auto picks bf16 on CPUs with native bf16)
         **env,
-    }  # fmt: skip
+    }
     return Engine(EngineConfig.from_env(environ, device=device))
 
 
@@ -130,7 +140,10 @@ def hf_greedy(hf_model, prompt: list[int], num_tokens: int, **generate_kwargs) -
 
     with torch.no_grad():
         out = hf_model.generate(
-            torch.tensor([prompt]), do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens,
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
             **generate_kwargs,
-        )  # fmt: skip
+        )
     return out[0, len(prompt) :].tolist()

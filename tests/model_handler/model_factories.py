@@ -1,4 +1,5 @@
 """Factories for model tests: tiny random HF checkpoints of each family, and flat paged batches to run them on."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,18 +26,38 @@ _COMMON = dict(
 def family_config(name: str) -> PretrainedConfig:
     """A small config of one family member, built with transformers' own config class."""
     if name == "llama_gqa":
-        return LlamaConfig(**_COMMON, num_key_value_heads=2, rope_parameters={"rope_type": "default",
-                           "rope_theta": 500000.0})
+        return LlamaConfig(
+            **_COMMON, num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}
+        )
     if name == "llama_mha_bias_tied":
-        return LlamaConfig(**_COMMON, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
-                           tie_word_embeddings=True)
+        return LlamaConfig(
+            **_COMMON, num_key_value_heads=4, attention_bias=True, mlp_bias=True, tie_word_embeddings=True
+        )
     if name == "llama3_rope":
-        return LlamaConfig(**_COMMON, num_key_value_heads=1, tie_word_embeddings=True, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        return LlamaConfig(
+            **_COMMON,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
     if name == "llama_yarn":  # attention_scaling != 1 folds into the cos/sin table
-        return LlamaConfig(**_COMMON, num_key_value_heads=2, rope_parameters={
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
+        return LlamaConfig(
+            **_COMMON,
+            num_key_value_heads=2,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
     if name == "mistral":
         # head_dim given explicitly and different from hidden_size // num_heads, as in Mistral Nemo
         return MistralConfig(**_COMMON, num_key_value_heads=2, head_dim=24, sliding_window=None)

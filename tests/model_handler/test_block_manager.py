@@ -1,4 +1,5 @@
 """BlockManager: allocation, ref counts, prefix-cache hits and LRU eviction, with no model."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,10 +1,10 @@
 """EngineConfig.from_env and the model source order, on a config-only model folder (no weights needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import LlamaConfig
 
 from model_handler.config import DTYPES, EngineConfig, auto_cpu_dtype, default_graph_sizes
@@ -15,8 +15,14 @@ from model_handler.cpu_features import has_native_bf16
 def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfg-model")
     LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, eos_token_id=2,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        eos_token_id=2,
     ).save_pretrained(path)
     return path
 

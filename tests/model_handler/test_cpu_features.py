@@ -1,6 +1,7 @@
 """The native-bf16 probe against the kernel's own CPU flags, so a broken probe fails instead of quietly turning
 the CPU default into fp32 and the bf16 linears back to F.linear. The flags come from /proc/cpuinfo: the project
 runs on Linux only (README), so the oracle is always there."""
+
 from __future__ import annotations
 
 import platform

@@ -1,4 +1,5 @@
 """CPU linears through oneDNN with a packed weight: same results as F.linear, and a changed weight is seen."""
+
 from __future__ import annotations
 
 import platform
@@ -57,8 +58,9 @@ def test_bf16_packed_matches_f_linear_at_every_size(rows, with_bias):
     assert out.dtype == torch.bfloat16
     assert (packed.packed is not None) == has_native_bf16()  # oneDNN ran where native, even at one row
     # Both accumulate in fp32; they may round the bf16 output differently by one unit.
-    torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float(), None if bias is None else bias.float()),
-                               atol=2e-2, rtol=2e-2)  # fmt: skip
+    torch.testing.assert_close(
+        out.float(), F.linear(x.float(), weight.float(), None if bias is None else bias.float()), atol=2e-2, rtol=2e-2
+    )
 
 
 @needs_onednn

@@ -1,4 +1,5 @@
 """The engine process's CPU settings: the thread-count variable and glibc's malloc thresholds."""
+
 from __future__ import annotations
 
 import platform

@@ -1,4 +1,5 @@
 """The engine end to end on a real small model folder, checked against transformers' greedy generate."""
+
 from __future__ import annotations
 
 import pytest
@@ -279,8 +280,12 @@ def test_cuda_graph_decode_matches_eager_on_gpu(test_model_dir, prompts):
             engine.add_request(greedy(f"g{len(batch)}-{i}", prompt, N))
         return {rid: tokens_of(outs) for rid, outs in run_to_completion(engine).items()}
 
-    batches = [prompts[:1], prompts[:3], [random_prompt(5 + i, seed=50 + i) for i in range(6)],
-               [random_prompt(7 + i, seed=70 + i) for i in range(10)]]  # 1, 3 -> 4, 6 -> 8, 10 > 8: eager
+    batches = [
+        prompts[:1],
+        prompts[:3],
+        [random_prompt(5 + i, seed=50 + i) for i in range(6)],
+        [random_prompt(7 + i, seed=70 + i) for i in range(10)],
+    ]  # 1, 3 -> 4, 6 -> 8, 10 > 8: eager
     env = dict(DTYPE="float32", CUDA_MEMORY_FRACTION="0.2", MAX_BATCH_SIZE="16")
     results = {}
     for graphs, overlap in (("1,2,4,8", "1"), ("1,2,4,8", "0"), ("0", "1"), ("0", "0")):

@@ -1,5 +1,6 @@
 """Tensor parallelism in the engine: two gloo ranks on CPU give the single-rank engine's greedy tokens, the
 engine process serves with SM_NUM_GPUS=2, and a killed worker rank makes it exit non-zero."""
+
 from __future__ import annotations
 
 import os

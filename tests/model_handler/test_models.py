@@ -1,4 +1,5 @@
 """Our Llama-family model against transformers' own forward: same logits over a paged cache, per family."""
+
 from __future__ import annotations
 
 import itertools
@@ -63,15 +64,22 @@ def test_logits_match_transformers_over_paged_steps(family, tmp_path):
     assert_matches_hf_over_paged_steps(load_fp32(tmp_path), hf_model)
 
 
-@pytest.mark.parametrize(("family", "backend"), [("llama_gqa", "torch"), ("qwen3", "torch"), ("llama_gqa", "cpu"), ("qwen3", "cpu"), ("llama_gqa", "triton")])
+@pytest.mark.parametrize(
+    ("family", "backend"),
+    [("llama_gqa", "torch"), ("qwen3", "torch"), ("llama_gqa", "cpu"), ("qwen3", "cpu"), ("llama_gqa", "triton")],
+)
 def test_output_rows_return_those_rows_and_still_fill_the_cache(family, backend, tmp_path):
     """With `output_rows` the forward returns only those rows' hidden states (the last layer past its
     attention runs on them alone), every token's k/v still lands in the cache: the next steps, which attend
     over it, keep matching transformers. The Triton backend (interpreted here) runs the GPU's kernels, its
     fused residual-add + RMSNorm included, on the pruned rows."""
     hf_model = save_random_model(family_config(family), tmp_path)
-    model = load_model(tmp_path, dtype=torch.float32, device=torch.device("cpu"),
-                       attention_backend=select_backend(torch.device("cpu"), backend))  # fmt: skip
+    model = load_model(
+        tmp_path,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        attention_backend=select_backend(torch.device("cpu"), backend),
+    )
     config = model.config
     caches = make_kv_caches(config.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads_per_rank, config.head_dim)
     batches = PagedBatches(BLOCK_SIZE, NUM_BLOCKS, seed=5)
@@ -126,16 +134,24 @@ def test_model_config_reads_the_essentials(tmp_path):
 
 
 def test_sliding_window_caps_the_context(tmp_path):
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                           sliding_window=128)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        sliding_window=128,
+    )
     config.save_pretrained(tmp_path)
     assert ModelConfig.from_model_dir(tmp_path).max_position_embeddings == 128
 
 
 def test_config_without_architectures_falls_back_on_model_type(tmp_path):
-    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                num_attention_heads=2).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(tmp_path)
     assert ModelConfig.from_model_dir(tmp_path).architecture == "LlamaForCausalLM"
 
 

@@ -1,4 +1,5 @@
 """Prefix caching on the real engine: shared prefixes are computed once and change no output token."""
+
 from __future__ import annotations
 
 import pytest

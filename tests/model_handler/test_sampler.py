@@ -1,4 +1,5 @@
 """Sampler: greedy, seeds, top-k/top-p, penalties, min_tokens and logprobs on hand-made logits."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Scheduler: continuous batching, chunked prefill under the token budget, preemption, limits, stops."""
+
 from __future__ import annotations
 
 import pytest
@@ -174,7 +175,8 @@ def test_eos_stops_unless_ignored_or_before_min_tokens():
     scheduler = create_scheduler()
     plain, ignoring, patient = add_requests(
         scheduler,
-        create_requests(1, max_tokens=5) + create_requests(1, max_tokens=5, ignore_eos=True)
+        create_requests(1, max_tokens=5)
+        + create_requests(1, max_tokens=5, ignore_eos=True)
         + create_requests(1, max_tokens=5, min_tokens=2),
     )
     run_step(scheduler, token_id=EOS)

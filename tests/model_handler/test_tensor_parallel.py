@@ -1,4 +1,5 @@
 """Tensor parallelism: two gloo ranks on CPU, each with its shard, give the single-rank model's logits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,15 @@ BLOCK_SIZE, NUM_BLOCKS = 4, 32
 
 
 def tp_configs() -> dict[str, object]:
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=128, eos_token_id=2, bos_token_id=1)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     return {
         # odd vocab (padded shard), one kv head (replicated on both ranks), biases after the all-reduce
         "llama": LlamaConfig(**common, vocab_size=97, num_key_value_heads=1, attention_bias=True, mlp_bias=True),
@@ -92,15 +100,33 @@ def test_two_ranks_match_single_rank(tmp_path, monkeypatch):
 
 
 def test_sharding_rejects_heads_that_do_not_divide(tmp_path):
-    config = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=3,
-                         num_key_value_heads=3, vocab_size=64)
+    config = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        vocab_size=64,
+    )
     save_random_model(config, tmp_path)
     with pytest.raises(ValueError, match="number of attention heads"):
-        load_model(tmp_path, dtype=torch.float32, device=torch.device("cpu"),
-                   attention_backend=TorchReferenceBackend(), tp_rank=0, tp_size=2)
+        load_model(
+            tmp_path,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            attention_backend=TorchReferenceBackend(),
+            tp_rank=0,
+            tp_size=2,
+        )
 
 
 def test_tp_rank_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="tp_rank"):
-        load_model(tmp_path, dtype=torch.float32, device=torch.device("cpu"),
-                   attention_backend=TorchReferenceBackend(), tp_rank=2, tp_size=2)
+        load_model(
+            tmp_path,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            attention_backend=TorchReferenceBackend(),
+            tp_rank=2,
+            tp_size=2,
+        )

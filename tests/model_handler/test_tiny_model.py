@@ -1,4 +1,5 @@
 """The embedded tiny model: built offline, loadable by transformers, cached, and safe to build concurrently."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ def test_build_needs_no_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tiny_model.build_tiny_model(tmp_path / "m", **SMALL)
     assert out == tmp_path / "m"
-    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "chat_template.jinja"}
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
     assert expected <= {p.name for p in out.iterdir()}
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
 
@@ -120,8 +127,14 @@ def test_cache_key_changes_with_the_parameters():
 def test_concurrent_builds_all_see_one_complete_folder(tmp_path):
     env = {**os.environ, tiny_model.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "model_handler.tiny_model"], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "model_handler.tiny_model"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
     outputs = [proc.communicate(timeout=120) for proc in procs]

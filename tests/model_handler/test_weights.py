@@ -1,4 +1,5 @@
 """Safetensors loading: sharded equals unsharded, and a checkpoint that does not fit says what is wrong."""
+
 from __future__ import annotations
 
 import json
@@ -92,9 +93,7 @@ def test_unexpected_weight_is_named(tmp_path):
 def test_old_rope_buffers_in_a_checkpoint_are_ignored(tmp_path):
     save_random_model(family_config("llama_gqa"), tmp_path)
     expected = load_fp32(tmp_path).state_dict()
-    rewrite_checkpoint(
-        tmp_path, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8))
-    )
+    rewrite_checkpoint(tmp_path, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
     loaded = load_fp32(tmp_path).state_dict()  # no error for the stale buffer, and nothing else changes
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[name], expected[name]) for name in expected)

@@ -2,6 +2,7 @@
 
 The examples' AWS clients get dummy credentials and a region, and never look for EC2 instance credentials.
 """
+
 from __future__ import annotations
 
 import gc

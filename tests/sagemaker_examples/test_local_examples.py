@@ -4,6 +4,7 @@ Greedy decoding (temperature 0) makes every path answer the same prompt with the
 is checked against the others: OpenAI client, boto3 InvokeEndpoint / InvokeEndpointWithResponseStream (the
 server's SageMaker API routes), and the SageMaker SDK v2 in local mode and through boto3.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,13 @@ def events(*payloads: dict) -> bytes:
 
 @pytest.mark.parametrize("size", [1, 3, 7, 1000])
 def test_sse_parser_rejoins_lines_split_across_payload_parts(size):
-    raw = events({"n": 1, "s": "a\u00e9b"}, {"n": 2}) + b"data: {\"after\": \"done\"}\n\n"
+    raw = events({"n": 1, "s": "a\u00e9b"}, {"n": 2}) + b'data: {"after": "done"}\n\n'
     parts = [raw[i : i + size] for i in range(0, len(raw), size)]  # splits inside lines and inside UTF-8
     assert [json.loads(d) for d in invoke_boto3.iter_sse_data(parts)] == [{"n": 1, "s": "a\u00e9b"}, {"n": 2}]
 
 
 def test_sse_parser_handles_crlf_comments_multiline_data_and_a_missing_last_blank_line():
-    raw = b": keep-alive\r\n\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\ndata:{\"b\": 2}"
+    raw = b': keep-alive\r\n\r\ndata: {"a":\r\ndata: 1}\r\n\r\ndata:{"b": 2}'
     assert list(invoke_boto3.iter_sse_data([raw])) == ['{"a":\n1}', '{"b": 2}']
 
 
@@ -61,8 +62,18 @@ def test_reply_text_reads_both_reply_shapes():
 
 def test_openai_example_streams_the_same_text(live_server, reference_text, capsys):
     assert reference_text, "the tiny model answered nothing; pick another prompt"
-    code = openai_local.main(["--base-url", f"{live_server.url}/v1", "--stream", "--temperature", "0",
-                              "--max-tokens", str(MAX_TOKENS), PROMPT])
+    code = openai_local.main(
+        [
+            "--base-url",
+            f"{live_server.url}/v1",
+            "--stream",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            str(MAX_TOKENS),
+            PROMPT,
+        ]
+    )
     assert code == 0
     assert capsys.readouterr().out == reference_text + "\n"
 
@@ -77,8 +88,20 @@ def test_boto3_example_invoke_and_stream(live_server, reference_text, capsys):
     assert reply["object"] == "chat.completion"
     assert invoke_boto3.reply_text(reply) == reference_text
 
-    code = invoke_boto3.main(["--endpoint-url", live_server.url, "--endpoint-name", "my-llm", "--stream",
-                              "--temperature", "0", "--max-tokens", str(MAX_TOKENS), PROMPT])
+    code = invoke_boto3.main(
+        [
+            "--endpoint-url",
+            live_server.url,
+            "--endpoint-name",
+            "my-llm",
+            "--stream",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            str(MAX_TOKENS),
+            PROMPT,
+        ]
+    )
     assert code == 0
     assert capsys.readouterr().out == reference_text + "\n"
 
@@ -96,8 +119,9 @@ def test_sdk_v2_local_mode_predict(live_server, reference_text, monkeypatch, cap
     assert reply["choices"][0]["message"]["role"] == "assistant"
     assert predict_sdk_v2.reply_text(reply) == reference_text
 
-    code = predict_sdk_v2.main(["--local", "--port", str(live_server.port), "--temperature", "0",
-                                "--max-tokens", str(MAX_TOKENS), PROMPT])
+    code = predict_sdk_v2.main(
+        ["--local", "--port", str(live_server.port), "--temperature", "0", "--max-tokens", str(MAX_TOKENS), PROMPT]
+    )
     assert code == 0
     assert capsys.readouterr().out == reference_text + "\n"
 
@@ -105,7 +129,8 @@ def test_sdk_v2_local_mode_predict(live_server, reference_text, monkeypatch, cap
 def test_sdk_v2_endpoint_predict_stream_through_boto3(live_server, reference_text, monkeypatch, capsys):
     # botocore's per-service endpoint variable sends the SDK's real runtime client to the local server.
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", live_server.url)
-    code = predict_sdk_v2.main(["--endpoint-name", "my-llm", "--stream", "--temperature", "0",
-                                "--max-tokens", str(MAX_TOKENS), PROMPT])
+    code = predict_sdk_v2.main(
+        ["--endpoint-name", "my-llm", "--stream", "--temperature", "0", "--max-tokens", str(MAX_TOKENS), PROMPT]
+    )
     assert code == 0
     assert capsys.readouterr().out == reference_text + "\n"

@@ -1,5 +1,6 @@
 """Fixtures for the HTTP layer: the tiny model's tokenizer, one real engine process, apps wired to it (or, for
 the few outcomes the real engine cannot produce on demand, to a scripted stand-in)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Helpers for the route tests: reading SSE replies, and waiting until the real engine is idle again."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ the checks that must stop a request before it is queued.
 
 Everything else in the request path (routes, tokenizer, detokenizer, stop strings, SSE) is the real code.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -105,4 +106,3 @@ class ScriptedEngine:
     def submit(self, request: EngineRequest) -> ScriptedStream:
         self.submitted.append(request)
         return ScriptedStream(self, request, self.script(request))
-

@@ -1,6 +1,7 @@
 """The server-wide admission table (serve/admission.py) with real processes sharing one file, as gunicorn's
 forked workers do: the limit holds for all of them together, a worker that dies holding requests is forgotten by
 the master's hook, and rows of processes that are gone are reused."""
+
 from __future__ import annotations
 
 import multiprocessing

@@ -1,4 +1,5 @@
 """Incremental detokenization: pieces add up to decode(all), split characters are held back, specials hidden."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The event-stream encoder, decoded by botocore's own parser, as boto3's invoke_endpoint_with_response_stream does."""
+
 from __future__ import annotations
 
 import botocore.session

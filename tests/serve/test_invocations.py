@@ -2,6 +2,7 @@
 
 Replies come from the real engine; the scripted one only spies on what reaches the seam (nothing, for a bad body;
 the inference id, in the engine request id)."""
+
 from __future__ import annotations
 
 import json

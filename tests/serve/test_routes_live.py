@@ -3,6 +3,7 @@ derived seeds, logprobs, batched prompts, disconnects and engine death.
 
 Where an outcome depends on what the random model says, a first greedy request learns its output.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,14 @@ def test_several_choices_with_derived_seeds(live_client, tokenizer):
 
 def test_logprobs_with_bytes_validate(live_client):
     client = live_client()
-    body = {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2, "max_tokens": 5, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "messages": MESSAGES,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "max_tokens": 5,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     reply = client.post(CHAT, json=body).get_json()
     validate(reply, "CreateChatCompletionResponse")
     content = reply["choices"][0]["logprobs"]["content"]

@@ -4,6 +4,7 @@ events, reported seeds, stop sequences and best_of.
 Where an outcome depends on what the random model says, the test learns the greedy output first, or uses a
 prompt whose greedy output is known (found by running the model, see EOS_INPUTS).
 """
+
 from __future__ import annotations
 
 import json
@@ -113,8 +114,10 @@ def test_tgi_stop_sequence_is_kept_and_aborts_the_engine_request(live_client, li
 
 def test_tgi_best_of_returns_the_best_mean_logprob(live_client):
     client = live_client({"MAX_BEST_OF": "4"})
-    body = {"inputs": "Deep learning is", "parameters": {"best_of": 4, "do_sample": True, "details": True,
-                                                         "max_new_tokens": 4}}  # fmt: skip
+    body = {
+        "inputs": "Deep learning is",
+        "parameters": {"best_of": 4, "do_sample": True, "details": True, "max_new_tokens": 4},
+    }
     for _ in range(3):  # the seeds are drawn at random: a first-come pick would rarely be the best three times
         reply = client.post("/generate", json=body).get_json()
         details = reply["details"]

@@ -2,6 +2,7 @@
 tokens at a chosen point, an engine error in the middle of generation, an exception from the engine client.
 The engine is scripted (see scripted_engine.py); the rest of the path is real. Everything else runs on the real
 engine (test_routes_live*.py)."""
+
 from __future__ import annotations
 
 import json

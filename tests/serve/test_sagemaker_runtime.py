@@ -1,4 +1,5 @@
 """The local SageMaker runtime routes, driven by boto3's own sagemaker-runtime client over loopback HTTP."""
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,7 @@ def test_sagemaker_sdk_predict_stream(runtime, monkeypatch):
     assert lines[-1] == b"data: [DONE]"
     text = "".join(
         c["choices"][0]["delta"].get("content", "")
-        for c in (json.loads(line[len(b"data: "):]) for line in lines[:-1])
+        for c in (json.loads(line[len(b"data: ") :]) for line in lines[:-1])
         if c["choices"]
     )
     assert text == "Hello world"

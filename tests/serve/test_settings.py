@@ -1,4 +1,5 @@
 """Settings.from_env: defaults, TGI/SageMaker names, aliases, and a clear ValueError for bad values."""
+
 from __future__ import annotations
 
 import logging

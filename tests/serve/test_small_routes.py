@@ -1,4 +1,5 @@
 """Health, /info, /v1/models, /metrics, /tokenize, request ids, CORS and the per-request JSON log line."""
+
 from __future__ import annotations
 
 import logging
@@ -137,5 +138,5 @@ def test_a_long_text_is_tokenized_without_stopping_the_other_greenlets(tokenizer
     ticker.kill()
     assert ids == tokenizer.backend.encode(text, add_special_tokens=False).ids
     assert during >= 5, f"the hub ran other greenlets {during} times while tokenizing"
-    offsets = tokenizer.encode_with_offsets(text[:OFFLOAD_CHARS + 10], add_special_tokens=True)
-    assert [o[0] for o in offsets] == tokenizer.backend.encode(text[:OFFLOAD_CHARS + 10], add_special_tokens=True).ids
+    offsets = tokenizer.encode_with_offsets(text[: OFFLOAD_CHARS + 10], add_special_tokens=True)
+    assert [o[0] for o in offsets] == tokenizer.backend.encode(text[: OFFLOAD_CHARS + 10], add_special_tokens=True).ids

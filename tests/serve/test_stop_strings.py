@@ -1,4 +1,5 @@
 """Stop strings on generated text: across piece boundaries, OpenAI (excluded, held back) and TGI (kept) rules."""
+
 from __future__ import annotations
 
 from serve.stop_strings import StopStringMatcher

@@ -1,4 +1,5 @@
 """SSE framing and the body wrapper that always runs its cleanup."""
+
 from __future__ import annotations
 
 from flask import Flask

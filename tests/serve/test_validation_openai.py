@@ -1,4 +1,5 @@
 """OpenAI routes reject bad bodies with OpenAI's error shape and status, before anything reaches the engine."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ def _error(reply, status: int, param: str | None = None, code: str | None = None
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "system"),
         ({"messages": [{"content": "x"}]}, "messages.0.role", "Missing"),
         ({"messages": [{"role": "user"}]}, "messages.0.content", "Missing required parameter"),
-        ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": None}]},
-         "messages.1.content", "Missing required parameter"),
+        (
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": None}]},
+            "messages.1.content",
+            "Missing required parameter",
+        ),
         ({"messages": "hi"}, "messages", "list"),
         ({"messages": MESSAGES, "max_tokens": "5"}, "max_tokens", "integer"),
         ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens", "below minimum"),
@@ -59,12 +63,17 @@ def test_bad_chat_bodies_are_400_and_never_queued(scripted, make_client, body, p
     assert scripted.submitted == []
 
 
-@pytest.mark.parametrize("raw", [
-    b"{not json", b"", b"\xff\xfe",
-    b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',  # a lone surrogate: no character at all
-    b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}',
-    b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}",  # deeper than the parser's recursion limit
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"",
+        b"\xff\xfe",
+        b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',  # a lone surrogate: no character at all
+        b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}',
+        b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}",  # deeper than the parser's recursion limit
+    ],
+)
 def test_invalid_json_is_400(scripted, make_client, raw):
     reply = make_client(scripted).post(CHAT, data=raw, content_type="application/json")
     _error(reply, 400, code="invalid_json")
@@ -75,7 +84,7 @@ def test_paired_surrogate_escapes_are_one_character(scripted, make_client, token
     body = b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}], "max_tokens": 2}'
     reply = make_client(scripted).post(CHAT, data=body, content_type="application/json")
     assert reply.status_code == 200, reply.data
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "smile \U0001F600"}])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "smile \U0001f600"}])
     assert scripted.submitted[0].prompt_token_ids == tokenizer.encode(prompt, add_special_tokens=False)
 
 

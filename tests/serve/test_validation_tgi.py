@@ -1,4 +1,5 @@
 """TGI routes reject bad bodies with TGI's messages, `{"error", "error_type"}` bodies and status codes."""
+
 from __future__ import annotations
 
 import pytest
@@ -54,7 +55,9 @@ def test_tgi_body_errors(scripted, make_client, body, message):
     assert message in _tgi_error(reply, 422)
 
 
-@pytest.mark.parametrize("raw", [b"{oops", b'{"inputs": "\\ud800"}', b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"])
+@pytest.mark.parametrize(
+    "raw", [b"{oops", b'{"inputs": "\\ud800"}', b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"]
+)
 def test_invalid_json_is_400_in_tgi_shape(scripted, make_client, raw):
     reply = make_client(scripted).post("/generate", data=raw, content_type="application/json")
     assert _tgi_error(reply, 400).startswith("Failed to parse the request body as JSON: ")

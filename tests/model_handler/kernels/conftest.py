@@ -1,4 +1,5 @@
 """Kernel-test setup: Triton's interpreter on machines without CUDA, and a factory for paged batches."""
+
 from __future__ import annotations
 
 import os

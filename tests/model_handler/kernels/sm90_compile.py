@@ -3,6 +3,7 @@
 Catches what the interpreter lets through (non-constexpr globals, dot shapes, layouts) and reports register
 spills. Run as a script with TRITON_INTERPRET unset: `python tests/model_handler/kernels/sm90_compile.py`.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,11 +41,13 @@ def compile_kernel(fn, dtype: torch.dtype, constexprs: dict) -> str:
         else:
             signature[arg] = "fp32" if arg.startswith("scale") else "i32"
     aligned = [
-        i for i, arg in enumerate(fn.arg_names)
+        i
+        for i, arg in enumerate(fn.arg_names)
         if signature[arg].startswith("*") or (arg.startswith("stride") and arg != "stride_bt")
-    ]  # fmt: skip
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})  # fmt: skip
+    ]
+    src = ASTSource(
+        fn=fn, signature=signature, constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}
+    )
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     usage = ""
     if os.path.exists(CUOBJDUMP):
@@ -78,9 +81,15 @@ def main() -> int:
     consts = dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128)
     print(f"store_kv: {compile_kernel(ts._store_kv_kernel, torch.bfloat16, consts)}")
     for config in tg.CONFIGS:
-        consts = dict(HAS_BIAS=False, EVEN_K=True, STRIDED_GRID=config.programs_per_sm > 0,
-                      BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                      num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+        consts = dict(
+            HAS_BIAS=False,
+            EVEN_K=True,
+            STRIDED_GRID=config.programs_per_sm > 0,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
         print(f"gemv {config}: {compile_kernel(tg._gemv_kernel, torch.bfloat16, consts)}")
     print("all kernels compiled for sm_90")
     return 0

@@ -1,4 +1,5 @@
 """The C++ CPU decode kernel and the CPU backend around it, against plain SDPA on unpaged keys and values."""
+
 from __future__ import annotations
 
 import logging
@@ -36,20 +37,23 @@ def test_decode_rows_match_sdpa(paged_batch, poison, num_heads, num_kv_heads, he
     """Ragged lengths around block boundaries (block 16), GQA ratios 1-8, head dims with and without the
     AVX-512 paths (64, 128, 256; 24, 32, 80); NaN in every cache slot outside the contexts."""
     seq_lens = [1, 15, 16, 17, 33, 48, 5, 200]
-    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                        head_dim=head_dim)  # fmt: skip
+    batch = paged_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
+    )
     batch.k_cache, batch.v_cache = poison(batch.k_cache, batch.used_slots), poison(batch.v_cache, batch.used_slots)
     torch.testing.assert_close(run_cpu_backend(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(12, 4, 64), (32, 8, 128), (8, 1, 64), (6, 3, 80)])
 @pytest.mark.parametrize("seq_lens", [[700], [300, 5, 129]], ids=["one-row", "three-rows"])
-def test_few_rows_split_their_kv_heads_across_threads_and_match_sdpa(paged_batch, poison, num_heads, num_kv_heads,
-                                                                     head_dim, seq_lens):
+def test_few_rows_split_their_kv_heads_across_threads_and_match_sdpa(
+    paged_batch, poison, num_heads, num_kv_heads, head_dim, seq_lens
+):
     """With fewer rows than the threads can use, each row's kv heads are cut into pieces that run in parallel
     (one kv head alone, uneven pieces, a single kv head that cannot be cut)."""
-    batch = paged_batch([1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                        head_dim=head_dim)  # fmt: skip
+    batch = paged_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
+    )
     batch.k_cache, batch.v_cache = poison(batch.k_cache, batch.used_slots), poison(batch.v_cache, batch.used_slots)
     torch.testing.assert_close(run_cpu_backend(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
 
@@ -65,9 +69,17 @@ def test_half_precision_caches_match_fp32_attention(paged_batch, dtype):
     """Scores, softmax and sums in fp32 over half-precision reads: within the rounding of the inputs."""
     batch = paged_batch([1] * 5, [7, 16, 64, 130, 300], num_heads=12, num_kv_heads=4, head_dim=64, dtype=dtype)
     exact = sdpa_per_sequence(
-        type(batch)(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), batch.block_tables,
-                    batch.seq_lens, batch.query_start_loc, batch.slot_mapping, batch.used_slots)
-    )  # fmt: skip
+        type(batch)(
+            batch.query.float(),
+            batch.k_cache.float(),
+            batch.v_cache.float(),
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            batch.slot_mapping,
+            batch.used_slots,
+        )
+    )
     out = run_cpu_backend(batch)
     assert out.dtype == dtype
     tolerance = 8e-3 if dtype == torch.bfloat16 else 1e-3

@@ -1,4 +1,5 @@
 """The C++ CPU elementwise kernels against the torch layers they replace (the same roundings, fp32 inside)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.expected(), reason="GPU machine,
 @pytest.fixture(autouse=True)
 def kernels_built():
     assert cpu_native.load(), "the C++ CPU kernels failed to build (see the warning in the log)"
+
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ONE_STEP = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}  # relative: one rounding step

@@ -2,6 +2,7 @@
 as on many AMD and older Intel instances) and loaded where no compiler exists. This machine has AVX-512, so the
 native build never runs the plain-loop paths; this prebuilds that level (~20 s) and runs the kernel test modules
 against it in a child pytest whose compiler is hidden and whose JIT build folder must stay empty."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,12 @@ def test_the_prebuilt_library_without_avx512_passes_the_kernel_tests_with_no_com
     here = Path(__file__).parent
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(here / m) for m in MODULES)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     tail = (run.stdout + run.stderr)[-4000:]
     assert run.returncode == 0, tail
     assert " passed" in tail and "failed" not in tail and " skipped" not in tail, tail

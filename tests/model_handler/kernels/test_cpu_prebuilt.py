@@ -1,6 +1,7 @@
 """Which instruction-set level a CPU gets (`cpu_levels`), which prebuilt CPU-kernel library a process loads, and
 when it loads none (then `cpu_native` compiles, or the torch path runs). The real build and load of a prebuilt
 library: test_cpu_kernels_portable.py."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,13 @@ def test_this_cpus_flags_are_read():
 
 
 def write_folder(tmp_path, **overrides):
-    manifest = {"torch": torch.__version__, "sources": cpu_native.source_digest(), "machine": "x86_64",
-                "levels": ["x86-64-v3"], **overrides}  # fmt: skip
+    manifest = {
+        "torch": torch.__version__,
+        "sources": cpu_native.source_digest(),
+        "machine": "x86_64",
+        "levels": ["x86-64-v3"],
+        **overrides,
+    }
     (tmp_path / cpu_prebuilt.MANIFEST).write_text(json.dumps(manifest))
     return tmp_path
 

@@ -1,5 +1,6 @@
 """The C++ CPU prefill kernel (prompts and prompt chunks over cached prefixes), against plain SDPA on unpaged
 keys and values, directly and through the CPU backend."""
+
 from __future__ import annotations
 
 import platform
@@ -31,20 +32,34 @@ def prefill_rows(batch) -> torch.Tensor:
 
 def run_kernel(batch, query: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.full_like(batch.query, float("nan"))  # poisoned: rows the kernel does not own stay NaN
-    cpu_native.paged_prefill_attention(out, batch.query if query is None else query, batch.k_cache, batch.v_cache,
-                                       batch.block_tables, prefill_rows(batch), SCALE)  # fmt: skip
+    cpu_native.paged_prefill_attention(
+        out,
+        batch.query if query is None else query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        prefill_rows(batch),
+        SCALE,
+    )
     return out
 
 
 def as_fp32(batch):
-    return type(batch)(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), batch.block_tables,
-                       batch.seq_lens, batch.query_start_loc, batch.slot_mapping, batch.used_slots)  # fmt: skip
+    return type(batch)(
+        batch.query.float(),
+        batch.k_cache.float(),
+        batch.v_cache.float(),
+        batch.block_tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        batch.slot_mapping,
+        batch.used_slots,
+    )
 
 
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim"),
-    [(4, 2, 32), (12, 4, 64), (8, 8, 64), (8, 1, 128), (32, 8, 128), (4, 2, 256), (6, 2, 80), (4, 2, 24),
-     (2, 1, 576)],
+    [(4, 2, 32), (12, 4, 64), (8, 8, 64), (8, 1, 128), (32, 8, 128), (4, 2, 256), (6, 2, 80), (4, 2, 24), (2, 1, 576)],
 )
 def test_prompts_and_chunks_over_cached_prefixes_match_sdpa(paged_batch, poison, num_heads, num_kv_heads, head_dim):
     """Whole prompts and chunks after cached prefixes, across key-tile (16) and query-tile (32) edges, GQA 1-8,
@@ -149,8 +164,15 @@ def test_bad_prompt_rows_raise(paged_batch, row, message):
     batch = paged_batch([10, 30], [10, 40], num_heads=4, num_kv_heads=2)
     out = torch.empty_like(batch.query)
     with pytest.raises(RuntimeError, match=message):
-        cpu_native.paged_prefill_attention(out, batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
-                                           torch.tensor([row], dtype=torch.long), SCALE)  # fmt: skip
+        cpu_native.paged_prefill_attention(
+            out,
+            batch.query,
+            batch.k_cache,
+            batch.v_cache,
+            batch.block_tables,
+            torch.tensor([row], dtype=torch.long),
+            SCALE,
+        )
 
 
 @pytest.mark.parametrize("op", ["prefill", "decode"])
@@ -162,11 +184,13 @@ def test_tensors_that_do_not_fit_together_raise(paged_batch, op):
 
     def call(out, query):
         if op == "prefill":
-            cpu_native.paged_prefill_attention(out, query, batch.k_cache, batch.v_cache, batch.block_tables,
-                                               prefill_rows(batch), SCALE)  # fmt: skip
+            cpu_native.paged_prefill_attention(
+                out, query, batch.k_cache, batch.v_cache, batch.block_tables, prefill_rows(batch), SCALE
+            )
         else:
-            cpu_native.paged_decode_attention(out, query, batch.k_cache, batch.v_cache, batch.block_tables,
-                                              batch.seq_lens, rows, seqs, SCALE)  # fmt: skip
+            cpu_native.paged_decode_attention(
+                out, query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, rows, seqs, SCALE
+            )
 
     with pytest.raises(RuntimeError, match="share a dtype"):
         call(torch.empty_like(batch.query, dtype=torch.float64), batch.query)

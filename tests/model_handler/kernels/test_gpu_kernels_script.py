@@ -1,4 +1,5 @@
 """bench/gpu_kernels.py parses its arguments without a GPU and its checks pass under the interpreter."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """The torch reference (the CPU attention path) against plain SDPA on each sequence's unpaged keys and values."""
+
 from __future__ import annotations
 
 import pytest

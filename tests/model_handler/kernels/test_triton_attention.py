@@ -1,4 +1,5 @@
 """Triton paged attention against `reference.paged_attention` and plain SDPA (interpreter on CPU)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -156,8 +157,18 @@ def test_strided_query_and_out_views(paged_batch):
     query = fused[:, 2:6]  # a view with token stride 8 * 32
     out_storage = torch.full((batch.query.shape[0], 6, 32), float("nan"), device=query.device)
     out = out_storage[:, 1:5]
-    paged_attention(query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                    batch.query_start_loc, SCALE, batch.max_query_len, out, num_splits=2)  # fmt: skip
+    paged_attention(
+        query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        SCALE,
+        batch.max_query_len,
+        out,
+        num_splits=2,
+    )
     assert_close(out, run_reference(batch), torch.float32)
     assert out_storage[:, 0].isnan().all() and out_storage[:, 5].isnan().all(), "wrote outside the out view"
 
@@ -190,8 +201,9 @@ def test_empty_batch_returns_out_untouched(paged_batch):
     batch = paged_batch([1], [4])
     query = batch.query[:0]
     seq_lens = batch.seq_lens[:0]
-    out = paged_attention(query, batch.k_cache, batch.v_cache, batch.block_tables[:0], seq_lens,
-                          batch.query_start_loc[:1], SCALE, 0)  # fmt: skip
+    out = paged_attention(
+        query, batch.k_cache, batch.v_cache, batch.block_tables[:0], seq_lens, batch.query_start_loc[:1], SCALE, 0
+    )
     assert out.shape == (0, 4, 32)
 
 
@@ -214,9 +226,15 @@ def test_empty_batch_returns_out_untouched(paged_batch):
 def test_bad_inputs_raise_value_error(paged_batch, change, message):
     batch = paged_batch([1, 3], [5, 9])
     args = dict(
-        query=batch.query, k_cache=batch.k_cache, v_cache=batch.v_cache, block_tables=batch.block_tables,
-        seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc, scale=SCALE, max_query_len=3,
-    )  # fmt: skip
+        query=batch.query,
+        k_cache=batch.k_cache,
+        v_cache=batch.v_cache,
+        block_tables=batch.block_tables,
+        seq_lens=batch.seq_lens,
+        query_start_loc=batch.query_start_loc,
+        scale=SCALE,
+        max_query_len=3,
+    )
     args.update(change(batch))
     with pytest.raises(ValueError, match=message):
         paged_attention(**args)

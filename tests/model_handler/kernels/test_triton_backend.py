@@ -1,4 +1,5 @@
 """`TritonBackend` behind the `AttentionBackend` protocol: same results as the torch backend."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The kernels compile for sm_90 (H100/H200) on a machine without a GPU: what the interpreter cannot check."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """The fused elementwise kernels (interpreted on CPU) against the torch ops they replace in the layers."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The one-row Triton GEMV (interpreted on CPU) against F.linear, and how a kernel is chosen per weight shape."""
+
 from __future__ import annotations
 
 import time

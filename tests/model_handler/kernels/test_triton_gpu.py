@@ -1,4 +1,5 @@
 """Compiled-kernel checks that need CUDA: native bf16 dots and CUDA-graph capture (skipped on CPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,15 @@ SCALE = 128**-0.5
 
 
 def fp32_oracle(batch):
-    return reference.paged_attention(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(),
-                                     batch.block_tables, batch.seq_lens, batch.query_start_loc, SCALE)  # fmt: skip
+    return reference.paged_attention(
+        batch.query.float(),
+        batch.k_cache.float(),
+        batch.v_cache.float(),
+        batch.block_tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        SCALE,
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
@@ -26,8 +34,18 @@ def test_llama_shapes_mixed_batch(paged_batch, dtype, tol):
     batch = paged_batch(q_lens, seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype)
     for num_splits in (1, 16):
         out = torch.full_like(batch.query, float("nan"))
-        paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                        batch.query_start_loc, SCALE, batch.max_query_len, out, num_splits=num_splits)  # fmt: skip
+        paged_attention(
+            batch.query,
+            batch.k_cache,
+            batch.v_cache,
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            SCALE,
+            batch.max_query_len,
+            out,
+            num_splits=num_splits,
+        )
         assert (out.float() - fp32_oracle(batch)).abs().max().item() < tol
 
 
@@ -36,8 +54,17 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(paged_batch):
     out = torch.empty_like(batch.query)
 
     def step():
-        paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                        batch.query_start_loc, SCALE, 1, out)  # fmt: skip
+        paged_attention(
+            batch.query,
+            batch.k_cache,
+            batch.v_cache,
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            SCALE,
+            1,
+            out,
+        )
 
     step()  # compile outside the capture
     torch.cuda.synchronize()

@@ -1,4 +1,5 @@
 """The fused Triton KV store against `reference.store_kv` (interpreter on CPU)."""
+
 from __future__ import annotations
 
 import pytest
