@@ -25,7 +25,7 @@ import torch
 
 from model_handler.config import EngineConfig
 from model_handler.engine import Engine
-from model_handler.request import EngineRequest
+from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
 from model_handler.tiny_model import PRESETS, default_model_dir
 
@@ -130,7 +130,7 @@ def build_engine(model_dir: Path, args: argparse.Namespace, backend: str | None 
         model_dir=model_dir,
         max_model_len=args.prompt_tokens + args.max_tokens + 16,
         max_num_seqs=max(args.concurrency, 1),
-        max_num_batched_tokens=max(2048, args.concurrency),
+        max_num_prefill_tokens=max(2048, args.concurrency),
         block_size=args.block_size,
         enable_prefix_caching=False,
         attention_backend=backend,

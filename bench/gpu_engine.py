@@ -146,7 +146,7 @@ def drive_engine(engine, prompts: list[list[int]], params, tag: str) -> tuple[li
 
     A decode step is one that starts after every request has its first token: with all requests arriving
     together and equal lengths, no prefill is left by then."""
-    from model_handler.request import EngineRequest
+    from model_handler.engine_protocol import EngineRequest
 
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     started = time.perf_counter()

@@ -112,7 +112,7 @@ def kernel_table(prof, steps: int) -> tuple[float, list[dict[str, Any]]]:
 
 
 def profile_batch(engine, timer: PhaseTimer, batch: int, args: argparse.Namespace, trace: Path | None) -> dict:
-    from model_handler.request import EngineRequest
+    from model_handler.engine_protocol import EngineRequest
     from model_handler.sampling_params import SamplingParams
 
     vocab = vocab_size_of(args.model_dir)

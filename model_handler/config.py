@@ -23,7 +23,7 @@ DEFAULT_MAX_MODEL_LEN_CAP = {"cpu": 4096, "cuda": 8192}
 # On CPU a step's prefill is compute-bound (~20k tokens/s on 2 cores for the tiny model): small chunks let the
 # first requests of a burst start streaming sooner at no cost in throughput (bench: TTFT p50 at 32 streams
 # 250 -> 120-150 ms going from 2048 to 512).
-DEFAULT_MAX_BATCHED_TOKENS = {"cpu": 512, "cuda": 8192}
+DEFAULT_MAX_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
 DEFAULT_MAX_NUM_SEQS = {"cpu": 64, "cuda": 256}
 DEFAULT_KV_CACHE_CPU_BYTES = 1 << 30
 _BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -40,7 +40,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_model_len: int = 2048
-    max_num_batched_tokens: int = 2048
+    max_num_prefill_tokens: int = 2048
     """Prompt tokens one step may compute (MAX_BATCH_PREFILL_TOKENS, as TGI counts it); the running
     sequences' decodes come on top (see max_step_tokens)."""
     max_num_seqs: int = 64
@@ -63,7 +63,7 @@ class EngineConfig:
     @property
     def max_step_tokens(self) -> int:
         """The most rows one step's forward can have: the prompt budget plus a decode for every other sequence."""
-        return self.max_num_batched_tokens + self.max_num_seqs - 1
+        return self.max_num_prefill_tokens + self.max_num_seqs - 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,7 +88,7 @@ class EngineConfig:
             raise ValueError(
                 f"MAX_TOTAL_TOKENS={max_model_len} is larger than the model's max_position_embeddings ({max_pos})"
             )
-        max_num_batched_tokens = _int(environ, "MAX_BATCH_PREFILL_TOKENS", DEFAULT_MAX_BATCHED_TOKENS[kind], minimum=1)
+        max_num_prefill_tokens = _int(environ, "MAX_BATCH_PREFILL_TOKENS", DEFAULT_MAX_PREFILL_TOKENS[kind], minimum=1)
         max_num_seqs = _int(environ, "MAX_BATCH_SIZE", DEFAULT_MAX_NUM_SEQS[kind], minimum=1)
         block_size = _int(environ, "KV_CACHE_BLOCK_SIZE", 16, minimum=1)
         if block_size & (block_size - 1) or block_size > 256:
@@ -114,7 +114,7 @@ class EngineConfig:
             device=device,
             dtype=_dtype(environ, kind),
             max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_prefill_tokens=max_num_prefill_tokens,
             max_num_seqs=max_num_seqs,
             block_size=block_size,
             kv_cache_cpu_bytes=_bytes(environ, "KV_CACHE_CPU_BYTES", DEFAULT_KV_CACHE_CPU_BYTES),

@@ -19,10 +19,10 @@ import torch
 
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
+from model_handler.engine_protocol import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
 from model_handler.input_patch import InputPatch
 from model_handler.model_config import ModelConfig
 from model_handler.model_runner import ModelRunner
-from model_handler.request import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
 from model_handler.sampler import Sampler
 from model_handler.scheduler import Scheduler, SchedulerOutput
 from model_handler.sequence import Sequence
@@ -62,7 +62,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
-            config.max_num_batched_tokens,
+            config.max_num_prefill_tokens,
             config.max_model_len,
             self.eos_token_ids,
         )
@@ -172,7 +172,7 @@ class Engine:
             num_kv_blocks=runner.num_kv_blocks,
             kv_cache_bytes=runner.kv_cache_bytes,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_prefill_tokens=config.max_num_prefill_tokens,
             eos_token_ids=list(self.eos_token_ids),
             vocab_size=self.model_config.vocab_size,
             attention_backend=runner.backend.name,

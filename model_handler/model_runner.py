@@ -136,7 +136,7 @@ class ModelRunner:
             # KV_CACHE_CPU_BYTES is the machine's budget: CPU ranks share one memory, a block spans them all.
             all_ranks_block_bytes = self.block_bytes * self.tp_size
             num_blocks = kv_cache.num_cpu_blocks(config.kv_cache_cpu_bytes, all_ranks_block_bytes, max_useful)
-            self._warm_up(min(config.max_num_batched_tokens, 256), num_seqs=4)  # first-call costs, off the clock
+            self._warm_up(min(config.max_num_prefill_tokens, 256), num_seqs=4)  # first-call costs, off the clock
             return num_blocks
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -150,7 +150,7 @@ class ModelRunner:
     def _warm_up(self, num_tokens: int, num_seqs: int) -> int:
         """A forward of `num_tokens` prompt tokens over `num_seqs` sequences, plus their logits and sampling
         temporaries, on a scratch cache; returns the scratch cache's bytes."""
-        from model_handler.request import EngineRequest
+        from model_handler.engine_protocol import EngineRequest
         from model_handler.sampler import Sampler
         from model_handler.sampling_params import SamplingParams
         from model_handler.sequence import Sequence

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model_handler.engine_protocol import TokenLogprob
 from model_handler.host_to_device import to_device
-from model_handler.request import TokenLogprob
 from model_handler.sequence import Sequence
 
 

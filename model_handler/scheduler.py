@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from model_handler.block_manager import BlockManager
-from model_handler.request import FinishReason
+from model_handler.engine_protocol import FinishReason
 from model_handler.sequence import Sequence, SequenceStatus
 
 
@@ -54,13 +54,13 @@ class Scheduler:
         self,
         block_manager: BlockManager,
         max_num_seqs: int,
-        max_num_batched_tokens: int,
+        max_num_prefill_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_prefill_tokens = max_num_prefill_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -97,7 +97,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens  # prompt tokens; decodes come on top of it
+        budget = self.max_num_prefill_tokens  # prompt tokens; decodes come on top of it
         scheduled: dict[int, ScheduledSequence] = {}  # id(seq) -> entry, in scheduling order
         charged: dict[int, int] = {}  # id(seq) -> prompt tokens of the budget its entry took
         # Decodes first (one token each), then running prefill chunks, oldest first within each group. A

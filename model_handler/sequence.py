@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from model_handler.request import EngineRequest, FinishReason
+from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

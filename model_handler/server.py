@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import zmq
 
-from model_handler.request import (
+from model_handler.engine_protocol import (
     AbortRequests,
     EngineInfo,
     EngineRequest,

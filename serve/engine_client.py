@@ -19,7 +19,7 @@ import gevent
 import gevent.queue
 import zmq.green as zmq
 
-from model_handler.request import (
+from model_handler.engine_protocol import (
     AbortRequests,
     EngineInfo,
     EngineRequest,

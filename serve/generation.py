@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import gevent
 import gevent.queue
 
-from model_handler.request import FinishReason, RequestOutput
+from model_handler.engine_protocol import FinishReason, RequestOutput
 from serve.detokenizer import IncrementalDetokenizer
 from serve.stop_strings import StopStringMatcher
 from serve.tokenizer import TextTokenizer

@@ -93,7 +93,7 @@ def _engine_section(info) -> dict:
         "tensor_parallel_size": info.tensor_parallel_size,
         "max_model_len": info.max_model_len,
         "max_batch_size": info.max_num_seqs,
-        "max_batch_prefill_tokens": info.max_num_batched_tokens,
+        "max_batch_prefill_tokens": info.max_num_prefill_tokens,
         "kv_cache_block_size": info.block_size,
         "kv_cache_blocks": info.num_kv_blocks,
         "kv_cache_tokens": info.num_kv_blocks * info.block_size,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import gevent
 import gevent.monkey
 
-from model_handler.request import EngineRequest
+from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
 from serve.admission import admission_for
 from serve.engine_client import EngineDeadError

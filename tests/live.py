@@ -23,7 +23,7 @@ from pathlib import Path
 
 import zmq
 
-from model_handler.request import Heartbeat, Hello
+from model_handler.engine_protocol import Heartbeat, Hello
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

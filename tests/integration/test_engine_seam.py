@@ -9,7 +9,7 @@ import time
 import gevent
 import pytest
 
-from model_handler.request import EngineRequest, FinishReason
+from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import EngineClient, EngineDeadError
 from tests import cpu_kernels
@@ -150,7 +150,7 @@ def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
 
 _DOOMED_WORKER = """
 import sys, time
-from model_handler.request import EngineRequest
+from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import EngineClient
 

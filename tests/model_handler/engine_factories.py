@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 
 from model_handler.block_manager import BlockManager
-from model_handler.request import EngineRequest
+from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
 from model_handler.scheduler import Scheduler, SchedulerOutput
 from model_handler.sequence import Sequence
@@ -41,12 +41,12 @@ def create_scheduler(
     num_blocks: int = 64,
     block_size: int = 4,
     max_num_seqs: int = 16,
-    max_num_batched_tokens: int = 64,
+    max_num_prefill_tokens: int = 64,
     max_model_len: int = 256,
     enable_prefix_caching: bool = True,
 ) -> Scheduler:
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-    return Scheduler(block_manager, max_num_seqs, max_num_batched_tokens, max_model_len, eos_token_ids=(EOS,))
+    return Scheduler(block_manager, max_num_seqs, max_num_prefill_tokens, max_model_len, eos_token_ids=(EOS,))
 
 
 def add_requests(scheduler: Scheduler, requests: list[EngineRequest]) -> list[Sequence]:

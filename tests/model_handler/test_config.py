@@ -48,7 +48,7 @@ def test_cpu_defaults(model_dir):
     assert config.dtype == auto_cpu_dtype(has_native_bf16())
     assert config.torch_dtype is DTYPES[config.dtype]
     assert config.max_model_len == 512  # the model's own limit, below the default cap
-    assert config.max_num_batched_tokens == 512
+    assert config.max_num_prefill_tokens == 512
     assert config.max_num_seqs == 64
     assert config.block_size == 16
     assert config.kv_cache_cpu_bytes == 1 << 30
@@ -64,7 +64,7 @@ def test_gpu_defaults_have_a_graph_ladder(model_dir):
     assert from_env(model_dir, device="cuda", ASYNC_SCHEDULING="false").async_scheduling is False
     assert from_env(model_dir, device="cuda", SM_NUM_GPUS="2").async_scheduling is False  # ranks sync anyway
     assert config.dtype == "bfloat16"
-    assert config.max_num_batched_tokens == 8192 and config.max_num_seqs == 256
+    assert config.max_num_prefill_tokens == 8192 and config.max_num_seqs == 256
     assert config.cuda_graph_sizes[:7] == [1, 2, 4, 8, 16, 24, 32]
     assert config.cuda_graph_sizes[-1] == 256
     assert default_graph_sizes(20) == [1, 2, 4, 8, 16, 20]
@@ -92,7 +92,7 @@ def test_every_variable_is_read(model_dir):
     )
     assert config.dtype == "float16" and config.cpu_threads == 3
     assert config.max_model_len == 300
-    assert config.max_num_batched_tokens == 1000 and config.max_num_seqs == 12
+    assert config.max_num_prefill_tokens == 1000 and config.max_num_seqs == 12
     assert config.block_size == 32
     assert config.kv_cache_cpu_bytes == 512 << 20
     assert config.cuda_memory_fraction == 0.5
@@ -111,7 +111,7 @@ def test_every_variable_is_read(model_dir):
     # The prompt budget does not cap the batch (decodes are not charged to it, as in TGI); a step's forward
     # can have the budget plus a decode for every other running sequence.
     small = from_env(model_dir, MAX_BATCH_PREFILL_TOKENS="16", MAX_BATCH_SIZE="32")
-    assert (small.max_num_batched_tokens, small.max_num_seqs, small.max_step_tokens) == (16, 32, 47)
+    assert (small.max_num_prefill_tokens, small.max_num_seqs, small.max_step_tokens) == (16, 32, 47)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_handler.cpu_features import has_native_bf16
-from model_handler.request import EngineRequest, FinishReason
+from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 from tests import cpu_kernels
 from tests.model_handler.engine_factories import (

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import zmq
 
-from model_handler.request import EngineRequest, Heartbeat, Hello, OutputBatch
+from model_handler.engine_protocol import EngineRequest, Heartbeat, Hello, OutputBatch
 from tests.live import start_engine
 from tests.model_handler.engine_factories import create_engine, greedy, random_prompt, run_to_completion, tokens_of
 

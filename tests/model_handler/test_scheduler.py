@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model_handler.request import FinishReason
+from model_handler.engine_protocol import FinishReason
 from model_handler.sequence import PLACEHOLDER_TOKEN, SequenceStatus
 from tests.model_handler.engine_factories import (
     EOS,
@@ -56,7 +56,7 @@ def test_request_arriving_while_others_decode_joins_the_next_step():
 
 
 def test_long_prompt_is_chunked_while_others_keep_decoding():
-    scheduler = create_scheduler(max_num_batched_tokens=8)
+    scheduler = create_scheduler(max_num_prefill_tokens=8)
     a, b = add_requests(scheduler, create_requests(2, prompt_len=3, max_tokens=20))
     run_step(scheduler)
     (long,) = add_requests(scheduler, create_requests(1, prompt_len=20, max_tokens=2))
@@ -76,7 +76,7 @@ def test_long_prompt_is_chunked_while_others_keep_decoding():
 
 
 def test_many_decodes_never_shrink_the_prompt_budget():
-    scheduler = create_scheduler(max_num_batched_tokens=4, max_num_seqs=8)
+    scheduler = create_scheduler(max_num_prefill_tokens=4, max_num_seqs=8)
     decoding = add_requests(scheduler, create_requests(6, prompt_len=2, max_tokens=30))
     while any(s.num_output_tokens == 0 for s in decoding):
         run_step(scheduler)
@@ -88,7 +88,7 @@ def test_many_decodes_never_shrink_the_prompt_budget():
 
 
 def test_budget_smaller_than_a_prompt_with_nothing_else_running():
-    scheduler = create_scheduler(max_num_batched_tokens=4)
+    scheduler = create_scheduler(max_num_prefill_tokens=4)
     (seq,) = add_requests(scheduler, create_requests(1, prompt_len=10, max_tokens=2))
     sizes = [num_new_tokens(run_step(scheduler)[0])[seq.request_id] for _ in range(4)]
     assert sizes == [4, 4, 2, 1]
@@ -202,7 +202,7 @@ def test_stop_token_ids_and_model_length():
 def test_shared_prefix_is_computed_once():
     scheduler = create_scheduler(block_size=4)
     shared = list(range(100, 116))  # 4 blocks
-    from model_handler.request import EngineRequest
+    from model_handler.engine_protocol import EngineRequest
     from model_handler.sampling_params import SamplingParams
 
     a, b = add_requests(

@@ -29,7 +29,7 @@ DEFAULT_REPLY = "Hello world! This is a test."
 def scripted(tiny_model_dir, tokenizer):
     """A scripted engine answering DEFAULT_REPLY then EOS (or cut at max_tokens, finish length): for the tests
     that check what happens before anything reaches the engine, and for outcomes the real one cannot produce."""
-    from model_handler.request import FinishReason
+    from model_handler.engine_protocol import FinishReason
     from tests.serve.scripted_engine import ScriptedEngine, engine_info, outputs_for
 
     reply_ids = tokenizer.encode(DEFAULT_REPLY, add_special_tokens=False) + [tokenizer.hf.eos_token_id]

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from model_handler.request import EngineInfo, EngineRequest, FinishReason, Heartbeat, RequestOutput, TokenLogprob
+from model_handler.engine_protocol import (
+    EngineInfo,
+    EngineRequest,
+    FinishReason,
+    Heartbeat,
+    RequestOutput,
+    TokenLogprob,
+)
 
 Script = Callable[[EngineRequest], list]
 """Given a request, the items its stream yields: RequestOutputs, or an exception to raise at that point."""
@@ -28,7 +35,7 @@ def engine_info(model_dir: str, max_model_len: int = 2048, model_id: str = "tiny
         num_kv_blocks=64,
         kv_cache_bytes=1 << 20,
         max_num_seqs=8,
-        max_num_batched_tokens=2048,
+        max_num_prefill_tokens=2048,
         eos_token_ids=[2],
         vocab_size=4096,
         attention_backend="torch",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from model_handler.request import FinishReason
+from model_handler.engine_protocol import FinishReason
 from tests.openai_schema import validate
 from tests.serve.helpers import openai_chunks, sse_frames
 from tests.serve.scripted_engine import ScriptedEngine, outputs_for

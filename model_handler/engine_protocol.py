@@ -87,7 +87,7 @@ class EngineInfo:
     num_kv_blocks: int
     kv_cache_bytes: int
     max_num_seqs: int
-    max_num_batched_tokens: int
+    max_num_prefill_tokens: int
     eos_token_ids: list[int]
     vocab_size: int
     attention_backend: str
