@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model_handler.constraints import Constraint
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -35,6 +37,8 @@ class SamplingParams:
     """Extra token ids that end the request (the model's EOS ids are added by the engine)."""
     logprobs: int | None = None
     """None: no logprobs; 0: the chosen token's logprob; k > 0: also the k most likely alternatives."""
+    constraint: Constraint | None = None
+    """The output must match this (JSON schema, regex, tool calls); None leaves it free."""
 
     @property
     def is_greedy(self) -> bool:
