@@ -186,7 +186,6 @@ class Engine:
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_token_ids,
-            finished=seq.finish_reason is not None,
             finish_reason=seq.finish_reason,
             new_logprobs=None if logprob is None else [logprob],
             num_prompt_tokens=seq.num_prompt_tokens,

@@ -1,13 +1,16 @@
-"""The records that cross the seam between the HTTP workers and the engine process.
+"""The seam between the HTTP workers and the engine process: every message that crosses it, and what each side
+relies on from the other (`EngineClient` for the HTTP side, `StepEngine` for the engine server).
 
-Token ids only: the HTTP side owns text. Every message is a small slotted dataclass, pickled over a
-local ZeroMQ socket (see `model_handler/server.py` and `serve/engine_client.py`).
+Token ids only: the HTTP side owns text. Every message is a small slotted dataclass, pickled over a local ZeroMQ
+socket (`model_handler/server.py`, `serve/engine_client.py`). No torch here: the HTTP workers import this module.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from model_handler.sampling_params import SamplingParams
 
@@ -19,7 +22,15 @@ class FinishReason(enum.Enum):
     STOP_TOKEN = "stop_token"
     LENGTH = "length"
     ABORTED = "aborted"
+    REJECTED = "rejected"
+    """The engine refused the request before running it (it could never fit, its constraint does not compile):
+    the client's to fix, a 4xx."""
     ERROR = "error"
+    """The engine failed while running it: a 5xx."""
+
+    @property
+    def is_failure(self) -> bool:
+        return self is FinishReason.REJECTED or self is FinishReason.ERROR
 
 
 @dataclass(slots=True)
@@ -43,17 +54,28 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """New tokens of one request from one engine step; `finished` is set on its last output."""
+    """New tokens of one request from one engine step; its last output has a finish reason."""
 
     request_id: str
     new_token_ids: list[int]
-    finished: bool = False
     finish_reason: FinishReason | None = None
     new_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache instead of being computed."""
-    error: str | None = None
+    failure_message: str = ""
+    """Why, when the finish reason is a failure (REJECTED, ERROR); empty otherwise."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def failure(cls, request_id: str, reason: FinishReason, message: str) -> RequestOutput:
+        """The last output of a request the engine refused or failed."""
+        if not reason.is_failure:
+            raise ValueError(f"{reason} is not a failure")
+        return cls(request_id, [], finish_reason=reason, failure_message=message)
 
 
 # ---- messages on the socket -------------------------------------------------------------------
@@ -113,3 +135,54 @@ class OutputBatch:
     """Everything one engine step produced for one worker, sent as a single message."""
 
     outputs: list[RequestOutput]
+
+
+# ---- what each side relies on ------------------------------------------------------------------
+
+
+@runtime_checkable
+class OutputStream(Protocol):
+    """The outputs of one submitted request, in order, until one is finished."""
+
+    request_id: str
+
+    def __iter__(self) -> Iterator[RequestOutput]: ...
+
+    def close(self) -> None:
+        """Abort the request unless it already finished (client gone, stop string hit)."""
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What the HTTP side needs from its connection to the engine (`serve/engine_client.py`; tests script one)."""
+
+    @property
+    def info(self) -> EngineInfo | None:
+        """The engine's description from its heartbeats; None until the first one."""
+
+    @property
+    def last_heartbeat(self) -> Heartbeat | None: ...
+
+    def is_ready(self) -> bool:
+        """The engine's last heartbeat is recent and says ready."""
+
+    def submit(self, request: EngineRequest) -> OutputStream: ...
+
+
+@runtime_checkable
+class StepEngine(Protocol):
+    """What the engine process's step loop (`model_handler/server.py`) needs from an engine."""
+
+    def info(self) -> EngineInfo: ...
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; ValueError when it can never run (the server answers it REJECTED)."""
+
+    def abort_requests(self, request_ids: list[str]) -> None: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def stats(self) -> tuple[int, int, int]:
+        """(num_running, num_waiting, num_free_blocks)."""

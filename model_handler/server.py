@@ -33,6 +33,7 @@ from model_handler.engine_protocol import (
     Hello,
     OutputBatch,
     RequestOutput,
+    StepEngine,
 )
 
 logger = logging.getLogger("model_handler.server")
@@ -146,7 +147,7 @@ class EngineIO:
 class EngineServer:
     """The step loop: admit requests, run `Engine.step()`, send each worker one batch of outputs per step."""
 
-    def __init__(self, engine: Any, io: EngineIO) -> None:
+    def __init__(self, engine: StepEngine, io: EngineIO) -> None:
         self.engine = engine
         self.io = io
         self._outbox = io.outbox()
@@ -180,7 +181,9 @@ class EngineServer:
                 try:
                     self.engine.add_request(message)
                 except ValueError as exc:
-                    rejected[identity].append(_failed_output(message.request_id, str(exc)))
+                    rejected[identity].append(
+                        RequestOutput.failure(message.request_id, FinishReason.REJECTED, str(exc))
+                    )
                     continue
                 self._owners[message.request_id] = identity
             elif isinstance(message, AbortRequests):
@@ -206,7 +209,7 @@ class EngineServer:
             outputs = self.engine.step()
         except Exception:  # a failed step must not take the other requests' server down with it
             logger.error("engine step failed", extra={"traceback": traceback.format_exc()})
-            self._fail_all("Request failed during generation: engine step raised an error")
+            self._fail_all("the engine step raised an error")
             return
         by_owner: dict[bytes, list[RequestOutput]] = defaultdict(list)
         for output in outputs:
@@ -224,7 +227,7 @@ class EngineServer:
         self.engine.abort_requests(ids)
         by_owner: dict[bytes, list[RequestOutput]] = defaultdict(list)
         for rid in ids:
-            by_owner[self._owners.pop(rid)].append(_failed_output(rid, message))
+            by_owner[self._owners.pop(rid)].append(RequestOutput.failure(rid, FinishReason.ERROR, message))
         for identity, batch in by_owner.items():
             self._send(identity, batch)
 
@@ -242,12 +245,6 @@ class EngineServer:
                 num_free_blocks=num_free_blocks,
             )
         )
-
-
-def _failed_output(request_id: str, message: str) -> RequestOutput:
-    return RequestOutput(
-        request_id=request_id, new_token_ids=[], finished=True, finish_reason=FinishReason.ERROR, error=message
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ class EngineDeadError(RuntimeError):
 class RequestStream:
     """The outputs of one engine request, in order; iterate in a greenlet, close when done or abandoned."""
 
-    def __init__(self, client: EngineClient, request_id: str) -> None:
+    def __init__(self, client: SocketEngineClient, request_id: str) -> None:
         self.request_id = request_id
         self._client = client
         self._queue: gevent.queue.Queue[RequestOutput | BaseException] = gevent.queue.Queue()
@@ -95,17 +95,17 @@ def _merged(first: RequestOutput, second: RequestOutput) -> RequestOutput:
     return RequestOutput(
         request_id=first.request_id,
         new_token_ids=first.new_token_ids + second.new_token_ids,
-        finished=second.finished,
         finish_reason=second.finish_reason,
         new_logprobs=None if first.new_logprobs is None else first.new_logprobs + second.new_logprobs,
         num_prompt_tokens=first.num_prompt_tokens or second.num_prompt_tokens,
         num_cached_tokens=first.num_cached_tokens if first.num_prompt_tokens else second.num_cached_tokens,
-        error=second.error,
+        failure_message=second.failure_message,
     )
 
 
-class EngineClient:
-    """One per HTTP worker process; create it after the fork (the app does so lazily)."""
+class SocketEngineClient:
+    """The `EngineClient` of a real engine process; one per HTTP worker, created after the fork (the app does so
+    lazily)."""
 
     def __init__(self, address: str, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> None:
         self.address = address

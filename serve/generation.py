@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import gevent
 import gevent.queue
 
-from model_handler.engine_protocol import FinishReason, RequestOutput
+from model_handler.engine_protocol import FinishReason, OutputStream, RequestOutput
 from serve.detokenizer import IncrementalDetokenizer
+from serve.engine_client import EngineDeadError
+from serve.errors import ApiError, ErrorKind
 from serve.stop_strings import StopStringMatcher
 from serve.tokenizer import TextTokenizer
 
@@ -48,8 +50,8 @@ _ENGINE_FINISH = {
     FinishReason.STOP_TOKEN: Finish.STOP_TOKEN,
     FinishReason.LENGTH: Finish.LENGTH,
     FinishReason.ABORTED: Finish.ABORTED,
-    FinishReason.ERROR: Finish.ERROR,
 }
+_FAILURE_KIND = {FinishReason.REJECTED: ErrorKind.VALIDATION, FinishReason.ERROR: ErrorKind.GENERATION}
 
 
 @dataclass(slots=True)
@@ -70,11 +72,6 @@ class Update:
     text: str
     tokens: list[GeneratedToken]
     finish: Finish | None = None
-    error: str | None = None
-
-
-class GenerationError(RuntimeError):
-    """The engine reported an error for this request."""
 
 
 class Generation:
@@ -83,7 +80,7 @@ class Generation:
     def __init__(
         self,
         index: int,
-        stream,
+        stream: OutputStream,
         tokenizer: TextTokenizer,
         stops: list[str],
         include_stop: bool,
@@ -118,6 +115,8 @@ class Generation:
         return sum(logprobs) / len(logprobs) if logprobs else float("-inf")
 
     def updates(self) -> Iterator[Update]:
+        """Each step's update until the generation ends. An engine failure (the engine refused or failed the
+        request, or stopped answering) raises ApiError: the one place where one becomes an API error."""
         try:
             for output in self.stream:
                 update = self._on_output(output)
@@ -125,6 +124,9 @@ class Generation:
                     yield update
                 if self.finish is not None:
                     return
+        except EngineDeadError as exc:
+            self.finish = Finish.ERROR
+            raise ApiError(ErrorKind.GENERATION, str(exc)) from exc
         finally:
             self.close()
 
@@ -157,10 +159,10 @@ class Generation:
                 self.stream.close()  # the engine would keep generating for nothing
                 break
         if self.finish is None and output.finished:
-            if output.error is not None or output.finish_reason is FinishReason.ERROR:
+            if output.finish_reason.is_failure:
                 self.finish = Finish.ERROR
                 self.finished_at = now
-                return Update(self.index, "".join(released), new_tokens, Finish.ERROR, output.error or "engine error")
+                raise ApiError(_FAILURE_KIND[output.finish_reason], output.failure_message)
             text, stopped = self._matcher.feed(self._detokenizer.flush())
             released.append(text)
             released.append(self._matcher.finish())

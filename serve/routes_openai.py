@@ -13,7 +13,6 @@ from flask import Blueprint, Response
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
 from serve.errors import ApiError, Dialect, ErrorKind
-from serve.generation import Finish
 from serve.logging_setup import RequestRecord
 from serve.schemas import parse_body, resolve_max_new_tokens
 from serve.schemas_openai import ChatCompletionRequest, CompletionRequest
@@ -82,8 +81,6 @@ def _chat_stream(
         delta = {"role": "assistant", "content": ""}
         yield sse_data(responses.chat_chunk(reply, generation.index, delta, include_usage=include_usage))
     for update in job.updates():
-        if update.finish is Finish.ERROR:
-            raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
         delta = {"content": update.text} if update.text else {}
         logprobs = responses.chat_logprobs(tokenizer, update.tokens) if req.logprobs and update.tokens else None
         finish = update.finish.openai if update.finish is not None else None
@@ -147,8 +144,6 @@ def _completion_stream(
             choice = responses.completion_choice(generation.index, echoes[generation.index], None, None)
             yield sse_data(responses.completion_chunk(reply, choice, include_usage))
     for update in job.updates():
-        if update.finish is Finish.ERROR:
-            raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
         logprobs = None
         if req.logprobs is not None and update.tokens:
             logprobs = responses.completion_logprobs(tokenizer, update.tokens, offsets[update.index])

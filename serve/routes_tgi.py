@@ -14,7 +14,7 @@ from flask import Blueprint, Response
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
 from serve.errors import ApiError, Dialect, ErrorKind
-from serve.generation import Finish, Generation
+from serve.generation import Generation
 from serve.schemas import parse_body, resolve_max_new_tokens
 from serve.schemas_tgi import GenerateRequest
 from serve.state import Job, SequenceSpec
@@ -88,8 +88,6 @@ def _generate_stream(job: Job, tokenizer: TextTokenizer, prefix: str, details: b
     index = 0
     last_token = None
     for update in job.updates():
-        if update.finish is Finish.ERROR:
-            raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
         tokens = update.tokens
         if update.finish is not None and not tokens and last_token is not None:
             tokens = [last_token]  # the engine ended without a new token: repeat the last one as the final event

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import gevent
 import gevent.monkey
 
-from model_handler.engine_protocol import EngineRequest
+from model_handler.engine_protocol import EngineClient, EngineRequest
 from model_handler.sampling_params import SamplingParams
 from serve.admission import admission_for
-from serve.engine_client import EngineDeadError
 from serve.errors import ApiError, ErrorKind
-from serve.generation import Finish, Generation, Update, merge
+from serve.generation import Generation, Update, merge
 from serve.logging_setup import RequestRecord
 from serve.metrics import Metrics
 from serve.settings import Settings, TokenLimits
@@ -43,8 +42,8 @@ class ServeState:
     def __init__(
         self,
         settings: Settings,
-        engine_client=None,
-        client_factory: Callable[[str], object] | None = None,
+        engine_client: EngineClient | None = None,
+        client_factory: Callable[[str], EngineClient] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
@@ -61,7 +60,7 @@ class ServeState:
     # ---- engine and model ----------------------------------------------------------------------
 
     @property
-    def engine(self):
+    def engine(self) -> EngineClient | None:
         """The engine client, created on first use in this worker (after gunicorn's fork)."""
         if self._engine is None and self.settings.engine_address:
             with self._lock:
@@ -181,13 +180,9 @@ class Job:
         return merge(self.generations)
 
     def collect(self) -> list[Generation]:
-        """Run every generation to its end; an engine failure becomes a 424/500 in the route's dialect."""
-        try:
-            for update in self.updates():
-                if update.finish is Finish.ERROR:
-                    raise ApiError(ErrorKind.GENERATION, update.error or "engine error")
-        except EngineDeadError as exc:
-            raise ApiError(ErrorKind.GENERATION, str(exc)) from exc
+        """Run every generation to its end; an engine failure raises ApiError (see `Generation.updates`)."""
+        for _update in self.updates():
+            pass
         return self.generations
 
     def close(self) -> None:
@@ -216,7 +211,7 @@ def _load_tokenizer(model_dir: str) -> TextTokenizer:
     return TextTokenizer.load(model_dir)
 
 
-def _default_client_factory(address: str):
-    from serve.engine_client import EngineClient
+def _default_client_factory(address: str) -> EngineClient:
+    from serve.engine_client import SocketEngineClient
 
-    return EngineClient(address)
+    return SocketEngineClient(address)

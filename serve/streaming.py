@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Response
 
-from serve.engine_client import EngineDeadError
 from serve.errors import ApiError, Dialect, ErrorKind
 
 if TYPE_CHECKING:
@@ -45,8 +44,6 @@ def guarded_events(job: Job, events: Iterator[bytes], dialect: Dialect) -> Itera
         yield from events
     except ApiError as error:
         yield from _error_events(job, error, dialect)
-    except EngineDeadError as exc:
-        yield from _error_events(job, ApiError(ErrorKind.GENERATION, str(exc)), dialect)
     except Exception as exc:
         logger.exception("stream failed", extra={"request_id": job.record.request_id})
         yield from _error_events(job, ApiError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), dialect)

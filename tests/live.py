@@ -2,7 +2,7 @@
 
 `start_server` runs exactly what `container/serve` runs (launcher, gunicorn with gevent workers, engine
 process, tiny model), on a free port; `start_engine` runs only the engine process, for route tests that
-drive a Flask test client with a real EngineClient.
+drive a Flask test client with a real SocketEngineClient.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The seam between HTTP workers and the engine process: a real engine process and a real EngineClient."""
+"""The seam between HTTP workers and the engine process: a real engine process and a real SocketEngineClient."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
-from serve.engine_client import EngineClient, EngineDeadError
+from serve.engine_client import EngineDeadError, SocketEngineClient
 from tests import cpu_kernels
 from tests.live import REPO_ROOT, start_engine
 
@@ -25,7 +25,7 @@ def engine():
 
 @pytest.fixture()
 def client(engine):
-    client = EngineClient(engine.address)
+    client = SocketEngineClient(engine.address)
     assert client.wait_ready(30), "engine never reported ready to a new client"
     start_free = client.last_heartbeat.num_free_blocks
     yield client
@@ -38,11 +38,11 @@ def client(engine):
     client.close()
 
 
-def _request(client: EngineClient, prompt: list[int], **params) -> EngineRequest:
+def _request(client: SocketEngineClient, prompt: list[int], **params) -> EngineRequest:
     return EngineRequest(client.new_request_id(), prompt, SamplingParams(**params))
 
 
-def _collect(client: EngineClient, request: EngineRequest) -> tuple[list[int], FinishReason | None]:
+def _collect(client: SocketEngineClient, request: EngineRequest) -> tuple[list[int], FinishReason | None]:
     tokens: list[int] = []
     reason = None
     for output in client.submit(request):
@@ -87,14 +87,14 @@ def test_closing_a_stream_aborts_the_engine_request(client):
 def test_request_that_cannot_fit_fails_alone(client):
     too_long = list(range(1, 5)) * 2000
     tokens, reason = _collect(client, _request(client, too_long, max_tokens=4))
-    assert tokens == [] and reason == FinishReason.ERROR
+    assert tokens == [] and reason == FinishReason.REJECTED
     ok, _ = _collect(client, _request(client, [1, 2], max_tokens=3, temperature=0.0, ignore_eos=True))
     assert len(ok) == 3
 
 
 def test_engine_death_fails_waiting_requests():
     handle = start_engine()
-    client = EngineClient(handle.address, heartbeat_timeout_s=2.0)
+    client = SocketEngineClient(handle.address, heartbeat_timeout_s=2.0)
     try:
         assert client.wait_ready(30)
         stream = client.submit(_request(client, [1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True))
@@ -137,7 +137,7 @@ def test_outputs_that_queued_up_arrive_merged_in_order(client, logprobs):
 def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
     """A hub blocked past the heartbeat timeout (a long tokenization, say) finds heartbeats waiting: the
     in-flight request goes on instead of failing with EngineDeadError."""
-    client = EngineClient(engine.address, heartbeat_timeout_s=1.0)
+    client = SocketEngineClient(engine.address, heartbeat_timeout_s=1.0)
     try:
         assert client.wait_ready(30)
         stream = client.submit(_request(client, [1, 5, 9, 33], max_tokens=40, temperature=0.0, ignore_eos=True))
@@ -152,9 +152,9 @@ _DOOMED_WORKER = """
 import sys, time
 from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
-from serve.engine_client import EngineClient
+from serve.engine_client import SocketEngineClient
 
-client = EngineClient(sys.argv[1])
+client = SocketEngineClient(sys.argv[1])
 assert client.wait_ready(30)
 params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
 streams = [client.submit(EngineRequest(client.new_request_id(), [1, 2, 3, 4 + i], params)) for i in range(8)]
@@ -169,7 +169,7 @@ def test_the_requests_of_a_worker_that_died_are_aborted(engine):
     """A worker killed mid-generation (SIGKILL, as gunicorn does to one stuck past its timeout) leaves nobody to
     read its outputs: the engine sees its process is gone and frees the batch instead of generating 8 x 2000
     tokens for no one."""
-    watcher = EngineClient(engine.address)
+    watcher = SocketEngineClient(engine.address)
     try:
         assert watcher.wait_ready(30)
         start_free = watcher.last_heartbeat.num_free_blocks

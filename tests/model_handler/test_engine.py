@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_handler.cpu_features import has_native_bf16
-from model_handler.engine_protocol import EngineRequest, FinishReason
+from model_handler.engine_protocol import EngineRequest, FinishReason, StepEngine
 from model_handler.sampling_params import SamplingParams
 from tests import cpu_kernels
 from tests.model_handler.engine_factories import (
@@ -148,6 +148,11 @@ def test_preemption_recomputes_and_still_matches_transformers(small_cache_engine
     assert engine.scheduler.num_preemptions > before
     for i in (1, 2, 3):
         assert tokens_of(results[f"pre-{i}"]) == expected[i], f"request {i}"
+
+
+def test_engine_is_what_the_engine_server_drives(engine):
+    """`model_handler/server.py` relies on the `StepEngine` protocol only."""
+    assert isinstance(engine, StepEngine)
 
 
 def test_abort_frees_blocks_and_reports_the_request(engine, prompts, expected):

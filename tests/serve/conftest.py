@@ -66,9 +66,9 @@ def live_engine():
 
 @pytest.fixture(scope="session")
 def live_engine_client(live_engine):
-    from serve.engine_client import EngineClient
+    from serve.engine_client import SocketEngineClient
 
-    client = EngineClient(live_engine.address)
+    client = SocketEngineClient(live_engine.address)
     assert client.wait_ready(30), "the engine never reported ready"
     yield client
     client.close()

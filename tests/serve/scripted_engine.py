@@ -63,9 +63,8 @@ def outputs_for(
         outputs.append(RequestOutput(request.request_id, ids, new_logprobs=logprobs, num_prompt_tokens=num_prompt))
     if not outputs:
         outputs.append(RequestOutput(request.request_id, [], num_prompt_tokens=num_prompt))
-    outputs[-1].finished = True
     outputs[-1].finish_reason = FinishReason.ERROR if error else finish
-    outputs[-1].error = error
+    outputs[-1].failure_message = error or ""
     return outputs
 
 

@@ -11,7 +11,7 @@ import json
 import gevent
 import pytest
 
-from serve.engine_client import EngineClient
+from serve.engine_client import SocketEngineClient
 from tests.live import start_engine
 from tests.openai_schema import validate
 from tests.serve.helpers import openai_chunks
@@ -159,7 +159,7 @@ def test_client_disconnect_aborts_the_engine_request(live_client, live_engine_cl
 
 def test_engine_death_mid_generation_fails_the_requests_and_health(make_client):
     handle = start_engine()
-    engine = EngineClient(handle.address, heartbeat_timeout_s=2.0)
+    engine = SocketEngineClient(handle.address, heartbeat_timeout_s=2.0)
     try:
         assert engine.wait_ready(30)
         client = make_client(engine)

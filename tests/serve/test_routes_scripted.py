@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 
-from model_handler.engine_protocol import FinishReason
+from model_handler.engine_protocol import EngineClient, EngineRequest, FinishReason, OutputStream, RequestOutput
+from model_handler.sampling_params import SamplingParams
 from tests.openai_schema import validate
 from tests.serve.helpers import openai_chunks, sse_frames
 from tests.serve.scripted_engine import ScriptedEngine, outputs_for
@@ -52,6 +53,33 @@ def test_engine_error_mid_generation(scripted, make_client):
         "error": "Request failed during generation: CUDA out of memory",
         "error_type": "generation",
     }
+
+
+def test_request_the_engine_rejects_is_a_4xx_in_each_dialect(scripted, make_client):
+    """REJECTED (the engine found the request can never run) is the client's to fix: 400 on /v1, 422 on TGI."""
+    engine = _engine_with(
+        scripted,
+        lambda req: [RequestOutput.failure(req.request_id, FinishReason.REJECTED, "needs 9 KV blocks, has 8")],
+    )
+    client = make_client(engine)
+    reply = client.post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert reply.status_code == 400 and reply.get_json()["error"]["message"] == "needs 9 KV blocks, has 8"
+    validate(reply.get_json(), "ErrorResponse")
+    reply = client.post("/generate", json={"inputs": "x"})
+    assert reply.status_code == 422 and reply.get_json() == {
+        "error": "Input validation error: needs 9 KV blocks, has 8",
+        "error_type": "validation",
+    }
+    assert client.application.extensions["serve"].num_in_flight == 0
+
+
+def test_engine_protocol_is_what_both_clients_offer(scripted, live_engine_client):
+    """The routes rely on `EngineClient` only: the real socket client and this scripted one both satisfy it."""
+    for client in (live_engine_client, scripted):
+        assert isinstance(client, EngineClient)
+        stream = client.submit(EngineRequest(f"protocol-{id(client)}", [1, 2], SamplingParams(max_tokens=1)))
+        assert isinstance(stream, OutputStream)
+        assert [output.finished for output in stream] == [True]
 
 
 def test_unexpected_exception_is_a_json_500(scripted, make_client):
