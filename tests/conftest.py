@@ -10,10 +10,27 @@ import os
 
 import pytest
 import torch  # importing torch does not import triton, so the variable below is still in time
+from hypothesis import settings
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis tests (the scheduler state machine) run the same examples on every run in CI: derandomized, no
+# example database, no deadline (the machine is shared); the bound keeps them to tens of seconds.
+# `pytest --hypothesis-profile=explore` searches further, at random, keeping failures in .hypothesis/.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=100,
+    stateful_step_count=50,
+    report_multiple_bugs=False,
+    print_blob=True,
+)
+settings.register_profile("explore", deadline=None, max_examples=1000, stateful_step_count=100, print_blob=True)
+settings.load_profile("ci")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
