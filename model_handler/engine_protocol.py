@@ -105,9 +105,9 @@ class EngineInfo:
     dtype: str
     device: str
     max_model_len: int
-    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS)."""
+    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS, or sized from the KV cache and the model)."""
     max_input_tokens: int
-    """Longest prompt (MAX_INPUT_TOKENS)."""
+    """Longest prompt (MAX_INPUT_TOKENS, or max_model_len - 1)."""
     block_size: int
     num_kv_blocks: int
     kv_cache_bytes: int
@@ -119,6 +119,10 @@ class EngineInfo:
     cuda_graphs: bool
     prefix_caching: bool
     tensor_parallel_size: int = 1
+    max_position_embeddings: int = 0
+    """The model's own context limit; max_model_len is at most this."""
+    context_limited_by: str = ""
+    """What set max_model_len: "model", "kv_cache" (MAX_TOTAL_TOKENS unset) or "MAX_TOTAL_TOKENS"."""
 
 
 @dataclass(slots=True)
