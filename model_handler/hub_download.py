@@ -157,7 +157,8 @@ def _cached_snapshot(repo_id: str, options: HubOptions) -> Path:
 
 class _CachePoller:
     """Measures a snapshot download from the cache on disk: files already in the snapshot count whole, files
-    in flight count by their `.incomplete` blob. Independent of how huggingface_hub transfers (HTTP or Xet)."""
+    in flight by their `.incomplete` blob. Independent of how huggingface_hub transfers (HTTP writes 10 MiB
+    chunks, Xet ranges) and of its progress-bar internals, which change between releases."""
 
     def __init__(self, storage: Path, commit: str, sizes: dict[str, int], progress: ByteProgress) -> None:
         self._storage, self._commit, self._sizes, self._progress = storage, commit, sizes, progress
@@ -180,9 +181,11 @@ class _CachePoller:
         done = sum(size for name, size in self._sizes.items() if (snapshot / name).exists())
         for partial in (self._storage / "blobs").glob("*.incomplete"):
             try:
-                done += partial.stat().st_size
+                stat = partial.stat()
             except FileNotFoundError:  # finished (renamed) meanwhile
-                pass
+                continue
+            # Bytes actually written: a transfer that writes ranges in parallel may size the file at once.
+            done += min(stat.st_size, stat.st_blocks * 512)
         return done
 
 
