@@ -39,6 +39,23 @@ def sagemaker_evidence(environ: Mapping[str, str], model_dir: Path) -> str | Non
     return None
 
 
+def check_a_model_is_given_on_sagemaker(environ: Mapping[str, str]) -> None:
+    """ValueError naming HF_MODEL_ID and /opt/ml/model when neither gives a model on SageMaker. Torch-free and
+    quick: the engine process calls it before its heavy imports, so the container fails within seconds."""
+    if envs.get(environ, "HF_MODEL_ID"):
+        return
+    sm_dir = Path(envs.get(environ, "SM_MODEL_DIR"))
+    if (sm_dir / "config.json").is_file():
+        return
+    evidence = sagemaker_evidence(environ, sm_dir)
+    if evidence is not None:
+        raise ValueError(
+            f"no model to serve: HF_MODEL_ID is not set and {sm_dir} holds no config.json. On SageMaker ({evidence}) "
+            f"the demo model is never served: set HF_MODEL_ID to a Hugging Face Hub id (and HF_TOKEN for a gated "
+            f"model), or deploy the model's files with model_data so they are unpacked to {sm_dir}"
+        )
+
+
 def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value.count("/") > 1
 
@@ -62,13 +79,7 @@ def resolve_model_dir(environ: Mapping[str, str], phases: StartupPhases | None =
     sm_dir = Path(envs.get(environ, "SM_MODEL_DIR"))
     if (sm_dir / "config.json").is_file():
         return sm_dir, str(sm_dir)
-    evidence = sagemaker_evidence(environ, sm_dir)
-    if evidence is not None:
-        raise ValueError(
-            f"no model to serve: HF_MODEL_ID is not set and {sm_dir} holds no config.json. On SageMaker ({evidence}) "
-            f"the demo model is never served: set HF_MODEL_ID to a Hugging Face Hub id (and HF_TOKEN for a gated "
-            f"model), or deploy the model's files with model_data so they are unpacked to {sm_dir}"
-        )
+    check_a_model_is_given_on_sagemaker(environ)
     from model_handler.tiny_model import default_model_dir  # builds the embedded model on first use
 
     tiny = Path(default_model_dir(cache=envs.get(environ, "TINY_MODEL_CACHE")))

@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     io.start()
 
     try:
+        from model_handler.model_source import check_a_model_is_given_on_sagemaker
+
+        check_a_model_is_given_on_sagemaker(envs.process_environ())  # before torch's import: fail within seconds
         import torch
 
         from model_handler.config import EngineConfig
