@@ -23,11 +23,11 @@ Stages (each under its own timeout, all inside --budget-s, default 570 s):
            host phases and GPU busy time per decode step; runs only if the budget has room)
   report   one table, PASS/FAIL per correctness check and target -> OUT_DIR/gpu_check.json
 
-OUT_DIR (default bench/results/) receives gpu_model.json, gpu_kernels.json, gpu_engine_ours.json,
-gpu_engine_ours-async.json, gpu_engine_hf.json, profile-sync.json, profile-async.json, gpu_check.json and
-gpu_check.log. Exit status: 0 all checks correct (targets may still FAIL), 1 a correctness check failed, 2 a
-stage failed or timed out (or bad usage), 3 no report. The profile stage is information only: it changes no
-verdict and no exit status.
+OUT_DIR (default bench/results/tmp/gpu-check/, which git ignores) receives gpu_model.json, gpu_kernels.json,
+gpu_engine_ours.json, gpu_engine_ours-async.json, gpu_engine_hf.json, profile-sync.json, profile-async.json,
+gpu_check.json and gpu_check.log; a run worth keeping goes to bench/results/gpu-<card>/. Exit status: 0 all
+checks correct (targets may still FAIL), 1 a correctness check failed, 2 a stage failed or timed out (or bad
+usage), 3 no report. The profile stage is information only: it changes no verdict and no exit status.
 
   --cpu-smoke         the same Python on CPU: a tiny model of the same config, batches 1 and 4,
                       16 in / 8 out, float32, kernels under Triton's interpreter (< 60 s)
@@ -65,7 +65,7 @@ case "$BUDGET_S" in
 esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${OUT:-$ROOT/bench/results}"
+OUT="${OUT:-$ROOT/bench/results/tmp/gpu-check}"
 if ! mkdir -p "$OUT"; then
     echo "gpu_check.sh: cannot create $OUT" >&2
     exit 2
