@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import MixtralConfig, PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 _COMMON = dict(
@@ -58,3 +60,31 @@ def moe_config(name: str, **overrides: object) -> PretrainedConfig:
 
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+SERVED_VOCAB = 512  # the tokenizer build_moe_model_dir trains
+
+
+def build_moe_model_dir(family: str, out_dir: Path, **overrides: object) -> Path:
+    """A folder the server can serve: the tiny model's trained tokenizer and chat template, with a random
+    checkpoint of `family` (bos/eos/pad ids those of the tokenizer) in place of the tiny Llama's."""
+    from model_handler.tiny_model import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, build_tiny_model
+    from tests.model_handler.model_factories import save_random_model
+
+    build_tiny_model(out_dir, vocab_size=SERVED_VOCAB, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (out_dir / name).unlink()
+    bos, eos, pad = (SPECIAL_TOKENS.index(token) for token in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN))
+    config = moe_config(
+        family,
+        **{
+            "vocab_size": SERVED_VOCAB,
+            "max_position_embeddings": 512,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            **overrides,
+        },
+    )
+    save_random_model(config, out_dir)
+    return out_dir
