@@ -95,7 +95,7 @@ if [ "$SMOKE" = 1 ]; then
 else
     DEVICE=cuda PRESET=llama3-8b DTYPE=bfloat16 BATCHES=1,32,128 PROFILE_BATCHES=1,32 PROMPT=128 OUTPUT=128
     MAX_TOKENS=8192
-    KERNEL_ARGS=() CAP_BUILD=240 CAP_PYTEST=120 CAP_KERNELS=110 CAP_OURS=170
+    KERNEL_ARGS=() CAP_BUILD=240 CAP_PYTEST=150 CAP_KERNELS=110 CAP_OURS=170
     MOE_PRESET=mixtral-4l MOE_LAYER_BATCHES=1,32,128,1024 CAP_MOE=150
     # 12.2 GB: tmpfs when it has room beside the 16 GB Llama folder, else $TMPDIR; reused when built.
     shm_free_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')

@@ -107,7 +107,7 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
             block_experts,
             num_pairs,
             BLOCK_M=block_m,
-            BLOCK=min(1024, triton.next_power_of_2(num_pairs)),
+            BLOCK=max(32, min(1024, triton.next_power_of_2(num_pairs))),
             num_warps=4,
         )
     return ExpertLayout(sorted_pair_ids, block_experts, padded_ends, block_m)

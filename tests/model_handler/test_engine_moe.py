@@ -16,6 +16,7 @@ from tests.model_handler.engine_factories import (
     tokens_of,
 )
 from tests.model_handler.moe_factories import MOE_FAMILIES, build_moe_model_dir
+from tests.model_handler.test_engine import count_replays
 
 # A small step budget, so the longer prompts are prefilled in chunks over several steps.
 ENV = {"MAX_BATCH_PREFILL_TOKENS": "32", "MAX_BATCH_SIZE": "8"}
@@ -80,3 +81,28 @@ def test_greedy_tokens_match_generate(single_engine, moe_hf_model):
 def test_two_ranks_give_the_single_rank_tokens(tp_engine, single_engine):
     assert tp_engine.info().tensor_parallel_size == 2
     assert run_mixed(tp_engine)[0] == run_mixed(single_engine)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("moe_model_dir", ["qwen2_moe"], indirect=True)  # routed + shared experts, a dense layer
+def test_cuda_graph_decode_through_the_fused_moe_matches_generate(moe_model_dir, moe_hf_model):
+    """On a GPU the experts run in the fused Triton kernel, captured in the decode graphs: the same tokens as
+    eager decoding and as transformers (fp32), with chunked prefill and a prefix-cache hit on the way."""
+    import gc
+
+    results = {}
+    for graphs in ("1,2,4,8", "0"):
+        engine = create_engine(moe_model_dir, device="cuda", CUDA_MEMORY_FRACTION="0.2", CUDA_GRAPHS=graphs, **ENV)
+        assert engine.info().attention_backend == "triton" and engine.info().cuda_graphs == (graphs != "0")
+        replays: list[int] = []
+        if engine.model_runner.graph_runner is not None:
+            count_replays(engine.model_runner.graph_runner, replays)
+        results[graphs], cached = run_mixed(engine)
+        assert cached["prefix-b"] == 40
+        assert (len(replays) > 0) == (graphs != "0")
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results["1,2,4,8"] == results["0"]
+    for rid, prompt in PROMPTS.items():
+        assert results["0"][rid] == hf_greedy(moe_hf_model, prompt, N), rid
