@@ -44,10 +44,6 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
-    @property
-    def is_decode_only(self) -> bool:
-        return self.num_batched_tokens == len(self.scheduled)
-
 
 class Scheduler:
     def __init__(

@@ -94,7 +94,6 @@ class Generation:
         self.num_cached_tokens = 0
         self.tokens: list[GeneratedToken] = []
         self.finish: Finish | None = None
-        self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._tokenizer = tokenizer

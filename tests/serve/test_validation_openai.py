@@ -109,7 +109,7 @@ def test_edges_of_the_ranges_and_unknown_fields_are_accepted(scripted, make_clie
 
 
 def test_prompt_longer_than_max_input_tokens(scripted, make_client):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "20", "MAX_TOTAL_TOKENS": "40"})
+    client = make_client(scripted.with_limits(40, 20))
     long = [{"role": "user", "content": "word " * 40}]
     message = _error(client.post(CHAT, json={"messages": long}), 400, "messages", "context_length_exceeded")
     assert "maximum input length is 20 tokens" in message
@@ -117,7 +117,7 @@ def test_prompt_longer_than_max_input_tokens(scripted, make_client):
 
 
 def test_prompt_plus_max_tokens_over_max_total_tokens(scripted, make_client):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "30", "MAX_TOTAL_TOKENS": "40"})
+    client = make_client(scripted.with_limits(40, 30))
     reply = client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 35})
     message = _error(reply, 400, "messages", "context_length_exceeded")
     assert "maximum context length is 40 tokens" in message and "35 in the completion" in message
@@ -125,7 +125,7 @@ def test_prompt_plus_max_tokens_over_max_total_tokens(scripted, make_client):
 
 
 def test_omitted_max_tokens_fills_the_context(scripted, make_client, tokenizer):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    client = make_client(scripted.with_limits(64))
     assert client.post(CHAT, json={"messages": MESSAGES}).status_code == 200
     prompt = tokenizer.apply_chat_template(MESSAGES)
     num_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
@@ -178,7 +178,7 @@ def test_engine_not_ready_is_503_not_queued(scripted, make_client):
 
 
 def test_completions_without_max_tokens_get_openais_default_16(scripted, make_client):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    client = make_client(scripted.with_limits(64))
     for body in ({"prompt": "hi"}, {"prompt": "hi", "max_tokens": None}, {"prompt": [5, 6, 7]}):
         assert client.post("/v1/completions", json=body).status_code == 200
         assert scripted.submitted[-1].sampling_params.max_tokens == 16
