@@ -55,6 +55,9 @@ class EngineConfig:
     seed: int = 0
     cpu_threads: int | None = None
     """torch threads of the engine process (ENGINE_CPU_THREADS); None keeps torch's default."""
+    generation_config: str = "auto"
+    """Where the model's sampling defaults come from (GENERATION_CONFIG): `auto` (the model folder's
+    generation_config.json), `none`, or a folder; see generation_defaults.py."""
     async_scheduling: bool = False
     """Launch the next step before reading this one's tokens (ASYNC_SCHEDULING, one rank only), so the
     host's bookkeeping overlaps the GPU's work. On by default on one GPU (an H100 measured 4-12% more
@@ -73,6 +76,7 @@ class EngineConfig:
     def from_env(cls, environ: Mapping[str, str], device: str | None = None) -> EngineConfig:
         """Read every engine variable from `environ` (pure apart from reading the model's config.json)."""
         from model_handler.cpu_threads import num_threads_from_env
+        from model_handler.generation_defaults import parse_source
         from model_handler.model_config import ModelConfig
         from model_handler.model_source import resolve_model_dir
 
@@ -126,6 +130,7 @@ class EngineConfig:
             seed=_int(environ, "SEED", 0, minimum=0),
             cpu_threads=num_threads_from_env(environ, kind),
             async_scheduling=async_scheduling,
+            generation_config=parse_source(environ.get("GENERATION_CONFIG")),
         )
 
 
