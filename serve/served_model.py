@@ -50,7 +50,7 @@ class ServedModel:
         if adapter_id:
             raise ApiError(
                 ErrorKind.UNKNOWN_MODEL,
-                f"no adapter '{adapter_id}' is loaded: this server serves the base model {self.name} only "
-                "(LoRA adapters are not supported)",
+                f"`adapter_id`: no adapter '{adapter_id}' is loaded: this server serves the base model {self.name} "
+                "only (LoRA adapters are not supported)",
                 "adapter_id",
             )

@@ -32,7 +32,7 @@ def _tgi_error(reply, status: int, error_type: str = "validation") -> str:
         ({"truncate": 0}, "Input validation error: `truncate` must be strictly positive and less than 2047. Given: 0"),
         ({"grammar": {"type": "regex", "value": "a+"}}, "Input validation error: grammar is not supported"),
         ({"watermark": True}, "Input validation error: `watermark` == true is not supported"),
-        ({"adapter_id": "my-lora"}, "Input validation error: no adapter 'my-lora' is loaded"),
+        ({"adapter_id": "my-lora"}, "Input validation error: `adapter_id`: no adapter 'my-lora' is loaded"),
     ],
 )
 def test_tgi_parameter_checks(scripted, make_client, parameters, message):
