@@ -27,6 +27,9 @@ PUBLIC_ENDPOINTS = frozenset(
         "basic.models",
         "basic.metrics",
         "basic.chat_tokenize",
+        "docs.openapi_document",
+        "docs.docs_page",
+        "docs.docs_asset",
     }
 )
 """Routes TGI serves without `API_KEY`; every other route needs the bearer token when it is set."""

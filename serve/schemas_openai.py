@@ -23,6 +23,19 @@ from serve.settings import Settings
 _SEED_MODULUS = 1 << 63
 MAX_TOP_LOGPROBS = 20
 """OpenAI's limit on `top_logprobs` (chat) and vLLM's on `logprobs` (completions; OpenAI's legacy API stops at 5)."""
+OPENAI_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "n": (1, 128),
+    "seed": (-(1 << 63), (1 << 63) - 1),  # OpenAI's: a signed 64-bit integer
+    "frequency_penalty": (-2, 2),
+    "presence_penalty": (-2, 2),
+    "top_k": (0, None),
+    "min_p": (0, 1),
+    "top_logprobs": (0, MAX_TOP_LOGPROBS),
+    "logprobs": (0, MAX_TOP_LOGPROBS),  # completions' (chat's is a boolean)
+}
+"""(minimum, maximum) of the numeric fields, checked with OpenAI's wording and published in /openapi.json."""
 
 
 class _Body(BaseModel):
@@ -138,14 +151,17 @@ class _SamplingFields(_Body):
         max_tokens = self.requested_max_tokens()
         name = "max_completion_tokens" if getattr(self, "max_completion_tokens", None) is not None else "max_tokens"
         check_openai_range(name, max_tokens, min_max_tokens, None)
-        check_openai_range("temperature", self.temperature, 0, 2)
-        check_openai_range("top_p", self.top_p, 0, 1)
-        check_openai_range("n", self.n, 1, 128)
-        check_openai_range("seed", self.seed, -(1 << 63), (1 << 63) - 1)  # OpenAI's: a signed 64-bit integer
-        check_openai_range("frequency_penalty", self.frequency_penalty, -2, 2)
-        check_openai_range("presence_penalty", self.presence_penalty, -2, 2)
-        check_openai_range("top_k", self.top_k, 0, None)
-        check_openai_range("min_p", self.min_p, 0, 1)
+        for field_name in (
+            "temperature",
+            "top_p",
+            "n",
+            "seed",
+            "frequency_penalty",
+            "presence_penalty",
+            "top_k",
+            "min_p",
+        ):
+            check_openai_range(field_name, getattr(self, field_name), *OPENAI_RANGES[field_name])
         check_openai_range("min_tokens", self.min_tokens, 0, max_tokens)
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise validation("Invalid 'repetition_penalty': must be > 0.", "repetition_penalty")
@@ -235,7 +251,7 @@ class ChatCompletionRequest(_SamplingFields):
             if message.content is None and message.role not in _CONTENT_OPTIONAL:
                 where = f"messages.{index}.content"  # OpenAI requires it, TGI fails to deserialize without it
                 raise ApiError(ErrorKind.DESERIALIZE, f"Missing required parameter: '{where}'.", where)
-        check_openai_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        check_openai_range("top_logprobs", self.top_logprobs, *OPENAI_RANGES["top_logprobs"])
         self._check_openai_extras()
         if self.top_logprobs and not self.logprobs:
             raise validation("Invalid 'top_logprobs': 'logprobs' must be set to true to use it.", "top_logprobs")
@@ -310,7 +326,7 @@ class CompletionRequest(_SamplingFields):
         if self.max_tokens == 0 and not self.echo:
             raise validation("Invalid 'max_tokens': 0 generates nothing; it needs 'echo': true.", "max_tokens")
         self._check_common(settings, min_max_tokens=0)
-        check_openai_range("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+        check_openai_range("logprobs", self.logprobs, *OPENAI_RANGES["logprobs"])
         if self.suffix is not None:
             raise unsupported("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.num_choices:
