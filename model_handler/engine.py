@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from model_handler import sampler
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
 from model_handler.engine_protocol import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
 from model_handler.generation_defaults import read_sampling_defaults
 from model_handler.input_patch import InputPatch
-from model_handler.model_config import ModelConfig
 from model_handler.model_runner import ModelRunner
 from model_handler.prompt_logprobs import take_prompt_logprobs
 from model_handler.sampler import Sampler
@@ -56,10 +56,12 @@ class Engine:
         which hold the other shards; this process alone schedules and samples.
         """
         self.config = config
-        self.model_config = ModelConfig.from_model_dir(config.model_dir)
+        self.model_config = config.model()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.sampling_defaults = read_sampling_defaults(config.generation_config, config.model_dir)
-        self.model_runner = ModelRunner(config, self.model_config, tp_size=config.tensor_parallel_size)
+        self.model_runner = ModelRunner(
+            config, self.model_config, tp_size=config.tensor_parallel_size, warm_up_sampling=sampler.warm_up
+        )
         self.block_manager = BlockManager(
             self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -178,6 +180,7 @@ class Engine:
             dtype=config.dtype,
             device=str(runner.device),
             max_model_len=config.max_model_len,
+            max_input_tokens=config.input_token_limit,
             block_size=config.block_size,
             num_kv_blocks=runner.num_kv_blocks,
             kv_cache_bytes=runner.kv_cache_bytes,

@@ -108,6 +108,9 @@ class EngineInfo:
     dtype: str
     device: str
     max_model_len: int
+    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS)."""
+    max_input_tokens: int
+    """Longest prompt (MAX_INPUT_TOKENS)."""
     block_size: int
     num_kv_blocks: int
     kv_cache_bytes: int

@@ -1,9 +1,9 @@
 """The model's own sampling defaults: `temperature`, `top_p`, `top_k`, `min_p` and `repetition_penalty` from its
 folder's generation_config.json, used where a request leaves them unset (as vLLM does by default).
 
-GENERATION_CONFIG picks the source: `auto` (the model folder), `none` (never; `vllm` is vLLM's spelling of it),
-or a folder holding a generation_config.json. As vLLM (`to_diff_dict`), values equal to transformers'
-GenerationConfig defaults are left out, so a file that merely restates them changes nothing.
+GENERATION_CONFIG (declared in envs.py) picks the source: `auto` (the model folder), `none` (never; `vllm` is
+vLLM's spelling of it), or a folder holding a generation_config.json. As vLLM (`to_diff_dict`), values equal to
+transformers' GenerationConfig defaults are left out, so a file that merely restates them changes nothing.
 """
 
 from __future__ import annotations
@@ -29,21 +29,9 @@ _VALID = {
 }
 
 
-def parse_source(raw: str | None) -> str:
-    """GENERATION_CONFIG's value: `auto` (default), `none`, or a folder; ValueError names the variable."""
-    value = (raw or "").strip() or "auto"
-    if value.lower() in ("auto", "none", "vllm"):
-        return "none" if value.lower() == "vllm" else value.lower()
-    if not (Path(value) / "generation_config.json").is_file():
-        raise ValueError(
-            f"GENERATION_CONFIG={value!r} must be auto (the model folder's generation_config.json), none, "
-            "or a folder holding a generation_config.json"
-        )
-    return value
-
-
 def read_sampling_defaults(source: str, model_dir: str | Path) -> dict[str, float]:
-    """The defaults `source` (see `parse_source`) gives for `model_dir`; {} when there are none."""
+    """The defaults `source` (GENERATION_CONFIG: `auto`, `none` or a folder) gives for `model_dir`; {} when there
+    are none."""
     if source == "none":
         return {}
     path = Path(model_dir if source == "auto" else source) / "generation_config.json"

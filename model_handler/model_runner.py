@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from model_handler.model_config import ModelConfig
 from model_handler.model_loader import load_model
 from model_handler.scheduler import SchedulerOutput
 from model_handler.step_broadcast import StepBroadcast, StepInputs
-from model_handler.tp_worker import TPWorkers, check_shardable
+from model_handler.tp_worker import TPWorkers, check_shardable, exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +45,13 @@ class ModelRunner:
         tp_rank: int = 0,
         tp_size: int = 1,
         tp_init_method: str | None = None,
+        warm_up_sampling: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """Rank 0 of a `tp_size` > 1 group starts ranks 1..tp_size-1 itself; those pass their rank and the
-        group's `tp_init_method`."""
+        group's `tp_init_method`. `warm_up_sampling(logits)` (rank 0's engine passes its sampler's worst case)
+        runs after the warm-up forward, so the KV cache is sized with the sampling temporaries counted."""
         self.config = config
+        self._warm_up_sampling = warm_up_sampling
         self.model_config = model_config
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.device = torch.device(config.device)
@@ -62,7 +69,7 @@ class ModelRunner:
         if tp_size > 1:
             check_shardable(model_config, tp_size)
             if tp_rank == 0:
-                self.workers = TPWorkers(config, tp_size)
+                self.workers = TPWorkers(config, tp_size, run_tp_rank)
                 tp_init_method = self.workers.init_method
             if tp_init_method is None:
                 raise ValueError(f"tensor-parallel rank {tp_rank} needs the group's init method")
@@ -89,6 +96,7 @@ class ModelRunner:
             attention_backend=self.backend,
             tp_rank=tp_rank,
             tp_size=tp_size,
+            model_config=model_config,
         )
         self.num_kv_heads = self.model.num_kv_heads_per_rank
         self.block_bytes = kv_cache.block_bytes(
@@ -150,11 +158,6 @@ class ModelRunner:
     def _warm_up(self, num_tokens: int, num_seqs: int) -> int:
         """A forward of `num_tokens` prompt tokens over `num_seqs` sequences, plus their logits and sampling
         temporaries, on a scratch cache; returns the scratch cache's bytes."""
-        from model_handler.engine_protocol import EngineRequest
-        from model_handler.sampler import Sampler
-        from model_handler.sampling_params import SamplingParams
-        from model_handler.sequence import Sequence
-
         max_len = self.config.max_model_len
         num_seqs = max(min(num_seqs, num_tokens), _cdiv(num_tokens, max_len))
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
@@ -184,10 +187,8 @@ class ModelRunner:
             max_seq_len=max(lens),
         )
         logits = self._forward(inputs, caches)
-        # The sampler's worst case: top-k/top-p sorts and penalty counts over the whole vocabulary.
-        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1, max_tokens=1)
-        dummy = [Sequence(EngineRequest(f"warmup-{i}", [0], params)) for i in range(num_seqs)]
-        Sampler(self.device)(logits, dummy)
+        if self._warm_up_sampling is not None:
+            self._warm_up_sampling(logits)
         scratch_bytes = scratch.numel() * scratch.element_size()
         del scratch, caches, logits
         return scratch_bytes
@@ -337,3 +338,20 @@ def _logit_rows(entries: list, cu: np.ndarray) -> np.ndarray:
         if e.samples:
             rows.append(int(cu[i + 1]) - 1)
     return np.asarray(rows, dtype=np.int64)
+
+
+def run_tp_rank(rank: int, tp_size: int, config: EngineConfig, init_method: str, parent_pid: int) -> None:
+    """Tensor-parallel rank `rank`'s process: load its shard, size and allocate its KV cache, then run every step
+    rank 0 sends."""
+    from model_handler import envs
+    from model_handler.logging_setup import configure_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the engine, which stops us
+    configure_logging(envs.process_environ(), process=f"engine-rank{rank}")
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    if not config.device.startswith("cuda"):
+        # CPU ranks share the cores; without this each would start one thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
+    runner = ModelRunner(config, config.model(), tp_rank=rank, tp_size=tp_size, tp_init_method=init_method)
+    runner.serve_steps()
+    logger.info("tensor-parallel worker stopped", extra={"rank": rank})

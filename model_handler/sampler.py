@@ -236,3 +236,14 @@ class Sampler:
             k = params[i].logprobs
             result[i] = TokenLogprob(chosen_list[i], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
         return SamplerOutput(chosen_list, result)
+
+
+def warm_up(logits: torch.Tensor) -> None:
+    """Sample every row of `logits` the costliest way (top-k/top-p sorts and penalty counts over the whole
+    vocabulary), so the engine sizes its KV cache with the sampler's temporaries counted."""
+    from model_handler.engine_protocol import EngineRequest
+    from model_handler.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1, max_tokens=1)
+    rows = [Sequence(EngineRequest(f"warmup-{i}", [0], params)) for i in range(logits.shape[0])]
+    Sampler(logits.device)(logits, rows)

@@ -59,10 +59,6 @@ class SchedulerOutput:
         return not self.scheduled
 
     @property
-    def is_decode_only(self) -> bool:
-        return self.num_batched_tokens == len(self.scheduled)
-
-    @property
     def num_prompt_logit_rows(self) -> int:
         return sum(entry.num_prompt_logit_rows for entry in self.scheduled)
 

@@ -7,7 +7,6 @@ codes, or OpenAI's `{"error": {"message", "type", "param", "code"}}` with OpenAI
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 
 
@@ -114,9 +113,6 @@ class ApiError(Exception):
 
     def body(self, dialect: Dialect) -> dict:
         return self.tgi_body() if dialect is Dialect.TGI else self.openai_body()
-
-    def json_bytes(self, dialect: Dialect) -> bytes:
-        return json.dumps(self.body(dialect), ensure_ascii=False).encode()
 
 
 def validation(message: str, param: str | None = None) -> ApiError:

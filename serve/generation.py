@@ -96,7 +96,6 @@ class Generation:
         self.prompt_logprobs: list[TokenLogprob] = []
         """Prompt tokens 1..n-1's logprobs, when the request asked for them (they come with the first token)."""
         self.finish: Finish | None = None
-        self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._tokenizer = tokenizer

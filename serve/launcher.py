@@ -18,9 +18,9 @@ import tempfile
 import time
 from collections.abc import Mapping
 
+from model_handler import envs
 from model_handler.logging_setup import configure_logging
-from serve.admission import ADMISSION_FILE_ENV, create_table
-from serve.metrics import MULTIPROCESS_DIR_ENV
+from serve.admission import create_table
 from serve.settings import Settings
 
 logger = logging.getLogger("serve.launcher")
@@ -41,7 +41,7 @@ class Launcher:
         # MAX_CONCURRENT_REQUESTS is counted for every worker together in this table (serve/admission.py).
         admission_file = os.path.join(self._socket_dir, "admission")
         create_table(admission_file, settings.num_workers)
-        self._http_env = {**self._env, MULTIPROCESS_DIR_ENV: metrics_dir, ADMISSION_FILE_ENV: admission_file}
+        self._http_env = {**self._env, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, "SERVE_ADMISSION_FILE": admission_file}
         self.engine: subprocess.Popen | None = None
         self.http: subprocess.Popen | None = None
         self._stopping = False
@@ -120,7 +120,7 @@ def default_num_workers(dev_dir: str = "/dev") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `container/serve`; extra arguments (SageMaker passes `serve`) are ignored."""
-    environ = dict(os.environ)
+    environ = dict(envs.process_environ())
     # Decided here, once, and passed on: every worker's Settings (and /info) then read the same count.
     environ.setdefault("WEB_CONCURRENCY", str(default_num_workers()))
     try:

@@ -110,10 +110,7 @@ class ServeState:
             engine = self.engine
             if engine is None or engine.info is None:
                 raise ApiError(ErrorKind.NOT_READY, "the model is not ready yet")
-            try:
-                self._limits = self.settings.token_limits(engine.info.max_model_len)
-            except ValueError as exc:
-                raise ApiError(ErrorKind.INTERNAL, str(exc)) from exc
+            self._limits = TokenLimits.of(engine.info)
         return self._limits
 
     def model_name(self) -> str:

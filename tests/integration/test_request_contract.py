@@ -29,9 +29,14 @@ def test_logit_bias_and_twenty_top_logprobs(oai):
     plain = oai.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True)
     first = plain.choices[0].logprobs.content[0]
     forced = oai.chat.completions.create(
-        model="tgi", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=20,
+        model="tgi",
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=20,
         logit_bias={"1500": 100},
-    )  # fmt: skip
+    )
     tokens = forced.choices[0].logprobs.content
     assert {t.token for t in tokens} == {tokens[0].token} != {first.token}
     assert all(len(t.top_logprobs) == 20 for t in tokens)
@@ -58,12 +63,16 @@ def test_vllm_extensions_through_extra_body(oai, tiny_model_dir):
     )
     assert stopped.choices[0].message.content == "".join(tokens[:2])
     assert stopped.choices[0].finish_reason == "stop"
-    chunks = list(
-        oai.chat.completions.create(
-            model="tgi", messages=MESSAGES, max_tokens=4, stream=True,
-            stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True},
-        )
-    )  # fmt: skip
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    stream = oai.chat.completions.create(
+        model="tgi",
+        messages=MESSAGES,
+        max_tokens=4,
+        stream=True,
+        stream_options=options,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
     assert [c.usage.completion_tokens for c in chunks if c.choices][-1] == 4
 
 

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
+from model_handler import envs
 from model_handler.config import EngineConfig
-from model_handler.generation_defaults import parse_source, read_sampling_defaults
+from model_handler.generation_defaults import read_sampling_defaults
 
 
 def write(folder, **values) -> None:
@@ -41,7 +42,7 @@ def test_no_file_or_none_gives_nothing(tmp_path):
 def test_another_folder_can_be_named(tmp_path):
     write(tmp_path / "model", temperature=0.3)
     write(tmp_path / "other", temperature=0.8)
-    source = parse_source(str(tmp_path / "other"))
+    source = envs.get({"GENERATION_CONFIG": str(tmp_path / "other")}, "GENERATION_CONFIG")
     assert read_sampling_defaults(source, tmp_path / "model") == {"temperature": 0.8}
 
 
@@ -49,12 +50,12 @@ def test_another_folder_can_be_named(tmp_path):
     "raw, expected", [(None, "auto"), ("", "auto"), ("AUTO", "auto"), ("none", "none"), ("vllm", "none")]
 )
 def test_source_values(raw, expected):
-    assert parse_source(raw) == expected
+    assert envs.get({} if raw is None else {"GENERATION_CONFIG": raw}, "GENERATION_CONFIG") == expected
 
 
 def test_a_folder_without_the_file_stops_start_up(tmp_path):
     with pytest.raises(ValueError, match="GENERATION_CONFIG"):
-        parse_source(str(tmp_path))
+        envs.get({"GENERATION_CONFIG": str(tmp_path)}, "GENERATION_CONFIG")
 
 
 @pytest.mark.parametrize("values", [{"temperature": -1}, {"top_p": 0}, {"top_k": 2.5}, {"temperature": "hot"}])

@@ -24,7 +24,11 @@ Script = Callable[[EngineRequest], list]
 
 
 def engine_info(
-    model_dir: str, max_model_len: int = 2048, model_id: str = "tiny-llama", sampling_defaults: dict | None = None
+    model_dir: str,
+    max_model_len: int = 2048,
+    model_id: str = "tiny-llama",
+    max_input_tokens: int | None = None,
+    sampling_defaults: dict | None = None,
 ) -> EngineInfo:
     return EngineInfo(
         model_id=model_id,
@@ -33,6 +37,7 @@ def engine_info(
         dtype="float32",
         device="cpu",
         max_model_len=max_model_len,
+        max_input_tokens=max_input_tokens if max_input_tokens is not None else max_model_len - 1,
         block_size=16,
         num_kv_blocks=64,
         kv_cache_bytes=1 << 20,
@@ -112,6 +117,11 @@ class ScriptedEngine:
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def with_limits(self, max_total_tokens: int, max_input_tokens: int | None = None) -> ScriptedEngine:
+        """This engine, now reporting these token limits (what MAX_TOTAL_TOKENS, MAX_INPUT_TOKENS give it)."""
+        self.info = engine_info(self.info.model_dir, max_total_tokens, self.info.model_id, max_input_tokens)
+        return self
 
     @property
     def last_heartbeat(self) -> Heartbeat:

@@ -146,7 +146,7 @@ def test_edges_of_the_ranges_and_unknown_fields_are_accepted(scripted, make_clie
     assert reply.get_json()["model"] == "tiny-llama"  # the served model, whichever of its names the client used
 
 
-@pytest.mark.parametrize("name", [None, "", "tgi", "tiny-llama", "Tiny-Llama"])
+@pytest.mark.parametrize("name", [None, "", "tgi", "dummy", "tiny-llama", "Tiny-Llama"])
 def test_the_served_names_are_accepted(scripted, make_client, name):
     reply = make_client(scripted).post(CHAT, json={"messages": MESSAGES, "model": name})
     assert reply.status_code == 200, reply.data
@@ -187,7 +187,7 @@ def test_json_media_types_and_none_at_all_are_accepted(scripted, make_client):
 
 
 def test_prompt_longer_than_max_input_tokens(scripted, make_client):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "20", "MAX_TOTAL_TOKENS": "40"})
+    client = make_client(scripted.with_limits(40, 20))
     long = [{"role": "user", "content": "word " * 40}]
     message = _error(client.post(CHAT, json={"messages": long}), 400, "messages", "context_length_exceeded")
     assert "maximum input length is 20 tokens" in message
@@ -195,7 +195,7 @@ def test_prompt_longer_than_max_input_tokens(scripted, make_client):
 
 
 def test_prompt_plus_max_tokens_over_max_total_tokens(scripted, make_client):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "30", "MAX_TOTAL_TOKENS": "40"})
+    client = make_client(scripted.with_limits(40, 30))
     reply = client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 35})
     message = _error(reply, 400, "messages", "context_length_exceeded")
     assert "maximum context length is 40 tokens" in message and "35 in the completion" in message
@@ -203,7 +203,7 @@ def test_prompt_plus_max_tokens_over_max_total_tokens(scripted, make_client):
 
 
 def test_omitted_max_tokens_fills_the_context(scripted, make_client, tokenizer):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    client = make_client(scripted.with_limits(64))
     assert client.post(CHAT, json={"messages": MESSAGES}).status_code == 200
     prompt = tokenizer.apply_chat_template(MESSAGES)
     num_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
@@ -256,7 +256,7 @@ def test_engine_not_ready_is_503_not_queued(scripted, make_client):
 
 
 def test_completions_without_max_tokens_get_openais_default_16(scripted, make_client):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    client = make_client(scripted.with_limits(64))
     for body in ({"prompt": "hi"}, {"prompt": "hi", "max_tokens": None}, {"prompt": [5, 6, 7]}):
         assert client.post("/v1/completions", json=body).status_code == 200
         assert scripted.submitted[-1].sampling_params.max_tokens == 16

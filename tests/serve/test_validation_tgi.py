@@ -78,7 +78,7 @@ def test_streaming_refuses_best_of_and_decoder_input_details(scripted, make_clie
 
 
 def test_length_limits_use_tgi_messages(scripted, make_client, tokenizer):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "20"})
+    client = make_client(scripted.with_limits(20, 10))
     inputs = "word " * 30
     num = len(tokenizer.encode(inputs, add_special_tokens=True))
     message = _tgi_error(client.post("/generate", json={"inputs": inputs}), 422)
@@ -95,7 +95,7 @@ def test_length_limits_use_tgi_messages(scripted, make_client, tokenizer):
 
 
 def test_truncate_keeps_the_last_prompt_tokens(scripted, make_client, tokenizer):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "20"})
+    client = make_client(scripted.with_limits(20, 10))
     inputs = "word " * 30
     reply = client.post("/generate", json={"inputs": inputs, "parameters": {"truncate": 5, "max_new_tokens": 3}})
     assert reply.status_code == 200, reply.data
