@@ -120,6 +120,18 @@ def batch_sizes(name: str, raw: str) -> list[int]:
     return sizes
 
 
+def generation_config(name: str, raw: str) -> str:
+    """`auto`, `none` (`vllm` is vLLM's spelling of it) or a folder holding a generation_config.json."""
+    if raw.lower() in ("auto", "none", "vllm"):
+        return "none" if raw.lower() == "vllm" else raw.lower()
+    if not os.path.isfile(os.path.join(raw, "generation_config.json")):
+        raise ValueError(
+            f"{name}={raw!r} must be auto (the model folder's generation_config.json), none, or a folder holding "
+            "a generation_config.json"
+        )
+    return raw
+
+
 def origins(_name: str, raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
@@ -217,6 +229,11 @@ VARIABLES: tuple[Variable, ...] = (
     _var("ENGINE_CPU_THREADS", integer(minimum=1), None, "every CPU (CPU engine); torch's default on GPU", ENGINE,
          "torch threads of the engine process"),
     _var("SEED", integer(minimum=0), 0, "0", ENGINE, "engine seed for requests without their own"),
+    _var("GENERATION_CONFIG", generation_config, "auto", "`auto`", ENGINE,
+         "where the model's sampling defaults come from (`temperature`, `top_p`, `top_k`, `min_p`, "
+         "`repetition_penalty`, used where a request leaves them unset, as vLLM's `--generation-config`): `auto` the "
+         "model folder's `generation_config.json`, `none` never (replies as without the file; `vllm` also means "
+         "none), or a folder holding one"),
     # ---- the HTTP side -------------------------------------------------------------------------------------------
     _var("SAGEMAKER_BIND_TO_PORT", integer(minimum=1, maximum=65535), None, "8080", LAUNCHER,
          "listening port (SageMaker's name; wins over `PORT`)"),
@@ -229,7 +246,10 @@ VARIABLES: tuple[Variable, ...] = (
     _var("PAYLOAD_LIMIT", integer(minimum=1), 2_000_000, "2000000", HTTP,
          "largest request body in bytes (413 beyond)"),
     _var("CORS_ALLOW_ORIGIN", origins, (), "–", HTTP, "comma-separated allowed origins"),
-    _var("SERVED_MODEL_NAME", text, None, "the model id", HTTP, "the `model` reported in replies and `/v1/models`"),
+    _var("SERVED_MODEL_NAME", text, None, "the model id", HTTP,
+         "the `model` reported in replies and `/v1/models`; comma-separated names are all accepted in a request's "
+         "`model` (the first is reported), as are `tgi`, `dummy` (huggingface_hub's), the model id and folder, and "
+         "their last path part"),
     _var("COMPUTE_TYPE", text, "gpu+optimized", "`gpu+optimized`", HTTP, "TGI's `x-compute-type` reply header"),
     _var("SAGEMAKER_CONTAINER_LOG_LEVEL", log_level, None, "INFO", "all",
          "log level, `20` or `INFO` style (wins over `LOG_LEVEL`); logs are JSON lines on stdout, each with the "
