@@ -57,6 +57,9 @@ class EngineConfig:
     """Seconds between the log lines that report the weight loading's progress (STARTUP_PROGRESS_SECONDS)."""
     cpu_threads: int | None = None
     """torch threads of the engine process (ENGINE_CPU_THREADS); None keeps torch's default."""
+    generation_config: str = "auto"
+    """Where the model's sampling defaults come from (GENERATION_CONFIG): `auto` (the model folder's
+    generation_config.json), `none`, or a folder; see generation_defaults.py."""
     async_scheduling: bool = False
     """Launch the next step before reading this one's tokens (ASYNC_SCHEDULING, one rank only), so the
     host's bookkeeping overlaps the GPU's work. On by default on one GPU; off on CPU, where every op already
@@ -134,6 +137,7 @@ class EngineConfig:
             progress_interval_s=envs.get(environ, "STARTUP_PROGRESS_SECONDS"),
             cpu_threads=threads if threads is not None else default_num_threads(kind),
             async_scheduling=async_scheduling,
+            generation_config=envs.get(environ, "GENERATION_CONFIG"),
             model_config=model_config,
         )
 

@@ -7,7 +7,8 @@ With async scheduling (ASYNC_SCHEDULING, the default on one GPU) one step stays 
 the next step, its inputs patched on the device with the tokens the step before sampled, and only then reads
 those tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
 leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
-penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way.
+penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way, as do those that
+ask for prompt logprobs (`prompt_logprobs.py`: their prompt rows' logits are read in the step that computes them).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from model_handler import sampler
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
 from model_handler.engine_protocol import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
+from model_handler.generation_defaults import read_sampling_defaults
 from model_handler.input_patch import InputPatch
 from model_handler.model_runner import ModelRunner
+from model_handler.prompt_logprobs import take_prompt_logprobs
 from model_handler.sampler import Sampler
 from model_handler.scheduler import Scheduler, SchedulerOutput
 from model_handler.sequence import Sequence
@@ -57,6 +60,7 @@ class Engine:
         self.config = config
         self.model_config = config.model()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self.sampling_defaults = read_sampling_defaults(config.generation_config, config.model_dir)
         self.model_runner = ModelRunner(
             config,
             self.model_config,
@@ -103,7 +107,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
-        logits = self.model_runner.execute(scheduled)  # [num_sampling, vocab]
+        logits = self.model_runner.execute(scheduled)  # [num_sampling (+ prompt rows), vocab]
+        if scheduled.num_prompt_logit_rows:
+            logits = take_prompt_logprobs(scheduled, logits)  # [num_sampling, vocab]
         sampled = self.sampler(logits, [e.seq for e in scheduled.scheduled if e.samples])
         seqs = self.scheduler.update_from_output(scheduled, sampled.token_ids)
         logprobs = sampled.logprobs or [None] * len(seqs)
@@ -113,7 +119,11 @@ class Engine:
     def _all_requests_can_overlap(self) -> bool:
         """Penalties read the output tokens and logprobs go back with them: both need them on the host."""
         return not any(
-            p.logprobs is not None or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+            p.logprobs is not None
+            or p.prompt_logprobs is not None
+            or p.repetition_penalty != 1.0
+            or p.frequency_penalty
+            or p.presence_penalty
             for p in (seq.sampling_params for seq in self.scheduler.requests.values())
         )
 
@@ -191,6 +201,7 @@ class Engine:
             cuda_graphs=runner.graph_runner is not None,
             prefix_caching=config.enable_prefix_caching,
             tensor_parallel_size=config.tensor_parallel_size,
+            sampling_defaults=dict(self.sampling_defaults),
         )
 
     @staticmethod
@@ -202,6 +213,7 @@ class Engine:
             new_logprobs=None if logprob is None else [logprob],
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=seq.take_prompt_logprobs() if new_token_ids else None,
         )
 
     def _validate(self, request: EngineRequest) -> None:
@@ -222,5 +234,12 @@ class Engine:
             )
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and repetition_penalty > 0")
-        if params.logprobs is not None and not 0 <= params.logprobs <= vocab_size:
-            raise ValueError(f"logprobs must be between 0 and {vocab_size}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and not 0 <= k <= vocab_size:
+                raise ValueError(f"{name} must be between 0 and {vocab_size}")
+        if not 0.0 <= params.min_p <= 1.0 or not 0.0 < params.typical_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1] and typical_p in (0, 1]")
+        for token_id, bias in params.logit_bias.items():
+            if not 0 <= token_id < vocab_size or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: token {token_id} must be in [0, {vocab_size}), its bias in [-100, 100]")

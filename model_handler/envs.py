@@ -120,6 +120,18 @@ def batch_sizes(name: str, raw: str) -> list[int]:
     return sizes
 
 
+def generation_config(name: str, raw: str) -> str:
+    """`auto`, `none` (`vllm` is vLLM's spelling of it) or a folder holding a generation_config.json."""
+    if raw.lower() in ("auto", "none", "vllm"):
+        return "none" if raw.lower() == "vllm" else raw.lower()
+    if not os.path.isfile(os.path.join(raw, "generation_config.json")):
+        raise ValueError(
+            f"{name}={raw!r} must be auto (the model folder's generation_config.json), none, or a folder holding "
+            "a generation_config.json"
+        )
+    return raw
+
+
 def origins(_name: str, raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
@@ -227,6 +239,11 @@ VARIABLES: tuple[Variable, ...] = (
     _var("STARTUP_PROGRESS_SECONDS", number(minimum=0.1), 10.0, "10", ENGINE,
          "seconds between the JSON log lines that report the Hub download's and the weight loading's bytes done of "
          "total (a progress bar on a terminal); each start-up phase also logs how long it took"),
+    _var("GENERATION_CONFIG", generation_config, "auto", "`auto`", ENGINE,
+         "where the model's sampling defaults come from (`temperature`, `top_p`, `top_k`, `min_p`, "
+         "`repetition_penalty`, used where a request leaves them unset, as vLLM's `--generation-config`): `auto` the "
+         "model folder's `generation_config.json`, `none` never (replies as without the file; `vllm` also means "
+         "none), or a folder holding one"),
     # ---- the HTTP side -------------------------------------------------------------------------------------------
     _var("SAGEMAKER_BIND_TO_PORT", integer(minimum=1, maximum=65535), None, "8080", LAUNCHER,
          "listening port (SageMaker's name; wins over `PORT`)"),
@@ -239,15 +256,19 @@ VARIABLES: tuple[Variable, ...] = (
     _var("PAYLOAD_LIMIT", integer(minimum=1), 2_000_000, "2000000", HTTP,
          "largest request body in bytes (413 beyond)"),
     _var("CORS_ALLOW_ORIGIN", origins, (), "–", HTTP, "comma-separated allowed origins"),
-    _var("SERVED_MODEL_NAME", text, None, "the model id", HTTP, "the `model` reported in replies and `/v1/models`"),
+    _var("SERVED_MODEL_NAME", text, None, "the model id", HTTP,
+         "the `model` reported in replies and `/v1/models`; comma-separated names are all accepted in a request's "
+         "`model` (the first is reported), as are `tgi`, `dummy` (huggingface_hub's), the model id and folder, and "
+         "their last path part"),
     _var("COMPUTE_TYPE", text, "gpu+optimized", "`gpu+optimized`", HTTP, "TGI's `x-compute-type` reply header"),
     _var("SAGEMAKER_CONTAINER_LOG_LEVEL", log_level, None, "INFO", "all",
          "log level, `20` or `INFO` style (wins over `LOG_LEVEL`); logs are JSON lines on stdout, each with the "
          "`pid` of the process that wrote it"),
     _var("LOG_LEVEL", log_level, logging.INFO, "INFO", "all", "log level, `20` or `INFO` style"),
     _var("SAGEMAKER_PROGRAM", text, None, "–", ENGINE,
-         "set (often empty) by the SageMaker SDK on every model it deploys: its presence marks a SageMaker endpoint, "
-         "where a missing model stops start-up instead of serving the demo model"),
+         "set (two of the three empty) by the SageMaker SDK's framework models (`HuggingFaceModel`, which TGI's "
+         "SageMaker example deploys): its presence marks a SageMaker endpoint, where a missing model stops start-up "
+         "instead of serving the demo model"),
     _var("SAGEMAKER_SUBMIT_DIRECTORY", text, None, "–", ENGINE, "as `SAGEMAKER_PROGRAM`"),
     _var("SAGEMAKER_REGION", text, None, "–", ENGINE, "as `SAGEMAKER_PROGRAM`"),
     # ---- internal: the launcher sets these for its children ------------------------------------------------------

@@ -275,6 +275,9 @@ class ModelRunner:
             tables[i, : len(e.seq.block_table)] = e.seq.block_table
         slots = tables[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs  # [num_tokens]
         samples = np.fromiter((e.samples for e in entries), dtype=bool, count=num_seqs)
+        logits_indices = cu[1:][samples] - 1
+        if out.num_prompt_logit_rows:
+            logits_indices = _logit_rows(entries, cu)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.int64),
             positions=torch.from_numpy(positions),
@@ -282,14 +285,15 @@ class ModelRunner:
             query_start_loc=torch.from_numpy(cu.astype(np.int32)),
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
             block_tables=torch.from_numpy(tables),
-            logits_indices=torch.from_numpy(cu[1:][samples] - 1),
+            logits_indices=torch.from_numpy(logits_indices),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, patch: InputPatch | None = None) -> torch.Tensor:
-        """Run one step; logits [num_sampling, vocab] float32 of the sequences that sample, in order."""
+        """Run one step; logits [num_rows, vocab] float32 of the sequences that sample, in order, each preceded
+        by its prompt rows when it asked for prompt logprobs (only then is num_rows more than the samplers)."""
         inputs = self.prepare(out)
         if self.broadcast is None:
             return self.run(inputs, patch)
@@ -310,6 +314,8 @@ class ModelRunner:
             hidden = graphs.run(
                 inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables, patch
             )  # host tensors: the runner stages them itself
+            if hidden.shape[0] != inputs.logits_indices.shape[0]:  # a one-token prompt chunk that samples nothing
+                hidden = hidden[self._to_device(inputs.logits_indices)]
             return self._logits(hidden, inputs)
         return self._forward(inputs, self.kv_caches, patch)
 
@@ -360,10 +366,10 @@ class ModelRunner:
         return self._logits(hidden, inputs)
 
     def _logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        """[num_sampling, vocab] float32 from the step's hidden states, already one row per sampling
-        sequence (decodes, or a forward given `output_rows`). A step where no sequence samples (a middle
-        prefill chunk) skips the LM head; the choice depends on `inputs` only, so every rank skips its vocab
-        all-gather alike."""
+        """[num_rows, vocab] float32 from the step's hidden states, already one row per `logits_indices` entry
+        (decodes, or a forward given `output_rows`): each sampling sequence's last row, preceded by its prompt
+        rows when it asked for prompt logprobs. A step where no row is read (a middle prefill chunk) skips the
+        LM head; the choice depends on `inputs` only, so every rank skips its vocab all-gather alike."""
         if inputs.logits_indices.shape[0] == 0:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)  # [0, vocab]
         if inputs.logits_indices.shape[0] != hidden.shape[0]:
@@ -372,6 +378,19 @@ class ModelRunner:
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return to_device(t, self.device)
+
+
+def _logit_rows(entries: list, cu: np.ndarray) -> np.ndarray:
+    """Flat rows whose logits a step reads, ascending: per sequence, the prompt positions it scores for prompt
+    logprobs (`prompt_logits_start` on), then its last row when it samples."""
+    rows: list[int] = []
+    for i, e in enumerate(entries):
+        if e.num_prompt_logit_rows:
+            first = int(cu[i]) + e.prompt_logits_start - e.num_computed_tokens
+            rows.extend(range(first, first + e.num_prompt_logit_rows))
+        if e.samples:
+            rows.append(int(cu[i + 1]) - 1)
+    return np.asarray(rows, dtype=np.int64)
 
 
 def run_tp_rank(rank: int, tp_size: int, config: EngineConfig, init_method: str, parent_pid: int) -> None:
