@@ -144,6 +144,11 @@ def expected_finish(seq: Sequence, emitted: list[int], max_model_len: int, eos_i
 
 def check_outputs(seq: Sequence, emitted: list[int], max_model_len: int, eos_ids: frozenset[int]) -> None:
     """The tokens handed out are the sequence's outputs, and it finished exactly when the rules say."""
+    scored = [logprob.token_id for logprob in seq.prompt_logprobs]
+    if scored != seq.prompt_token_ids[1 : 1 + len(scored)]:
+        raise AssertionError(f"{seq}: prompt logprobs for {scored}, prompt {seq.prompt_token_ids}")
+    if emitted and seq.sampling_params.prompt_logprobs is not None and len(scored) != seq.num_prompt_tokens - 1:
+        raise AssertionError(f"{seq} sampled before every prompt token had its logprob: {scored}")
     known = seq.output_token_ids[: seq.num_output_tokens - seq.num_pending_tokens]
     if known != emitted:
         raise AssertionError(f"{seq}: outputs {known} but the tokens handed out were {emitted}")

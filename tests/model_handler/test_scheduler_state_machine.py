@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections import Counter, deque
 
+import torch
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -26,8 +27,9 @@ from hypothesis.stateful import (
 )
 
 from model_handler.engine_protocol import EngineRequest, FinishReason
+from model_handler.prompt_logprobs import take_prompt_logprobs
 from model_handler.sampling_params import SamplingParams
-from model_handler.scheduler import SchedulerOutput
+from model_handler.scheduler import ScheduledSequence, SchedulerOutput
 from model_handler.sequence import Sequence
 from tests.model_handler.engine_factories import EOS, create_scheduler
 from tests.model_handler.scheduler_invariants import (
@@ -41,6 +43,7 @@ from tests.model_handler.scheduler_invariants import (
 STOP_IDS = (2, 3)
 PLAIN_IDS = (4, 5, 6, 7)
 SHARED_PREFIXES = ((4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7), (7, 7, 6, 6, 5, 5, 4, 4, 7, 6, 5, 4))
+VOCAB_SIZE = 8
 MAX_NUM_SEQS = 5
 MAX_DRAIN_STEPS = 5000
 STEP_TOKENS = st.lists(
@@ -89,8 +92,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         min_tokens=st.integers(0, 8),
         ignore_eos=st.booleans(),
         stop_ids=st.lists(st.sampled_from(STOP_IDS), unique=True),
+        prompt_logprobs=st.sampled_from([None] * 7 + [1]),
     )
-    def add(self, follow_up, pick, num_taken, suffix, max_tokens, min_tokens, ignore_eos, stop_ids):
+    def add(self, follow_up, pick, num_taken, suffix, max_tokens, min_tokens, ignore_eos, stop_ids, prompt_logprobs):
         """A request whose prompt starts like others' (or extends an earlier request's known tokens), sized as
         the engine admits it: prompt + max_tokens within the model length and the whole cache."""
         if follow_up and self.everyone:
@@ -106,6 +110,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             min_tokens=min(min_tokens, max_tokens),
             ignore_eos=ignore_eos,
             stop_token_ids=tuple(stop_ids),
+            prompt_logprobs=prompt_logprobs,
         )
         seq = Sequence(EngineRequest(f"r{len(self.everyone)}", prompt, params), (EOS,))
         self.scheduler.add(seq)
@@ -136,9 +141,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(steps=STEP_TOKENS)
     def launch(self, steps):
         """The engine's async steps: schedule on placeholders, launch (tokens chosen now, read later), then read
-        the step launched before."""
+        the step launched before. As `Engine.step`, the plain way while a request needs its prompt's logits."""
         for tokens in steps:
-            self._launch(tokens)
+            if any(seq.sampling_params.prompt_logprobs is not None for seq in self.scheduler.requests.values()):
+                self._step(tokens)
+            else:
+                self._launch(tokens)
 
     def _launch(self, tokens: list[int]) -> None:
         previous, self.in_flight = self.in_flight, None
@@ -209,6 +217,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.coverage["prefix hit"] += id(seq) not in was_running and e.num_computed_tokens > 0
             self.coverage["chunked prefill"] += not e.samples
             self._check_placeholders(e.seq, e.num_computed_tokens, end, previous)
+            self._check_prompt_logit_rows(e, id(seq) in was_running)
+        assert out.num_prompt_logit_rows <= self.scheduler.max_prompt_logit_rows, "too many prompt logit rows"
         assert num_prompt_tokens <= self.scheduler.max_num_prefill_tokens, "prefill budget exceeded"
         for seq in out.preempted:
             assert id(seq) in was_running and not seq.block_table and seq in self.scheduler.waiting
@@ -220,6 +230,20 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert not self.scheduler.num_unfinished, f"nothing scheduled, nothing in flight: {self.scheduler.requests}"
         event(f"batch of {len(entries)}")
         return out
+
+    def _check_prompt_logit_rows(self, e: ScheduledSequence, was_running: bool) -> None:
+        """A request with prompt logprobs reads no cached KV (a cached block has no logits) and scores each
+        prompt position once, in order, in the step computing it."""
+        seq = e.seq
+        if seq.sampling_params.prompt_logprobs is None:
+            assert e.num_prompt_logit_rows == 0
+            return
+        if not was_running and seq.needs_prompt_logits:
+            assert e.num_computed_tokens == 0, f"{seq} needs its prompt's logits but took cached blocks"
+        if e.num_prompt_logit_rows:
+            assert e.prompt_logits_start == len(seq.prompt_logprobs) >= e.num_computed_tokens
+            end = e.prompt_logits_start + e.num_prompt_logit_rows
+            assert end <= min(e.num_computed_tokens + e.num_new_tokens, seq.num_prompt_tokens - 1)
 
     def _check_placeholders(self, seq: Sequence, start: int, end: int, previous: InFlight | None) -> None:
         """A chunk may hold one placeholder, as its last token, and only for a row of the step in flight (the
@@ -238,7 +262,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         out = self._schedule(None)
         self._write_kv(out)
-        tokens = tokens[: sum(e.samples for e in out.scheduled)]
+        num_sampling = sum(e.samples for e in out.scheduled)
+        if out.num_prompt_logit_rows:  # the engine's own bookkeeping, on logits of the right shape
+            take_prompt_logprobs(out, torch.zeros(out.num_prompt_logit_rows + num_sampling, VOCAB_SIZE))
+            self.coverage["prompt logprobs"] += out.num_prompt_logit_rows
+        tokens = tokens[:num_sampling]
         sampled = self.scheduler.update_from_output(out, tokens)
         assert sampled == [e.seq for e in out.scheduled if e.samples]
         for seq, token_id in zip(sampled, tokens):
@@ -286,6 +314,7 @@ def test_scheduler_keeps_every_invariant_under_random_traffic():
         "row run in vain",
         "aborted",
         "stop token before min_tokens",
+        "prompt logprobs",
         "drained",
         *(f"finished: {reason.name}" for reason in (FinishReason.EOS, FinishReason.STOP_TOKEN, FinishReason.LENGTH)),
     ]
