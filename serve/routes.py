@@ -139,6 +139,7 @@ def tokenize() -> Response:
 def chat_tokenize() -> Response:
     """TGI's `/chat_tokenize`: the rendered chat prompt and its tokens."""
     req = parse_body(ChatCompletionRequest, read_json(), Dialect.TGI)
+    req.check(current_state().settings)  # what a chat refuses (ranges, missing content) is refused here too
     state = current_state()
     tokenizer = state.tokenizer()
     refuse_non_text_parts(req.messages, state.model_name())

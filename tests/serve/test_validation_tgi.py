@@ -139,3 +139,21 @@ def test_invocations_takes_any_media_type(scripted, make_client):
         reply = client.post("/endpoints/e/invocations", data=body, content_type=content_type)
         assert reply.status_code == 200, reply.data
     assert len(scripted.submitted) == 6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"top_k": -1}, "Invalid 'top_k'"),
+        ({"temperature": 3}, "Invalid 'temperature'"),
+        ({"messages": [{"role": "user"}]}, "Missing required parameter: 'messages.0.content'."),
+    ],
+)
+def test_chat_tokenize_refuses_what_a_chat_refuses(scripted, make_client, extra, message):
+    """/chat_tokenize takes a chat body (so /openapi.json says): a body /v1/chat/completions refuses is refused
+    here too, in TGI's shape, instead of being tokenized as if it were valid."""
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    reply = make_client(scripted).post("/chat_tokenize", json=body)
+    assert reply.status_code in (400, 422), reply.data
+    body = reply.get_json()
+    assert set(body) == {"error", "error_type"} and message in body["error"]
