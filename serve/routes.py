@@ -130,6 +130,7 @@ def metrics() -> Response:
 def tokenize() -> Response:
     """TGI's `/tokenize`: `[{"id", "text", "start", "stop"}]` for a generate body's `inputs`."""
     req = parse_body(GenerateRequest, read_json(), Dialect.TGI)
+    req.check(current_state().settings, streaming=False)  # what /generate refuses is refused here too
     tokenizer = current_state().tokenizer()
     tokens = tokenizer.encode_with_offsets(req.inputs, add_special_tokens=req.add_special_tokens)
     return json_response([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in tokens])

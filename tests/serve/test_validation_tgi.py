@@ -157,3 +157,18 @@ def test_chat_tokenize_refuses_what_a_chat_refuses(scripted, make_client, extra,
     assert reply.status_code in (400, 422), reply.data
     body = reply.get_json()
     assert set(body) == {"error", "error_type"} and message in body["error"]
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"seed": -1}, "`seed`"),
+        ({"top_k": 0}, "Input validation error: `top_k` must be strictly positive"),
+        ({"temperature": 0.0}, "Input validation error: `temperature` must be strictly positive"),
+    ],
+)
+def test_tokenize_refuses_what_generate_refuses(scripted, make_client, parameters, message):
+    """/tokenize takes a generate body (so /openapi.json says): parameters /generate refuses are refused here too,
+    instead of the body being tokenized as if it were valid."""
+    reply = make_client(scripted).post("/tokenize", json={"inputs": "hello", "parameters": parameters})
+    assert message in _tgi_error(reply, 422)
