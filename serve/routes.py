@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
+from serve.chat_plan import plan_chat
 from serve.context import current_state, json_response, read_json, set_dialect
 from serve.errors import UNHEALTHY_BODY, ApiError, Dialect, ErrorKind
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -133,8 +134,10 @@ def tokenize() -> Response:
 def chat_tokenize() -> Response:
     """TGI's `/chat_tokenize`: the rendered chat prompt and its tokens."""
     req = parse_body(ChatCompletionRequest, read_json(), Dialect.TGI)
-    tokenizer = current_state().tokenizer()
-    text = tokenizer.apply_chat_template(req.template_messages())
+    state = current_state()
+    req.check(state.settings)
+    tokenizer = state.tokenizer()
+    text = plan_chat(req, tokenizer, state.tool_support()).prompt
     tokens = tokenizer.encode_with_offsets(text, add_special_tokens=False)
     return json_response(
         {

@@ -62,7 +62,8 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         prompt_ids = prompt_ids[-params.truncate :]
     record.prompt_tokens = len(prompt_ids)
     max_new = resolve_max_new_tokens(len(prompt_ids), params.max_new_tokens, limits, Dialect.TGI)
-    specs = [SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed), seed) for seed in req.seeds()]
+    constraint = req.constraint()
+    specs = [SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed, constraint), seed) for seed in req.seeds()]
     # TGI prepends the prompt on `/` and `/invocations` unless told otherwise (text-generation models).
     full_text = params.return_full_text if params.return_full_text is not None else mode is GenerateMode.COMPAT
     prefix = req.inputs if full_text else ""

@@ -10,8 +10,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from model_handler.constraints import Constraint
 from model_handler.sampling_params import SamplingParams
 from serve.errors import unsupported, validation
+from serve.schemas_tools import Grammar
 from serve.settings import Settings
 
 _SEED_LIMIT = 1 << 63
@@ -39,7 +41,7 @@ class GenerateParameters(_Body):
     decoder_input_details: StrictBool = False
     seed: StrictInt | None = None
     top_n_tokens: StrictInt | None = None
-    grammar: dict[str, Any] | None = None
+    grammar: Grammar | None = None
     adapter_id: StrictStr | None = None
 
     @field_validator("stop", mode="before")
@@ -126,8 +128,6 @@ class GenerateRequest(_Body):
                 "`decoder_input_details` == true is not supported: this server does not compute prompt logprobs",
                 "decoder_input_details",
             )
-        if p.grammar is not None:
-            raise unsupported("grammar is not supported", "grammar")
         if self.inputs == "":
             raise validation("`inputs` cannot be empty", "inputs")
 
@@ -147,9 +147,20 @@ class GenerateRequest(_Body):
             return [p.seed]
         return [random.randrange(_SEED_LIMIT) for _ in range(p.num_sequences)]
 
-    def to_sampling_params(self, max_new_tokens: int, seed: int | None) -> SamplingParams:
+    def constraint(self) -> Constraint | None:
+        """`parameters.grammar` as the engine's constraint (the whole output matches it)."""
+        grammar = self.parameters.grammar
+        if grammar is None:
+            return None
+        answer = grammar.answer_format("grammar")
+        return Constraint(answer.kind, answer.value, answer.strict)
+
+    def to_sampling_params(
+        self, max_new_tokens: int, seed: int | None, constraint: Constraint | None = None
+    ) -> SamplingParams:
         p = self.parameters
         return SamplingParams(
+            constraint=constraint,
             max_tokens=max_new_tokens,
             temperature=(p.temperature if p.temperature is not None else 1.0) if p.is_sampling else 0.0,
             top_p=p.top_p if p.top_p is not None else 1.0,

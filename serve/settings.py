@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from model_handler.logging_setup import parse_log_level
 from serve.admission import ADMISSION_FILE_ENV
+from serve.tool_formats import AUTO, FORMATS
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -52,6 +53,8 @@ class Settings:
     admission_file: str | None = None
     log_level: int = logging.INFO
     compute_type: str = "gpu+optimized"
+    tool_call_parser: str = AUTO
+    """How tool calls are written and parsed: `auto` (detected from the chat template) or a format's name."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -87,6 +90,7 @@ class Settings:
             admission_file=env.raw(ADMISSION_FILE_ENV),
             log_level=parse_log_level(environ),
             compute_type=env.raw("COMPUTE_TYPE") or "gpu+optimized",
+            tool_call_parser=env.choice("TOOL_CALL_PARSER", AUTO, (AUTO, *FORMATS)),
         )
 
     def token_limits(self, max_model_len: int) -> TokenLimits:
@@ -128,6 +132,14 @@ class _Env:
         if maximum is not None and value > maximum:
             raise ValueError(f"{name}={value} must be <= {maximum}")
         return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise ValueError(f"{name}={raw!r} is not one of: {', '.join(choices)}")
+        return raw.lower()
 
     def bool(self, name: str) -> bool | None:
         raw = self.raw(name)

@@ -25,6 +25,7 @@ from serve.logging_setup import RequestRecord
 from serve.metrics import Metrics
 from serve.settings import Settings, TokenLimits
 from serve.tokenizer import TextTokenizer
+from serve.tool_formats import MARKER_TOKENS, ToolSupport, detect_tool_support
 
 logger = logging.getLogger("serve.state")
 
@@ -51,6 +52,7 @@ class ServeState:
         self._client_factory = client_factory
         self._tokenizer: TextTokenizer | None = None
         self._tokenizer_error: str | None = None
+        self._tool_support: ToolSupport | None = None
         self._limits: TokenLimits | None = None
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # held for the ~1 s tokenizer load only
@@ -103,6 +105,15 @@ class ServeState:
                     raise ApiError(ErrorKind.INTERNAL, f"could not load the tokenizer: {exc}") from exc
         return self._tokenizer
 
+    def tool_support(self) -> ToolSupport:
+        """The model's tool-call format (TOOL_CALL_PARSER, else detected from its chat template and tokens)."""
+        if self._tool_support is None:
+            tokenizer = self.tokenizer()
+            markers = {token for token in MARKER_TOKENS if tokenizer.token_id(token) is not None}
+            template = tokenizer.chat_template_source
+            self._tool_support = detect_tool_support(template, markers, self.settings.tool_call_parser)
+        return self._tool_support
+
     def limits(self) -> TokenLimits:
         if self._limits is None:
             engine = self.engine
@@ -127,9 +138,17 @@ class ServeState:
     def num_in_flight(self) -> int:
         return self._in_flight
 
-    def start_job(self, record: RequestRecord, specs: list[SequenceSpec], stops: list[str], include_stop: bool) -> Job:
+    def start_job(
+        self,
+        record: RequestRecord,
+        specs: list[SequenceSpec],
+        stops: list[str],
+        include_stop: bool,
+        visible_ids: dict[int, str] | None = None,
+    ) -> Job:
         """Admit and submit; 503 unless the engine is ready now (the tokenizer, once loaded, no longer asks);
-        429 when the server (every worker together) already serves MAX_CONCURRENT_REQUESTS."""
+        429 when the server (every worker together) already serves MAX_CONCURRENT_REQUESTS. `visible_ids`: special
+        tokens whose text the output keeps (a tool-call marker the reply's parser looks for)."""
         tokenizer = self.tokenizer()
         if not self.engine.is_ready():  # a dead engine would only fail the request after the heartbeat timeout
             raise ApiError(ErrorKind.NOT_READY, "the model is not ready")
@@ -151,7 +170,9 @@ class ServeState:
                 )
                 stream = self.engine.submit(request)
                 generations.append(
-                    Generation(index, stream, tokenizer, stops, include_stop, len(spec.prompt_ids), spec.seed)
+                    Generation(
+                        index, stream, tokenizer, stops, include_stop, len(spec.prompt_ids), spec.seed, visible_ids
+                    )
                 )
         except BaseException:
             for generation in generations:

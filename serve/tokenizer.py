@@ -106,20 +106,40 @@ class TextTokenizer:
             out.append((token_id, text[start:stop], to_bytes(start), to_bytes(stop)))
         return out
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for a conversation; a last assistant message is continued, not closed (TGI)."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The prompt text for a conversation; a last assistant message is continued, not closed (TGI).
+        `tools` and `template_kwargs` (e.g. `enable_thinking`) reach the template as its variables."""
         continue_final = bool(messages) and messages[-1].get("role") == "assistant"
         try:
             return self.hf.apply_chat_template(
                 messages,
+                tools=tools,
                 tokenize=False,
                 add_generation_prompt=not continue_final,
                 continue_final_message=continue_final,
+                **(template_kwargs or {}),
             )
         except Exception as exc:  # jinja2 errors, raise_exception(), no template at all
             if getattr(self.hf, "chat_template", None) is None:
                 raise ApiError(ErrorKind.TEMPLATE, "template not found") from exc
             raise ApiError(ErrorKind.TEMPLATE, str(exc) or type(exc).__name__) from exc
+
+    @property
+    def chat_template_source(self) -> str:
+        """The chat template's text (every named template, joined), for telling model families apart."""
+        template = getattr(self.hf, "chat_template", None)
+        if isinstance(template, dict):
+            return "\n".join(str(t) for t in template.values())
+        return template or ""
+
+    def token_id(self, content: str) -> int | None:
+        """The id of a token by its exact content (an added or special token such as `[TOOL_CALLS]`), or None."""
+        return self.backend.token_to_id(content)
 
     # ---- ids -> text ------------------------------------------------------------------------------
 

@@ -54,7 +54,6 @@ def _error(reply, status: int, param: str | None = None, code: str | None = None
         ({"messages": MESSAGES, "stream": "yes"}, "stream", "boolean"),
         ({"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages.0.content.0", "tag"),
-        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
     ],
 )
 def test_bad_chat_bodies_are_400_and_never_queued(scripted, make_client, body, param, words):

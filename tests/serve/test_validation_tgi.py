@@ -30,7 +30,10 @@ def _tgi_error(reply, status: int, error_type: str = "validation") -> str:
         ({"best_of": 2}, "Input validation error: you must use sampling when `best_of` is > 1"),
         ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
         ({"truncate": 0}, "Input validation error: `truncate` must be strictly positive and less than 2047. Given: 0"),
-        ({"grammar": {"type": "regex", "value": "a+"}}, "Input validation error: grammar is not supported"),
+        ({"grammar": {"type": "xml", "value": "a+"}}, "grammar"),
+        ({"grammar": {"type": "json", "value": "{not json"}}, "Input validation error: grammar is not valid"),
+        ({"grammar": {"type": "json", "value": "[1]"}}, "the schema must be a JSON object"),
+        ({"grammar": {"type": "regex"}}, "missing field `parameters.grammar.regex.value`"),
         ({"decoder_input_details": True}, "decoder_input_details"),
     ],
 )
