@@ -17,7 +17,10 @@ HERMES_TWO = (
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET \\"x\\" }"}}\n</tool_call>'
 )
-LLAMA_TWO = '{"name": "get_weather", "parameters": {"city": "Paris", "days": [1, 2]}}; {"name": "get_time", "parameters": {"tz": "CET \\"x\\" }"}}'
+LLAMA_TWO = (
+    '{"name": "get_weather", "parameters": {"city": "Paris", "days": [1, 2]}}; '
+    '{"name": "get_time", "parameters": {"tz": "CET \\"x\\" }"}}'
+)
 MISTRAL_TWO = (
     '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}, '
     '{"name": "get_time", "arguments": {"tz": "CET \\"x\\" }"}}]'
@@ -135,7 +138,10 @@ def test_reasoning_block_is_split_from_the_answer(start, text, reasoning, conten
 
 
 def test_reasoning_then_tool_call():
-    text = 'I need the weather.</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    text = (
+        'I need the weather.</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n'
+        "</tool_call>"
+    )
     shape = OutputShape(ReasoningStart.OPEN, HERMES, TOOLS)
     message, deltas = _run(shape, text, list(text))
     assert message["reasoning_content"] == "I need the weather." and message["content"] is None
