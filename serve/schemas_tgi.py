@@ -15,6 +15,7 @@ from model_handler.sampling_params import SamplingParams
 from serve.errors import unsupported, validation
 from serve.schemas_tools import Grammar
 from serve.settings import Settings
+from serve.structural_tags import build_constraint
 
 _SEED_LIMIT = 1 << 63
 
@@ -152,8 +153,7 @@ class GenerateRequest(_Body):
         grammar = self.parameters.grammar
         if grammar is None:
             return None
-        answer = grammar.answer_format("grammar")
-        return Constraint(answer.kind, answer.value, answer.strict)
+        return build_constraint(grammar.answer_format("grammar"), None)
 
     def to_sampling_params(
         self, max_new_tokens: int, seed: int | None, constraint: Constraint | None = None

@@ -14,12 +14,13 @@ from typing import Any
 
 from model_handler.constraints import Constraint, ConstraintKind
 from serve.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningStart
+from serve.schema_rewrites import grammar_schema
 from serve.tool_formats import ToolCallFormat
 
-MAX_JSON_WHITESPACE = 16
+MAX_JSON_WHITESPACE = 8
 """Most consecutive whitespace characters inside JSON a structural tag allows (xgrammar's default is unbounded:
-a weak model can spend its whole budget on blank lines). Room for pretty-printed JSON a few levels deep."""
-_ANSWER_GAP = {"type": "regex", "pattern": "\\s{0,4}"}
+a weak model can spend its whole budget on blank lines). Room for JSON pretty-printed three levels deep."""
+_ANSWER_GAP = {"type": "regex", "pattern": "[ \\t\\r\\n]{0,4}"}
 """Between a reasoning block and a JSON or regex answer (Qwen3 writes a blank line there)."""
 
 
@@ -62,6 +63,8 @@ def build_constraint(
     """The request's constraint, or None when the output is free."""
     has_block = reasoning is not ReasoningStart.NONE
     if plan is None and answer is not None and not has_block:
+        if answer.kind is ConstraintKind.JSON_SCHEMA:  # the engine applies `strict` itself
+            return Constraint(answer.kind, json.dumps(grammar_schema(json.loads(answer.value), True)), answer.strict)
         return Constraint(answer.kind, answer.value, answer.strict)
     if plan is None and answer is None and (not has_block or reasoning_budget is None):
         return None
@@ -104,10 +107,10 @@ def _answer_element(answer: AnswerFormat) -> dict:
 
 
 def _json_element(schema: dict | bool, strict: bool) -> dict:
-    """A JSON value; in a structural tag xgrammar reads schemas strictly, so a lax one says so explicitly."""
+    """A JSON value of this schema, in the form xgrammar compiles to exactly such JSON (see schema_rewrites)."""
     return {
         "type": "json_schema",
-        "json_schema": schema if strict else allow_additional_properties(schema),
+        "json_schema": grammar_schema(schema, strict),
         "max_whitespace_cnt": MAX_JSON_WHITESPACE,
     }
 
@@ -161,7 +164,7 @@ def _call_list(plan: ToolPlan) -> dict:
             "type": "object",
             "properties": {
                 "name": {"type": "string", "enum": [tool.name]},
-                "arguments": _strictness(json.loads(tool.parameters), tool.strict),
+                "arguments": grammar_schema(json.loads(tool.parameters), tool.strict),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -173,34 +176,3 @@ def _call_list(plan: ToolPlan) -> dict:
         schema["maxItems"] = 1
     content = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
     return {"type": "tag", "begin": {"type": "token", "token": plan.format.opener}, "content": content, "end": ""}
-
-
-def _strictness(schema: dict | bool, strict: bool) -> dict | bool:
-    return schema if strict else allow_additional_properties(schema)
-
-
-_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_VALUES = ("items", "additionalItems", "not", "if", "then", "else", "contains", "propertyNames")
-
-
-def allow_additional_properties(schema: Any) -> Any:
-    """A copy of a JSON schema where every object schema that lists properties and says nothing about others
-    allows them, as JSON Schema itself does (OpenAI's non-strict mode)."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [allow_additional_properties(s) for s in out[key]]
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: allow_additional_properties(s) for name, s in out[key].items()}
-    for key in _SCHEMA_VALUES:
-        if key in out:
-            out[key] = allow_additional_properties(out[key])
-    if isinstance(out.get("additionalProperties"), dict):
-        out["additionalProperties"] = allow_additional_properties(out["additionalProperties"])
-    elif "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = True
-    return out
