@@ -1,0 +1,100 @@
+"""Schemas with keywords xgrammar would drop are refused naming the keyword; the rest compile untouched."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from model_handler.constraints import Constraint, ConstraintKind
+from model_handler.grammar_compiler import GrammarError
+from model_handler.json_schema_support import find_unsupported_keyword
+
+# (schema, an instance it forbids that xgrammar's grammar for it would still produce, the refused keyword)
+LOOSENED = [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]", "uniqueItems"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]", "contains"),
+    ({"type": "number", "multipleOf": 3}, "4", "multipleOf"),
+    ({"type": "string", "pattern": "a+", "maxLength": 2}, '"aaa"', "pattern"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "1", "allOf"),
+    ({"not": {"type": "integer"}}, "1", "not"),
+    ({"if": {"type": "integer"}, "then": {"minimum": 3}}, "1", "if"),
+    (
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}},
+        '{"a": 1}',
+        "dependentRequired",
+    ),
+    (
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "unevaluatedProperties": False},
+        '{"b": 1}',
+        "unevaluatedProperties",
+    ),
+]
+
+
+@pytest.mark.parametrize(("schema", "instance", "keyword"), LOOSENED)
+def test_each_refused_keyword_is_one_xgrammar_would_drop(test_model_dir, schema, instance, keyword):
+    """Compiled anyway, the grammar accepts an instance the schema forbids: why the keyword is refused."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(test_model_dir), vocab_size=512)
+    compiled = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(json.dumps(schema), strict_mode=False)
+    matcher = xgr.GrammarMatcher(compiled)
+    assert matcher.accept_string(instance) and matcher.is_completed()
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(instance), schema)
+    assert f"keyword '{keyword}' at /" in find_unsupported_keyword(schema)
+
+
+def test_the_message_points_at_the_nested_schema():
+    schema = {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"type": "array", "uniqueItems": True}}},
+        "$defs": {"x": {"anyOf": [{"type": "string"}, {"not": {"const": 1}}]}},
+    }
+    assert find_unsupported_keyword(schema).startswith("keyword 'uniqueItems' at /properties/tags/items is not")
+    del schema["properties"]
+    assert find_unsupported_keyword(schema).startswith("keyword 'not' at /$defs/x/anyOf/1 is not supported")
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # what pydantic writes: $defs, $ref under a one-schema allOf, Optional as anyOf with null, titles, defaults
+        {
+            "$defs": {"Pet": {"properties": {"name": {"title": "Name", "type": "string"}}, "type": "object"}},
+            "properties": {
+                "pet": {"allOf": [{"$ref": "#/$defs/Pet"}], "default": None},
+                "age": {"anyOf": [{"type": "integer", "multipleOf": 2}, {"type": "null"}], "title": "Age"},
+                "ids": {"type": "array", "items": {"type": "integer"}, "uniqueItems": False},
+            },
+            "required": ["pet"],
+            "title": "Owner",
+            "type": "object",
+        },
+        # keywords' names used as property names, and as data
+        {"type": "object", "properties": {"not": {"type": "string"}, "if": {"const": {"not": 1}}}},
+        True,
+    ],
+)
+def test_supported_schemas_pass(schema):
+    assert find_unsupported_keyword(schema) is None
+
+
+def test_the_compiler_refuses_them_in_schemas_and_structural_tags(grammar_compiler):
+    schema = {"type": "array", "uniqueItems": True}
+    with pytest.raises(GrammarError, match="^the JSON schema is invalid: keyword 'uniqueItems' at / is not supp"):
+        grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))).result(30)
+    tag = {
+        "type": "structural_tag",
+        "format": {
+            "type": "tag",
+            "begin": "<a>",
+            "content": {"type": "json_schema", "json_schema": schema},
+            "end": "</a>",
+        },
+    }
+    with pytest.raises(GrammarError, match="^the structural tag is invalid: keyword 'uniqueItems' at / is not supp"):
+        grammar_compiler.submit(Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag))).result(30)
