@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model_handler.constraints import Constraint, ConstraintKind
-from model_handler.json_schema_support import find_unsupported_keyword
+from model_handler.json_schema_support import find_unsupported_keyword, with_string_lengths_as_patterns
 
 MAX_JSON_WHITESPACE = 16
 """Most whitespace characters in a row that a JSON grammar allows: a newline and indentation three levels deep
@@ -71,34 +71,27 @@ def _clean(message: str) -> str:
     return message if len(message) <= _MAX_MESSAGE_CHARS else message[: _MAX_MESSAGE_CHARS - 3] + "..."
 
 
-def _bound_whitespace(node: Any) -> Any:
-    """A structural tag with every JSON-schema part held to MAX_JSON_WHITESPACE, unless it sets its own bound."""
-    if isinstance(node, list):
-        return [_bound_whitespace(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    bounded = {key: (value if key == "json_schema" else _bound_whitespace(value)) for key, value in node.items()}
-    if bounded.get("type") == "json_schema" and bounded.get("max_whitespace_cnt") is None:
-        bounded["max_whitespace_cnt"] = MAX_JSON_WHITESPACE
-    return bounded
-
-
-def _json_schemas_in(node: Any) -> list[Any]:
-    """The schemas of a structural tag's JSON-schema parts."""
-    if isinstance(node, list):
-        return [schema for item in node for schema in _json_schemas_in(item)]
-    if not isinstance(node, dict):
-        return []
-    if node.get("type") == "json_schema":
-        return [node.get("json_schema")]
-    return [schema for value in node.values() for schema in _json_schemas_in(value)]
-
-
-def _check_supported(schema: Any) -> None:
-    """GrammarError when the schema uses a keyword the grammar would silently drop."""
+def _prepared(schema: Any) -> Any:
+    """The schema as xgrammar gets it; GrammarError when it uses a keyword the grammar would silently drop."""
     problem = find_unsupported_keyword(schema)
     if problem is not None:
         raise GrammarError(problem)
+    return with_string_lengths_as_patterns(schema)
+
+
+def _prepare_tag(node: Any) -> Any:
+    """A structural tag with each JSON-schema part prepared (`_prepared`) and its whitespace held to
+    MAX_JSON_WHITESPACE, unless the part sets its own bound."""
+    if isinstance(node, list):
+        return [_prepare_tag(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") != "json_schema":
+        return {key: _prepare_tag(value) for key, value in node.items()}
+    prepared = {**node, "json_schema": _prepared(node.get("json_schema"))}
+    if prepared.get("max_whitespace_cnt") is None:
+        prepared["max_whitespace_cnt"] = MAX_JSON_WHITESPACE
+    return prepared
 
 
 class GrammarCompiler:
@@ -157,9 +150,8 @@ class GrammarCompiler:
         what = _WHAT[constraint.kind]
         try:
             if constraint.kind is ConstraintKind.JSON_SCHEMA:
-                _check_supported(json.loads(constraint.value))
                 return compiler.compile_json_schema(
-                    constraint.value,
+                    json.dumps(_prepared(json.loads(constraint.value))),
                     strict_mode=constraint.strict,
                     any_whitespace=True,
                     max_whitespace_cnt=MAX_JSON_WHITESPACE,
@@ -170,9 +162,7 @@ class GrammarCompiler:
                 )
             if constraint.kind is ConstraintKind.REGEX:
                 return compiler.compile_regex(constraint.value)
-            tag = _bound_whitespace(json.loads(constraint.value))
-            for schema in _json_schemas_in(tag):
-                _check_supported(schema)
+            tag = _prepare_tag(json.loads(constraint.value))
             return compiler.compile_structural_tag(json.dumps(tag))
         except json.JSONDecodeError as exc:
             raise GrammarError(f"{what} is invalid: not JSON ({exc})") from None

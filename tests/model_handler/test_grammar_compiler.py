@@ -93,10 +93,15 @@ def test_structural_tag_is_free_text_until_its_trigger_then_json_with_bounded_wh
     assert not accepts(compiled, '<tool_call>{"x":  1}</tool_call>')  # the tag's own bound is kept
 
 
-def test_whitespace_bound_leaves_the_schemas_inside_a_structural_tag_alone():
-    tag = {"type": "json_schema", "json_schema": {"type": "json_schema", "properties": {}}}
-    bounded = compiler_module._bound_whitespace({"format": {"type": "sequence", "elements": [tag]}})
-    assert bounded["format"]["elements"][0] == {**tag, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+def test_structural_tag_parts_are_prepared_like_schemas():
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}}
+    tag = {"type": "json_schema", "json_schema": schema}
+    prepared = compiler_module._prepare_tag({"format": {"type": "sequence", "elements": [tag]}})
+    assert prepared["format"]["elements"][0] == {
+        "type": "json_schema",
+        "json_schema": {"type": "object", "properties": {"s": {"type": "string", "pattern": "^.{0,3}$"}}},
+        "max_whitespace_cnt": MAX_JSON_WHITESPACE,
+    }
 
 
 @pytest.mark.parametrize(
