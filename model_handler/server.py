@@ -49,6 +49,11 @@ class WorkerGone:
     worker_pid: int
 
 
+@dataclass(slots=True)
+class Wakeup:
+    """The engine's note to the step loop, from a compile thread: a request it held back is ready to step."""
+
+
 class EngineIO:
     """Socket side of the engine process; runs in its own thread and talks to the step loop through queues."""
 
@@ -154,14 +159,17 @@ class EngineServer:
         self._owners: dict[str, bytes] = {}
         self._stop = threading.Event()
         self._info: EngineInfo = engine.info()
+        # Requests held back while their grammar compiles do not keep the loop busy: it sleeps on the inbox,
+        # and the compile's end puts a Wakeup there.
+        engine.set_wakeup(lambda: io.inbox.put((b"", Wakeup())))
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
         while not self._stop.is_set():
-            self._admit(block=not self.engine.has_unfinished_requests())
-            if self.engine.has_unfinished_requests():
+            self._admit(block=not self.engine.has_ready_requests())
+            if self.engine.has_ready_requests():
                 self._step()
             self._publish_status()
 
