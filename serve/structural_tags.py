@@ -17,9 +17,6 @@ from serve.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningStart
 from serve.schema_rewrites import grammar_schema
 from serve.tool_formats import ToolCallFormat
 
-MAX_JSON_WHITESPACE = 8
-"""Most consecutive whitespace characters inside JSON a structural tag allows (xgrammar's default is unbounded:
-a weak model can spend its whole budget on blank lines). Room for JSON pretty-printed three levels deep."""
 _ANSWER_GAP = {"type": "regex", "pattern": "[ \\t\\r\\n]{0,4}"}
 """Between a reasoning block and a JSON or regex answer (Qwen3 writes a blank line there)."""
 
@@ -63,9 +60,7 @@ def build_constraint(
     """The request's constraint, or None when the output is free."""
     has_block = reasoning is not ReasoningStart.NONE
     if plan is None and answer is not None and not has_block:
-        if answer.kind is ConstraintKind.JSON_SCHEMA:  # the engine applies `strict` itself
-            return Constraint(answer.kind, json.dumps(grammar_schema(json.loads(answer.value), True)), answer.strict)
-        return Constraint(answer.kind, answer.value, answer.strict)
+        return Constraint(answer.kind, answer.value, answer.strict)  # the engine applies `strict` itself
     if plan is None and answer is None and (not has_block or reasoning_budget is None):
         return None
     excludes = [THINK_OPEN, THINK_CLOSE] if has_block else []
@@ -107,12 +102,8 @@ def _answer_element(answer: AnswerFormat) -> dict:
 
 
 def _json_element(schema: dict | bool, strict: bool) -> dict:
-    """A JSON value of this schema, in the form xgrammar compiles to exactly such JSON (see schema_rewrites)."""
-    return {
-        "type": "json_schema",
-        "json_schema": grammar_schema(schema, strict),
-        "max_whitespace_cnt": MAX_JSON_WHITESPACE,
-    }
+    """A JSON value of this schema (the engine bounds the whitespace in it)."""
+    return {"type": "json_schema", "json_schema": grammar_schema(schema, strict)}
 
 
 def _call_tags(plan: ToolPlan) -> list[dict]:
@@ -174,5 +165,5 @@ def _call_list(plan: ToolPlan) -> dict:
     schema: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
     if not plan.parallel:
         schema["maxItems"] = 1
-    content = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+    content = {"type": "json_schema", "json_schema": schema}
     return {"type": "tag", "begin": {"type": "token", "token": plan.format.opener}, "content": content, "end": ""}

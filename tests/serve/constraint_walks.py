@@ -1,39 +1,32 @@
-"""Test helpers that run the constraints the HTTP side builds through xgrammar itself: compile them with a model
-folder's tokenizer, and walk them token by token with random choices among the tokens the grammar allows (what a
-model with random weights does under constrained decoding, without the engine)."""
+"""Test helpers that run the constraints the HTTP side builds through the engine's compiler (xgrammar, a model
+folder's tokenizer), and walk them token by token with random choices among the tokens the grammar allows (what a
+model with random weights does under constrained decoding, without the rest of the engine)."""
 
 from __future__ import annotations
 
-import json
 import random
 from functools import cache
 
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerFast
 
-from model_handler.constraints import Constraint, ConstraintKind
+from model_handler.constraints import Constraint
+from model_handler.grammar_compiler import GrammarCompiler
+from model_handler.model_config import ModelConfig
 
 
 @cache
-def compiler_for(model_dir: str) -> tuple[PreTrainedTokenizerFast, xgr.GrammarCompiler, list[int], int]:
-    """(tokenizer, compiler, stop ids, vocabulary width) for a model folder; the width is the model's."""
+def compiler_for(model_dir: str) -> tuple[PreTrainedTokenizerFast, GrammarCompiler, list[int], int]:
+    """(tokenizer, the engine's compiler, stop ids, vocabulary width) for a model folder."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    config = json.loads(open(f"{model_dir}/config.json").read())
-    stops = json.loads(open(f"{model_dir}/generation_config.json").read())["eos_token_id"]
-    stops = stops if isinstance(stops, list) else [stops]
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=config["vocab_size"], stop_token_ids=stops)
-    return tokenizer, xgr.GrammarCompiler(info), stops, config["vocab_size"]
+    config = ModelConfig.from_model_dir(model_dir)
+    stops = list(config.eos_token_ids)
+    return tokenizer, GrammarCompiler(model_dir, config.vocab_size, stops), stops, config.vocab_size
 
 
-def compile_constraint(compiler: xgr.GrammarCompiler, constraint: Constraint) -> xgr.CompiledGrammar:
-    """What the engine compiles for each kind (raises on a constraint xgrammar rejects)."""
-    if constraint.kind is ConstraintKind.JSON_SCHEMA:
-        return compiler.compile_json_schema(constraint.value, strict_mode=constraint.strict)
-    if constraint.kind is ConstraintKind.JSON_OBJECT:
-        return compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
-    if constraint.kind is ConstraintKind.REGEX:
-        return compiler.compile_regex(constraint.value)
-    return compiler.compile_structural_tag(constraint.value)
+def compile_constraint(compiler: GrammarCompiler, constraint: Constraint) -> xgr.CompiledGrammar:
+    """As the engine compiles it (GrammarError for a constraint it refuses)."""
+    return compiler.submit(constraint).result(60)
 
 
 def accepts(model_dir: str, constraint: Constraint, text: str, complete: bool = True) -> bool:

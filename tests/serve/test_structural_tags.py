@@ -214,7 +214,7 @@ def test_non_strict_schemas_allow_unlisted_properties(hermes_dir):
 
 @pytest.mark.parametrize("strict", [True, False])
 def test_bounded_strings_never_hold_raw_control_characters(hermes_dir, strict):
-    """xgrammar 0.2.9 lets a string with maxLength hold U+0000-U+001F unescaped (not JSON): the rewrite stops it,
+    """xgrammar 0.2.9 lets a string with maxLength hold U+0000-U+001F unescaped (not JSON): the engine stops it,
     and the length bounds still hold."""
     schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 3}}}
     answer = AnswerFormat(ConstraintKind.JSON_SCHEMA, json.dumps(schema), strict)
