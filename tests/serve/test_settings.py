@@ -46,11 +46,18 @@ def test_max_input_length_is_an_alias_and_both_is_an_error():
         ({"SAGEMAKER_CONTAINER_LOG_LEVEL": "loud"}, "SAGEMAKER_CONTAINER_LOG_LEVEL"),
         ({"MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "10"}, "MAX_INPUT_TOKENS"),
         ({"PAYLOAD_LIMIT": "-1"}, "PAYLOAD_LIMIT"),
+        ({"TOOL_CALL_PARSER": "pythonic"}, "TOOL_CALL_PARSER"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
         Settings.from_env(env)
+
+
+def test_tool_call_parser():
+    assert Settings.from_env({}).tool_call_parser == "auto"
+    for name in ("hermes", "llama3_json", "mistral", "generic", "auto"):
+        assert Settings.from_env({"TOOL_CALL_PARSER": name.upper()}).tool_call_parser == name
 
 
 def test_sagemaker_variables_are_accepted_and_log_level_parsed():
