@@ -18,6 +18,8 @@ class OutputShape:
     reasoning: ReasoningStart = ReasoningStart.NONE
     tool_format: ToolCallFormat | None = None
     tool_names: frozenset[str] = frozenset()
+    calls_only: bool = False
+    """The grammar allows tool calls only (`required`, a named tool): the answer has no content."""
 
     @property
     def has_reasoning(self) -> bool:

@@ -39,7 +39,12 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: TextTokenizer, support: Too
     answer = req.response_format.answer_format() if req.response_format is not None else None
     constraint = build_constraint(answer, plan, prompt.reasoning, req.thinking_token_budget)
     names = frozenset(tool.name for tool in plan.tools) if plan is not None else frozenset()
-    shape = OutputShape(prompt.reasoning, plan.format if plan is not None else None, names)
+    shape = OutputShape(
+        prompt.reasoning,
+        plan.format if plan is not None else None,
+        names,
+        calls_only=plan is not None and plan.required and answer is None,
+    )
     markers = [plan.format.opener] if plan is not None and plan.format.opener_is_token else []
     if shape.reasoning is not ReasoningStart.NONE:
         markers += [THINK_OPEN, THINK_CLOSE]

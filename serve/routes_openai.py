@@ -89,7 +89,8 @@ def _chat_stream(
 ) -> Iterator[bytes]:
     include_usage = req.include_usage
     for generation in job.generations:
-        delta = {"role": "assistant", "content": ""}
+        # OpenAI's first delta: content "" for a text reply, null for a reply of calls only
+        delta = {"role": "assistant", "content": None if outputs[generation.index].shape.calls_only else ""}
         yield sse_data(responses.chat_chunk(reply, generation.index, delta, include_usage=include_usage))
     for update in job.updates():
         output = outputs[update.index]

@@ -69,7 +69,7 @@ def test_openai_tool_calls_whole_and_streamed(live_server):
     # The stream, accumulated by the client's own helper, gives the same calls.
     with client.chat.completions.stream(**kwargs, extra_body=NO_THINKING) as stream:
         final = stream.get_final_completion()
-    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].finish_reason == "tool_calls" and final.choices[0].message.content is None
     streamed = final.choices[0].message.tool_calls
     assert [(c.function.name, c.function.arguments) for c in streamed] == [
         (c["function"]["name"], c["function"]["arguments"]) for c in calls
@@ -104,7 +104,7 @@ def test_raw_sse_of_tool_calls(live_server):
     }
     chunks = _sse(f"{live_server.url}/v1/chat/completions", body)
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert deltas[0] == {"role": "assistant", "content": None}  # calls only: no content, as OpenAI streams it
     first_call = next(d["tool_calls"][0] for d in deltas if d.get("tool_calls"))
     assert set(first_call) == {"index", "id", "type", "function"} and first_call["function"]["arguments"] == ""
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
