@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ import time
 import gevent
 import pytest
 
+from model_handler.constraints import Constraint, ConstraintKind
 from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import EngineDeadError, SocketEngineClient
@@ -195,3 +197,21 @@ def test_the_requests_of_a_worker_that_died_are_aborted(engine):
         assert "HTTP worker gone" in engine.log_path.read_text()
     finally:
         watcher.close()
+
+
+def test_constrained_requests_cross_the_seam(client):
+    """A constraint that compiles (in the engine, off its step loop) shapes the output; one that does not comes
+    back REJECTED before any token, with what is wrong with it, for the HTTP side's 400."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(client.info.model_dir)
+    regex = Constraint(ConstraintKind.REGEX, r"(yes|no), [a-z]{2,6}")
+    outputs = list(client.submit(_request(client, [1, 5, 9, 33], max_tokens=30, temperature=0.0, constraint=regex)))
+    token_ids = [t for output in outputs for t in output.new_token_ids]
+    assert outputs[-1].finish_reason == FinishReason.EOS and token_ids[-1] in client.info.eos_token_ids
+    assert re.fullmatch(regex.value, tokenizer.decode(token_ids[:-1]))
+    bad = Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "strin"}')
+    [refused] = list(client.submit(_request(client, [1, 5, 9, 33], max_tokens=30, constraint=bad)))
+    assert refused.finish_reason == FinishReason.REJECTED and refused.new_token_ids == []
+    assert refused.failure_message == 'the JSON schema is invalid: Unsupported type "strin"'
+    assert client.info.grammar_backend == "xgrammar 0.2.9"
