@@ -61,6 +61,12 @@ class Engine:
         self.config = config
         self.model_config = ModelConfig.from_model_dir(config.model_dir)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        # The logits' width is the config's vocab_size (the LM head's rows), which may exceed the tokenizer's.
+        self.grammar_compiler = GrammarCompiler(
+            config.model_dir, self.model_config.vocab_size, list(self.eos_token_ids)
+        )
+        self.grammar_compiler.prepare()  # meanwhile the model loads
+        self.grammar_waitlist = GrammarWaitlist(self.grammar_compiler)
         self.model_runner = ModelRunner(config, self.model_config, tp_size=config.tensor_parallel_size)
         self.block_manager = BlockManager(
             self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
@@ -73,10 +79,6 @@ class Engine:
             self.eos_token_ids,
         )
         self.sampler = Sampler(self.model_runner.device, config.seed)
-        self.grammar_compiler = GrammarCompiler(
-            config.model_dir, self.model_config.vocab_size, list(self.eos_token_ids)
-        )
-        self.grammar_waitlist = GrammarWaitlist(self.grammar_compiler)
         self._aborted: list[RequestOutput] = []
         self._in_flight: InFlightStep | None = None
         logger.info("engine ready: %s", self.info())
