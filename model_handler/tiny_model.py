@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from model_handler import envs
+
 FORMAT_VERSION = 2  # bump when the folder layout or contents change, so caches rebuild
-CACHE_ENV = "TINY_MODEL_CACHE"
-DEFAULT_CACHE_ROOT = Path("~/.cache/sagemaker-llm")
 
 BOS_TOKEN, IM_START, EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS_TOKEN, IM_START, EOS_TOKEN, PAD_TOKEN]  # ids 0..3
@@ -212,18 +212,14 @@ def build_tiny_model(
     return out
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
-
-
 def model_dir_name(preset: str, spec: TinyModelSpec) -> str:
     """`<preset>-<hash of the parameters and FORMAT_VERSION>`: any change gives a fresh folder."""
     key = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
     return f"{preset}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def default_model_dir(preset: str = "tiny") -> Path:
-    """The cached folder of a preset, built on first use.
+def default_model_dir(preset: str = "tiny", cache: str | None = None) -> Path:
+    """The cached folder of a preset under `cache` (default: TINY_MODEL_CACHE), built on first use.
 
     The build goes to a temporary sibling that is renamed into place, so concurrent callers (pytest
     workers, engine and tests) never see half a folder; when two build at once, the first rename wins.
@@ -231,7 +227,7 @@ def default_model_dir(preset: str = "tiny") -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny model preset {preset!r}; known: {', '.join(PRESETS)}")
     spec = PRESETS[preset]
-    root = cache_root()
+    root = Path(cache or envs.TINY_MODEL_CACHE).expanduser()
     final = root / model_dir_name(preset, spec)
     if final.is_dir():
         return final

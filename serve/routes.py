@@ -10,6 +10,7 @@ from flask import Blueprint, Response
 from serve.context import current_state, json_response, read_json, set_dialect
 from serve.errors import UNHEALTHY_BODY, ApiError, Dialect, ErrorKind
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serve.request_checks import refuse_non_text_parts
 from serve.responses import SERVER_VERSION
 from serve.schemas import parse_body
 from serve.schemas_openai import ChatCompletionRequest
@@ -26,6 +27,9 @@ PUBLIC_ENDPOINTS = frozenset(
         "basic.models",
         "basic.metrics",
         "basic.chat_tokenize",
+        "docs.openapi_document",
+        "docs.docs_page",
+        "docs.docs_asset",
     }
 )
 """Routes TGI serves without `API_KEY`; every other route needs the bearer token when it is set."""
@@ -133,7 +137,9 @@ def tokenize() -> Response:
 def chat_tokenize() -> Response:
     """TGI's `/chat_tokenize`: the rendered chat prompt and its tokens."""
     req = parse_body(ChatCompletionRequest, read_json(), Dialect.TGI)
-    tokenizer = current_state().tokenizer()
+    state = current_state()
+    tokenizer = state.tokenizer()
+    refuse_non_text_parts(req.messages, state.model_name())
     text = tokenizer.apply_chat_template(req.template_messages())
     tokens = tokenizer.encode_with_offsets(text, add_special_tokens=False)
     return json_response(

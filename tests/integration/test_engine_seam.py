@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 
 import gevent
 import pytest
@@ -41,7 +42,7 @@ def client(engine):
 
 
 def _request(client: SocketEngineClient, prompt: list[int], **params) -> EngineRequest:
-    return EngineRequest(client.new_request_id(), prompt, SamplingParams(**params))
+    return EngineRequest(uuid.uuid4().hex, prompt, SamplingParams(**params))
 
 
 def _collect(client: SocketEngineClient, request: EngineRequest) -> tuple[list[int], FinishReason | None]:
@@ -151,7 +152,7 @@ def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
 
 
 _DOOMED_WORKER = """
-import sys, time
+import sys, time, uuid
 from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import SocketEngineClient
@@ -159,7 +160,7 @@ from serve.engine_client import SocketEngineClient
 client = SocketEngineClient(sys.argv[1])
 assert client.wait_ready(30)
 params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
-streams = [client.submit(EngineRequest(client.new_request_id(), [1, 2, 3, 4 + i], params)) for i in range(8)]
+streams = [client.submit(EngineRequest(uuid.uuid4().hex, [1, 2, 3, 4 + i], params)) for i in range(8)]
 for stream in streams:
     next(iter(stream))
 print("generating", flush=True)

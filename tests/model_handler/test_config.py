@@ -114,10 +114,27 @@ def test_every_variable_is_read(model_dir):
     assert (small.max_num_prefill_tokens, small.max_num_seqs, small.max_step_tokens) == (16, 32, 47)
 
 
+def test_token_limits_default_to_the_model_context_and_are_checked_together(model_dir):
+    config = from_env(model_dir)
+    assert (config.max_model_len, config.input_token_limit) == (512, 511)
+    config = from_env(model_dir, MAX_TOTAL_TOKENS="300")
+    assert (config.max_model_len, config.input_token_limit) == (300, 299)
+    config = from_env(model_dir, MAX_INPUT_TOKENS="100")
+    assert (config.max_model_len, config.input_token_limit) == (512, 100)
+    assert from_env(model_dir, MAX_INPUT_LENGTH="100").input_token_limit == 100  # TGI's older name
+    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS and MAX_INPUT_LENGTH"):
+        from_env(model_dir, MAX_INPUT_LENGTH="100", MAX_INPUT_TOKENS="100")
+    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS=300 must be smaller"):
+        from_env(model_dir, MAX_INPUT_TOKENS="300", MAX_TOTAL_TOKENS="300")
+    with pytest.raises(ValueError, match="MAX_INPUT_LENGTH=600 must be smaller"):
+        from_env(model_dir, MAX_INPUT_LENGTH="600")
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
         ("MAX_TOTAL_TOKENS", "many"),
+        ("MAX_INPUT_TOKENS", "ten"),
         ("MAX_TOTAL_TOKENS", "4096"),  # above max_position_embeddings
         ("MAX_BATCH_PREFILL_TOKENS", "0"),
         ("MAX_BATCH_SIZE", "-1"),
