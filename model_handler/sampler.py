@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from model_handler.engine_protocol import TokenLogprob
-from model_handler.grammar_matcher import apply_grammar_bitmask
+from model_handler.grammar_bitmask import apply_grammar_bitmask
 from model_handler.host_to_device import to_device
 from model_handler.logits_processors import apply_logit_bias, apply_min_p, apply_typical_p
 from model_handler.sequence import Sequence

@@ -1,5 +1,5 @@
 """The per-step grammar mask: constrained rows of a mixed batch masked to exactly what their grammar allows, the
-other rows untouched bit for bit; min_tokens against a grammar; the sampler's path."""
+other rows untouched bit for bit; min_tokens against a grammar; the sampler's path; the GPU kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model_handler.constraints import Constraint, ConstraintKind
-from model_handler.grammar_matcher import RequestGrammar, apply_grammar_bitmask
+from model_handler.grammar_bitmask import apply_grammar_bitmask
+from model_handler.grammar_matcher import RequestGrammar
 from model_handler.sampler import Sampler
 from tests.model_handler.engine_factories import create_sequence
 
