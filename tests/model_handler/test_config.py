@@ -197,6 +197,7 @@ def test_hub_id_offline_is_a_clear_error_without_network(tmp_path):
 
 
 def test_embedded_tiny_model_is_the_last_resort(tiny_model_dir, tmp_path):
-    config = EngineConfig.from_env({"SM_MODEL_DIR": str(tmp_path)}, device="cpu")  # an empty /opt/ml/model
+    environ = {"SM_MODEL_DIR": str(tmp_path), "TINY_MODEL_CACHE": str(tiny_model_dir.parent)}  # an empty /opt/ml/model
+    config = EngineConfig.from_env(environ, device="cpu")
     assert config.model_dir == tiny_model_dir
     assert config.max_model_len == 2048
