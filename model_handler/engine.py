@@ -7,7 +7,9 @@ With async scheduling (ASYNC_SCHEDULING, the default on one GPU) one step stays 
 the next step, its inputs patched on the device with the tokens the step before sampled, and only then reads
 those tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
 leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
-penalties, logprobs or a grammar (which need the tokens on the host first) run the plain, synchronous way.
+penalties, logprobs or a grammar (which need the tokens on the host first) run the plain, synchronous way, as do
+those that ask for prompt logprobs (`prompt_logprobs.py`: their prompt rows' logits are read in the step that
+computes them).
 
 A request with an output constraint waits in a `GrammarWaitlist` while its grammar compiles on a worker thread;
 the others keep stepping, and it joins the schedule at the first step after the compile.
@@ -21,14 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
+from model_handler import sampler
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
 from model_handler.engine_protocol import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
+from model_handler.generation_defaults import read_sampling_defaults
 from model_handler.grammar_compiler import GrammarCompiler, xgrammar_version
 from model_handler.grammar_waitlist import GrammarWaitlist
 from model_handler.input_patch import InputPatch
-from model_handler.model_config import ModelConfig
 from model_handler.model_runner import ModelRunner
+from model_handler.prompt_logprobs import take_prompt_logprobs
 from model_handler.sampler import Sampler
 from model_handler.scheduler import Scheduler, SchedulerOutput
 from model_handler.sequence import Sequence
@@ -59,9 +63,18 @@ class Engine:
         which hold the other shards; this process alone schedules and samples.
         """
         self.config = config
-        self.model_config = ModelConfig.from_model_dir(config.model_dir)
+        self.model_config = config.model()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
-        self.model_runner = ModelRunner(config, self.model_config, tp_size=config.tensor_parallel_size)
+        # The logits' width is the config's vocab_size (the LM head's rows), which may exceed the tokenizer's.
+        self.grammar_compiler = GrammarCompiler(
+            config.model_dir, self.model_config.vocab_size, list(self.eos_token_ids)
+        )
+        self.grammar_compiler.prepare()  # meanwhile the model loads
+        self.grammar_waitlist = GrammarWaitlist(self.grammar_compiler)
+        self.sampling_defaults = read_sampling_defaults(config.generation_config, config.model_dir)
+        self.model_runner = ModelRunner(
+            config, self.model_config, tp_size=config.tensor_parallel_size, warm_up_sampling=sampler.warm_up
+        )
         self.block_manager = BlockManager(
             self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -73,10 +86,6 @@ class Engine:
             self.eos_token_ids,
         )
         self.sampler = Sampler(self.model_runner.device, config.seed)
-        self.grammar_compiler = GrammarCompiler(
-            config.model_dir, self.model_config.vocab_size, list(self.eos_token_ids)
-        )
-        self.grammar_waitlist = GrammarWaitlist(self.grammar_compiler)
         self._aborted: list[RequestOutput] = []
         self._in_flight: InFlightStep | None = None
         logger.info("engine ready: %s", self.info())
@@ -114,7 +123,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
-        logits = self.model_runner.execute(scheduled)  # [num_sampling, vocab]
+        logits = self.model_runner.execute(scheduled)  # [num_sampling (+ prompt rows), vocab]
+        if scheduled.num_prompt_logit_rows:
+            logits = take_prompt_logprobs(scheduled, logits)  # [num_sampling, vocab]
         sampled = self.sampler(logits, [e.seq for e in scheduled.scheduled if e.samples])
         seqs = self.scheduler.update_from_output(scheduled, sampled.token_ids)
         logprobs = sampled.logprobs or [None] * len(seqs)
@@ -133,6 +144,7 @@ class Engine:
         need them on the host."""
         return not any(
             p.logprobs is not None
+            or p.prompt_logprobs is not None
             or p.repetition_penalty != 1.0
             or p.frequency_penalty
             or p.presence_penalty
@@ -210,6 +222,7 @@ class Engine:
             dtype=config.dtype,
             device=str(runner.device),
             max_model_len=config.max_model_len,
+            max_input_tokens=config.input_token_limit,
             block_size=config.block_size,
             num_kv_blocks=runner.num_kv_blocks,
             kv_cache_bytes=runner.kv_cache_bytes,
@@ -222,6 +235,7 @@ class Engine:
             prefix_caching=config.enable_prefix_caching,
             tensor_parallel_size=config.tensor_parallel_size,
             grammar_backend=xgrammar_version(),
+            sampling_defaults=dict(self.sampling_defaults),
         )
 
     @staticmethod
@@ -234,6 +248,7 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             failure_message=seq.failure_message,
+            prompt_logprobs=seq.take_prompt_logprobs() if new_token_ids else None,
         )
 
     def _validate(self, request: EngineRequest) -> None:
@@ -261,5 +276,12 @@ class Engine:
             )
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and repetition_penalty > 0")
-        if params.logprobs is not None and not 0 <= params.logprobs <= vocab_size:
-            raise ValueError(f"logprobs must be between 0 and {vocab_size}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and not 0 <= k <= vocab_size:
+                raise ValueError(f"{name} must be between 0 and {vocab_size}")
+        if not 0.0 <= params.min_p <= 1.0 or not 0.0 < params.typical_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1] and typical_p in (0, 1]")
+        for token_id, bias in params.logit_bias.items():
+            if not 0 <= token_id < vocab_size or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: token {token_id} must be in [0, {vocab_size}), its bias in [-100, 100]")

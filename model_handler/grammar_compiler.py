@@ -114,6 +114,13 @@ class GrammarCompiler:
         self._compiler: Any = None
         self._compiler_lock = threading.Lock()
 
+    def prepare(self) -> None:
+        """Import xgrammar and load the tokenizer now, on a worker thread, when xgrammar is there: both hold the
+        GIL for a while (up to a second), which the step loop then spends at start-up rather than in the middle
+        of serving, at the first constrained request. A failure here is met again, and reported, by `submit`."""
+        if xgrammar_version():
+            self._worker_pool().submit(self._xgrammar_compiler)
+
     def submit(self, constraint: Constraint) -> Future:
         """The compiled grammar of `constraint`, as a future; its exception is a GrammarError for the client."""
         future = self._cache.get(constraint)
@@ -121,14 +128,17 @@ class GrammarCompiler:
             self.num_cache_hits += 1
             self._cache.move_to_end(constraint)
         else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(NUM_COMPILE_THREADS, thread_name_prefix="grammar-compile")
             self.num_compiles += 1
-            future = self._pool.submit(self._compile, constraint)
+            future = self._worker_pool().submit(self._compile, constraint)
             self._cache[constraint] = future
             self._evict()
         future.add_done_callback(self._notify)
         return future
+
+    def _worker_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(NUM_COMPILE_THREADS, thread_name_prefix="grammar-compile")
+        return self._pool
 
     def shutdown(self) -> None:
         if self._pool is not None:

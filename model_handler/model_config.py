@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
@@ -67,6 +67,8 @@ class ModelConfig:
     bos_token_id: int | None
     tie_word_embeddings: bool
     torch_dtype: str
+    hf_config: PretrainedConfig | None = field(default=None, repr=False, compare=False)
+    """The whole config.json as transformers reads it, for the model classes (None when built by hand)."""
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -101,4 +103,5 @@ class ModelConfig:
             bos_token_id=bos_token_id,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             torch_dtype=_dtype_name(getattr(hf_config, "dtype", None)),
+            hf_config=hf_config,
         )

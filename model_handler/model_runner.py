@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from model_handler.model_config import ModelConfig
 from model_handler.model_loader import load_model
 from model_handler.scheduler import SchedulerOutput
 from model_handler.step_broadcast import StepBroadcast, StepInputs
-from model_handler.tp_worker import TPWorkers, check_shardable
+from model_handler.tp_worker import TPWorkers, check_shardable, exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +45,13 @@ class ModelRunner:
         tp_rank: int = 0,
         tp_size: int = 1,
         tp_init_method: str | None = None,
+        warm_up_sampling: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """Rank 0 of a `tp_size` > 1 group starts ranks 1..tp_size-1 itself; those pass their rank and the
-        group's `tp_init_method`."""
+        group's `tp_init_method`. `warm_up_sampling(logits)` (rank 0's engine passes its sampler's worst case)
+        runs after the warm-up forward, so the KV cache is sized with the sampling temporaries counted."""
         self.config = config
+        self._warm_up_sampling = warm_up_sampling
         self.model_config = model_config
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.device = torch.device(config.device)
@@ -62,7 +69,7 @@ class ModelRunner:
         if tp_size > 1:
             check_shardable(model_config, tp_size)
             if tp_rank == 0:
-                self.workers = TPWorkers(config, tp_size)
+                self.workers = TPWorkers(config, tp_size, run_tp_rank)
                 tp_init_method = self.workers.init_method
             if tp_init_method is None:
                 raise ValueError(f"tensor-parallel rank {tp_rank} needs the group's init method")
@@ -89,6 +96,7 @@ class ModelRunner:
             attention_backend=self.backend,
             tp_rank=tp_rank,
             tp_size=tp_size,
+            model_config=model_config,
         )
         self.num_kv_heads = self.model.num_kv_heads_per_rank
         self.block_bytes = kv_cache.block_bytes(
@@ -150,11 +158,6 @@ class ModelRunner:
     def _warm_up(self, num_tokens: int, num_seqs: int) -> int:
         """A forward of `num_tokens` prompt tokens over `num_seqs` sequences, plus their logits and sampling
         temporaries, on a scratch cache; returns the scratch cache's bytes."""
-        from model_handler.engine_protocol import EngineRequest
-        from model_handler.sampler import Sampler
-        from model_handler.sampling_params import SamplingParams
-        from model_handler.sequence import Sequence
-
         max_len = self.config.max_model_len
         num_seqs = max(min(num_seqs, num_tokens), _cdiv(num_tokens, max_len))
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
@@ -184,10 +187,8 @@ class ModelRunner:
             max_seq_len=max(lens),
         )
         logits = self._forward(inputs, caches)
-        # The sampler's worst case: top-k/top-p sorts and penalty counts over the whole vocabulary.
-        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1, max_tokens=1)
-        dummy = [Sequence(EngineRequest(f"warmup-{i}", [0], params)) for i in range(num_seqs)]
-        Sampler(self.device)(logits, dummy)
+        if self._warm_up_sampling is not None:
+            self._warm_up_sampling(logits)
         scratch_bytes = scratch.numel() * scratch.element_size()
         del scratch, caches, logits
         return scratch_bytes
@@ -221,6 +222,9 @@ class ModelRunner:
             tables[i, : len(e.seq.block_table)] = e.seq.block_table
         slots = tables[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs  # [num_tokens]
         samples = np.fromiter((e.samples for e in entries), dtype=bool, count=num_seqs)
+        logits_indices = cu[1:][samples] - 1
+        if out.num_prompt_logit_rows:
+            logits_indices = _logit_rows(entries, cu)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.int64),
             positions=torch.from_numpy(positions),
@@ -228,14 +232,15 @@ class ModelRunner:
             query_start_loc=torch.from_numpy(cu.astype(np.int32)),
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
             block_tables=torch.from_numpy(tables),
-            logits_indices=torch.from_numpy(cu[1:][samples] - 1),
+            logits_indices=torch.from_numpy(logits_indices),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, patch: InputPatch | None = None) -> torch.Tensor:
-        """Run one step; logits [num_sampling, vocab] float32 of the sequences that sample, in order."""
+        """Run one step; logits [num_rows, vocab] float32 of the sequences that sample, in order, each preceded
+        by its prompt rows when it asked for prompt logprobs (only then is num_rows more than the samplers)."""
         inputs = self.prepare(out)
         if self.broadcast is None:
             return self.run(inputs, patch)
@@ -256,6 +261,8 @@ class ModelRunner:
             hidden = graphs.run(
                 inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables, patch
             )  # host tensors: the runner stages them itself
+            if hidden.shape[0] != inputs.logits_indices.shape[0]:  # a one-token prompt chunk that samples nothing
+                hidden = hidden[self._to_device(inputs.logits_indices)]
             return self._logits(hidden, inputs)
         return self._forward(inputs, self.kv_caches, patch)
 
@@ -306,10 +313,10 @@ class ModelRunner:
         return self._logits(hidden, inputs)
 
     def _logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        """[num_sampling, vocab] float32 from the step's hidden states, already one row per sampling
-        sequence (decodes, or a forward given `output_rows`). A step where no sequence samples (a middle
-        prefill chunk) skips the LM head; the choice depends on `inputs` only, so every rank skips its vocab
-        all-gather alike."""
+        """[num_rows, vocab] float32 from the step's hidden states, already one row per `logits_indices` entry
+        (decodes, or a forward given `output_rows`): each sampling sequence's last row, preceded by its prompt
+        rows when it asked for prompt logprobs. A step where no row is read (a middle prefill chunk) skips the
+        LM head; the choice depends on `inputs` only, so every rank skips its vocab all-gather alike."""
         if inputs.logits_indices.shape[0] == 0:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)  # [0, vocab]
         if inputs.logits_indices.shape[0] != hidden.shape[0]:
@@ -318,3 +325,33 @@ class ModelRunner:
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return to_device(t, self.device)
+
+
+def _logit_rows(entries: list, cu: np.ndarray) -> np.ndarray:
+    """Flat rows whose logits a step reads, ascending: per sequence, the prompt positions it scores for prompt
+    logprobs (`prompt_logits_start` on), then its last row when it samples."""
+    rows: list[int] = []
+    for i, e in enumerate(entries):
+        if e.num_prompt_logit_rows:
+            first = int(cu[i]) + e.prompt_logits_start - e.num_computed_tokens
+            rows.extend(range(first, first + e.num_prompt_logit_rows))
+        if e.samples:
+            rows.append(int(cu[i + 1]) - 1)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def run_tp_rank(rank: int, tp_size: int, config: EngineConfig, init_method: str, parent_pid: int) -> None:
+    """Tensor-parallel rank `rank`'s process: load its shard, size and allocate its KV cache, then run every step
+    rank 0 sends."""
+    from model_handler import envs
+    from model_handler.logging_setup import configure_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the engine, which stops us
+    configure_logging(envs.process_environ(), process=f"engine-rank{rank}")
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    if not config.device.startswith("cuda"):
+        # CPU ranks share the cores; without this each would start one thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
+    runner = ModelRunner(config, config.model(), tp_rank=rank, tp_size=tp_size, tp_init_method=init_method)
+    runner.serve_steps()
+    logger.info("tensor-parallel worker stopped", extra={"rank": rank})

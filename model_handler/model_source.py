@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+from model_handler import envs
+
 # What a snapshot needs to serve: weights, config and tokenizer; never pickles or other frameworks' weights.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -23,13 +24,13 @@ def _download(repo_id: str, environ: Mapping[str, str]) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise ValueError(f"HF_MODEL_ID={repo_id!r} is not a local folder and huggingface_hub is missing") from exc
-    offline = environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = envs.get(environ, "HF_HUB_OFFLINE")
     try:
         path = snapshot_download(
             repo_id,
-            revision=environ.get("HF_MODEL_REVISION") or None,
-            token=environ.get("HF_TOKEN") or environ.get("HUGGING_FACE_HUB_TOKEN") or None,
-            cache_dir=environ.get("HUGGINGFACE_HUB_CACHE") or environ.get("HF_HUB_CACHE") or None,
+            revision=envs.get(environ, "HF_MODEL_REVISION"),
+            token=envs.get(environ, "HF_TOKEN") or envs.get(environ, "HUGGING_FACE_HUB_TOKEN"),
+            cache_dir=envs.get(environ, "HUGGINGFACE_HUB_CACHE") or envs.get(environ, "HF_HUB_CACHE"),
             allow_patterns=HUB_ALLOW_PATTERNS,
             local_files_only=offline,
         )
@@ -44,7 +45,7 @@ def _download(repo_id: str, environ: Mapping[str, str]) -> Path:
 
 def resolve_model_dir(environ: Mapping[str, str]) -> tuple[Path, str]:
     """(model folder, model id shown in /info), in the order HF_MODEL_ID, /opt/ml/model, the embedded tiny model."""
-    model_id = (environ.get("HF_MODEL_ID") or "").strip()
+    model_id = envs.get(environ, "HF_MODEL_ID")
     if model_id:
         local = Path(model_id).expanduser()
         if local.is_dir():
@@ -54,10 +55,10 @@ def resolve_model_dir(environ: Mapping[str, str]) -> tuple[Path, str]:
         if _looks_like_path(model_id):
             raise ValueError(f"HF_MODEL_ID={model_id!r} looks like a path but is not a folder")
         return _download(model_id, environ), model_id
-    sm_dir = Path(environ.get("SM_MODEL_DIR") or SAGEMAKER_MODEL_DIR)
+    sm_dir = Path(envs.get(environ, "SM_MODEL_DIR"))
     if (sm_dir / "config.json").is_file():
         return sm_dir, str(sm_dir)
     from model_handler.tiny_model import default_model_dir  # builds the embedded model on first use
 
-    tiny = Path(default_model_dir())
+    tiny = Path(default_model_dir(cache=envs.get(environ, "TINY_MODEL_CACHE")))
     return tiny, "tiny-llama"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import pickle
 import queue
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 import psutil
 import zmq
 
+from model_handler import envs
 from model_handler.engine_protocol import (
     AbortRequests,
     EngineInfo,
@@ -60,7 +60,6 @@ class EngineIO:
     def __init__(self, context: zmq.Context, address: str) -> None:
         self.inbox: queue.Queue[tuple[bytes, Any]] = queue.Queue()
         self._context = context
-        self._address = address
         self._workers: set[bytes] = set()
         self._worker_pids: dict[bytes, int] = {}
         self._gone: set[bytes] = set()  # workers found dead: what they sent before dying is dropped
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model_handler.logging_setup import configure_logging
 
-    configure_logging(os.environ, process="engine")
+    configure_logging(envs.process_environ(), process="engine")
     context = zmq.Context()
     io = EngineIO(context, args.address)
     io.start()
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         from model_handler.cpu_threads import configure_engine_process
         from model_handler.engine import Engine
 
-        config = EngineConfig.from_env(os.environ)
+        config = EngineConfig.from_env(envs.process_environ())
         configure_engine_process(config.cpu_threads, torch.device(config.device).type)
         started = time.monotonic()
         engine = Engine(config)

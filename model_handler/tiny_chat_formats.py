@@ -28,8 +28,10 @@ class TinyChatFormat:
 # Qwen2.5's tool layout (tools listed in the system turn, calls and results in <tool_call>/<tool_response> tags),
 # `name` shown on the role line, and Qwen3's thinking switch: enable_thinking=true opens a <think> block in the
 # prompt (as DeepSeek-R1 distills always do), false closes an empty one (Qwen3's "no thinking"), unset leaves it
-# to the model.
+# to the model. A `reasoning_effort` is shown in a system turn of its own (as gpt-oss's template states it).
 HERMES_TEMPLATE = (
+    "{%- if reasoning_effort is defined %}{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + "
+    "'<|im_end|>\\n' }}{%- endif %}"
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
     "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"

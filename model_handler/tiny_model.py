@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from model_handler import envs
 from model_handler.tiny_chat_formats import CHAT_FORMATS, HERMES, TinyChatFormat
 
 FORMAT_VERSION = 3  # bump when the folder layout or contents change, so caches rebuild
-CACHE_ENV = "TINY_MODEL_CACHE"
-DEFAULT_CACHE_ROOT = Path("~/.cache/sagemaker-llm")
 
 
 @dataclass(slots=True, frozen=True)
@@ -226,10 +225,6 @@ def build_tiny_model(
     return out
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
-
-
 def model_dir_name(preset: str, spec: TinyModelSpec) -> str:
     """`<preset>-<hash of the parameters, the chat format's tokens and template, and FORMAT_VERSION>`: any change
     gives a fresh folder (a folder cached before a template change is never served again)."""
@@ -238,8 +233,8 @@ def model_dir_name(preset: str, spec: TinyModelSpec) -> str:
     return f"{preset}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def default_model_dir(preset: str = "tiny") -> Path:
-    """The cached folder of a preset, built on first use.
+def default_model_dir(preset: str = "tiny", cache: str | None = None) -> Path:
+    """The cached folder of a preset under `cache` (default: TINY_MODEL_CACHE), built on first use.
 
     The build goes to a temporary sibling that is renamed into place, so concurrent callers (pytest
     workers, engine and tests) never see half a folder; when two build at once, the first rename wins.
@@ -247,7 +242,7 @@ def default_model_dir(preset: str = "tiny") -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny model preset {preset!r}; known: {', '.join(PRESETS)}")
     spec = PRESETS[preset]
-    root = cache_root()
+    root = Path(cache or envs.TINY_MODEL_CACHE).expanduser()
     final = root / model_dir_name(preset, spec)
     if final.is_dir():
         return final

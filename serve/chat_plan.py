@@ -11,6 +11,7 @@ from serve.chat_prompt import render_chat_prompt
 from serve.errors import validation
 from serve.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningStart
 from serve.schemas_openai import ChatCompletionRequest
+from serve.schemas_tools import JsonSchemaFormat
 from serve.structural_tags import build_constraint
 from serve.tokenizer import TextTokenizer
 from serve.tool_choice import tool_plan
@@ -30,7 +31,16 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: TextTokenizer, support: Too
     plan = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls, support.format)
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if plan is not None else None
     messages = req.template_messages(support)
-    prompt = render_chat_prompt(tokenizer, messages, tools, support, req.chat_template_kwargs, req.tool_prompt)
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:
+        if "reasoning_effort" not in tokenizer.chat_template_source:
+            raise validation(
+                "Invalid 'reasoning_effort': this model's chat template takes no reasoning effort.", "reasoning_effort"
+            )
+        template_kwargs["reasoning_effort"] = req.reasoning_effort
+    spec = req.response_format.spec if isinstance(req.response_format, JsonSchemaFormat) else None
+    note = spec.note() if spec is not None else None
+    prompt = render_chat_prompt(tokenizer, messages, tools, support, template_kwargs, req.tool_prompt, note)
     if req.thinking_token_budget is not None and THINK_OPEN not in tokenizer.chat_template_source:
         raise validation(
             "Invalid 'thinking_token_budget': this model's chat template has no reasoning block.",

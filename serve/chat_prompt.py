@@ -55,8 +55,10 @@ def render_chat_prompt(
     support: ToolSupport,
     template_kwargs: dict[str, Any] | None = None,
     tool_prompt: str | None = None,
+    format_note: str | None = None,
 ) -> ChatPrompt:
-    """Render `messages` (template dicts, see `template_message`) with `tools` (None: no tools in this prompt)."""
+    """Render `messages` (template dicts, see `template_message`) with `tools` (None: no tools in this prompt);
+    `format_note` (what a response format is for, from its description) is added as the tools' text is."""
     for key in template_kwargs or {}:
         if key in RESERVED_TEMPLATE_VARIABLES:
             raise validation(f"Invalid 'chat_template_kwargs': '{key}' is set by the server.", "chat_template_kwargs")
@@ -66,7 +68,15 @@ def render_chat_prompt(
         messages = _calls_as_text(messages)
     if tools is not None and (support.format.name == "generic" or tool_prompt is not None):
         listing = None if native else "\n".join(json.dumps(tool) for tool in tools)
-        _describe_tools(messages, listing, tool_prompt if tool_prompt is not None else GENERIC_INSTRUCTIONS)
+        instructions = tool_prompt if tool_prompt is not None else GENERIC_INSTRUCTIONS
+        text = (
+            instructions
+            if listing is None
+            else f"# Tools\n\nYou may call these functions:\n{listing}\n\n{instructions}"
+        )
+        _add_instructions(messages, text)
+    if format_note is not None:
+        _add_instructions(messages, format_note)
     text = tokenizer.apply_chat_template(messages, tools if native else None, template_kwargs or {})
     return ChatPrompt(text, reasoning_start(tokenizer.chat_template_source, text))
 
@@ -98,9 +108,9 @@ def template_message(
     return message
 
 
-def _describe_tools(messages: list[dict], listing: str | None, instructions: str) -> None:
-    """Add the tool listing and how to call them to the first system message (else the first user message)."""
-    text = instructions if listing is None else f"# Tools\n\nYou may call these functions:\n{listing}\n\n{instructions}"
+def _add_instructions(messages: list[dict], text: str) -> None:
+    """Add `text` to the first system message (else before the first user message's text: some templates take no
+    system turn)."""
     for role, combine in (("system", lambda old: f"{old}\n\n{text}"), ("user", lambda old: f"{text}\n\n{old}")):
         for message in messages:
             if message["role"] == role:

@@ -7,7 +7,6 @@ it is ready, and their absence says it is gone.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import pickle
@@ -119,7 +118,6 @@ class SocketEngineClient:
         self._last_heartbeat: Heartbeat | None = None
         self._last_seen = 0.0
         self._info: EngineInfo | None = None
-        self._ids = itertools.count()
         self._closed = False
         self._send(Hello(worker_pid=os.getpid()))
         self._reader = gevent.spawn(self._read_loop)
@@ -156,9 +154,6 @@ class SocketEngineClient:
         return len(self._streams)
 
     # ---- requests ------------------------------------------------------------------------------
-
-    def new_request_id(self) -> str:
-        return f"{os.getpid()}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
     def submit(self, request: EngineRequest) -> RequestStream:
         if request.request_id in self._streams:

@@ -7,7 +7,6 @@ codes, or OpenAI's `{"error": {"message", "type", "param", "code"}}` with OpenAI
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 
 
@@ -28,6 +27,7 @@ class ErrorKind(enum.Enum):
     UNAUTHORIZED = "unauthorized"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA = "unsupported_media"
+    UNKNOWN_MODEL = "unknown_model"
     NOT_READY = "not_ready"
     GENERATION = "generation"
     NOT_FOUND = "not_found"
@@ -70,6 +70,9 @@ _STYLES: dict[ErrorKind, _Style] = {
         413, "payload_too_large", "", 413, "invalid_request_error", "payload_too_large"
     ),
     ErrorKind.UNSUPPORTED_MEDIA: _Style(415, "validation", "", 415, "invalid_request_error", "unsupported_media_type"),
+    ErrorKind.UNKNOWN_MODEL: _Style(
+        422, "validation", "Input validation error: ", 400, "invalid_request_error", "model_not_found"
+    ),
     ErrorKind.NOT_READY: _Style(503, "unhealthy", "", 503, "service_unavailable_error", "model_not_ready"),
     ErrorKind.GENERATION: _Style(
         424, "generation", "Request failed during generation: ", 500, "server_error", "generation_failed"
@@ -110,9 +113,6 @@ class ApiError(Exception):
 
     def body(self, dialect: Dialect) -> dict:
         return self.tgi_body() if dialect is Dialect.TGI else self.openai_body()
-
-    def json_bytes(self, dialect: Dialect) -> bytes:
-        return json.dumps(self.body(dialect), ensure_ascii=False).encode()
 
 
 def validation(message: str, param: str | None = None) -> ApiError:

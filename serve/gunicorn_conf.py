@@ -3,10 +3,9 @@
 Bind address and worker count come from the launcher's command line (read from Settings).
 """
 
-import os
-
+from model_handler import envs
 from model_handler.logging_setup import parse_log_level
-from serve.admission import ADMISSION_FILE_ENV, forget_worker
+from serve.admission import forget_worker
 from serve.metrics import mark_worker_dead
 
 worker_class = "gevent"
@@ -23,11 +22,11 @@ accesslog = None
 def child_exit(_server, worker) -> None:
     """A worker that exits (restart, stop, crash) stops counting as in flight, in /metrics and for admission."""
     mark_worker_dead(worker.pid)
-    if os.environ.get(ADMISSION_FILE_ENV):
-        forget_worker(os.environ[ADMISSION_FILE_ENV], worker.pid)
+    if envs.SERVE_ADMISSION_FILE:
+        forget_worker(envs.SERVE_ADMISSION_FILE, worker.pid)
 
 
-loglevel = "warning" if parse_log_level(os.environ) > 20 else "info"
+loglevel = "warning" if parse_log_level(envs.process_environ()) > 20 else "info"
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,

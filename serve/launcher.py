@@ -18,9 +18,9 @@ import tempfile
 import time
 from collections.abc import Mapping
 
+from model_handler import envs
 from model_handler.logging_setup import configure_logging
-from serve.admission import ADMISSION_FILE_ENV, create_table
-from serve.metrics import MULTIPROCESS_DIR_ENV
+from serve.admission import create_table
 from serve.settings import Settings
 
 logger = logging.getLogger("serve.launcher")
@@ -41,7 +41,7 @@ class Launcher:
         # MAX_CONCURRENT_REQUESTS is counted for every worker together in this table (serve/admission.py).
         admission_file = os.path.join(self._socket_dir, "admission")
         create_table(admission_file, settings.num_workers)
-        self._http_env = {**self._env, MULTIPROCESS_DIR_ENV: metrics_dir, ADMISSION_FILE_ENV: admission_file}
+        self._http_env = {**self._env, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, "SERVE_ADMISSION_FILE": admission_file}
         self.engine: subprocess.Popen | None = None
         self.http: subprocess.Popen | None = None
         self._stopping = False
@@ -110,7 +110,7 @@ def _terminate(child: subprocess.Popen | None, timeout_s: float) -> None:
 def default_num_workers(dev_dir: str = "/dev") -> int:
     """WEB_CONCURRENCY when unset: two gunicorn workers where NVIDIA GPUs are visible, else one.
 
-    Measured on an H100 (the 100M model, 128 streams; bench/results/gpu-h100-2026-11-26-stop10): one worker could
+    Measured on an H100 (the 100M model, 128 streams; bench/results/gpu-h100): one worker could
     not stream tokens as fast as the engine made them (ITL p50 7-10 ms against a ~2.9 ms step, ~5 tokens to a
     chunk); two streamed at the engine's pace (ITL p50 3.1-3.3 ms). On CPU the engine is far slower than one
     worker, and a second would only cost memory.
@@ -120,7 +120,7 @@ def default_num_workers(dev_dir: str = "/dev") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `container/serve`; extra arguments (SageMaker passes `serve`) are ignored."""
-    environ = dict(os.environ)
+    environ = dict(envs.process_environ())
     # Decided here, once, and passed on: every worker's Settings (and /info) then read the same count.
     environ.setdefault("WEB_CONCURRENCY", str(default_num_workers()))
     try:

@@ -11,6 +11,7 @@ from serve.chat_plan import plan_chat
 from serve.context import current_state, json_response, read_json, set_dialect
 from serve.errors import UNHEALTHY_BODY, ApiError, Dialect, ErrorKind
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serve.request_checks import refuse_non_text_parts
 from serve.responses import SERVER_VERSION
 from serve.schemas import parse_body
 from serve.schemas_openai import ChatCompletionRequest
@@ -27,6 +28,9 @@ PUBLIC_ENDPOINTS = frozenset(
         "basic.models",
         "basic.metrics",
         "basic.chat_tokenize",
+        "docs.openapi_document",
+        "docs.docs_page",
+        "docs.docs_asset",
     }
 )
 """Routes TGI serves without `API_KEY`; every other route needs the bearer token when it is set."""
@@ -137,6 +141,7 @@ def chat_tokenize() -> Response:
     state = current_state()
     req.check(state.settings)
     tokenizer = state.tokenizer()
+    refuse_non_text_parts(req.messages, state.model_name())
     text = plan_chat(req, tokenizer, state.tool_support()).prompt
     tokens = tokenizer.encode_with_offsets(text, add_special_tokens=False)
     return json_response(

@@ -124,9 +124,18 @@ class MessageToolCall(_Body):
 
 class JsonSchemaSpec(_Body):
     name: StrictStr | None = None
+    """The format's name: it goes to the request's log line (and into the note a description makes)."""
     description: StrictStr | None = None
+    """What the format is for: shown to the model (OpenAI: "used by the model to determine how to respond")."""
     schema_: JsonSchema | None = Field(default=None, alias="schema")
     strict: StrictBool | None = None
+
+    def note(self) -> str | None:
+        """The instruction the description makes, or None without one."""
+        if self.description is None:
+            return None
+        named = f' "{self.name}"' if self.name else ""
+        return f"Answer with JSON in the format{named}: {self.description}"
 
     def answer_format(self, default_strict: bool, param: str = "response_format") -> AnswerFormat:
         if self.schema_ is None:
@@ -160,6 +169,10 @@ class JsonSchemaFormat(_Body):
     type: Literal["json_schema"]
     json_schema: JsonSchemaSpec | None = None
     value: JsonSchemaSpec | None = None
+
+    @property
+    def spec(self) -> JsonSchemaSpec | None:
+        return self.json_schema if self.json_schema is not None else self.value
 
     def answer_format(self, param: str = "response_format") -> AnswerFormat:
         if (self.json_schema is None) == (self.value is None):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+import uuid
 
 import gevent
 import pytest
 
+from model_handler.constraints import Constraint, ConstraintKind
 from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import EngineDeadError, SocketEngineClient
@@ -39,7 +42,7 @@ def client(engine):
 
 
 def _request(client: SocketEngineClient, prompt: list[int], **params) -> EngineRequest:
-    return EngineRequest(client.new_request_id(), prompt, SamplingParams(**params))
+    return EngineRequest(uuid.uuid4().hex, prompt, SamplingParams(**params))
 
 
 def _collect(client: SocketEngineClient, request: EngineRequest) -> tuple[list[int], FinishReason | None]:
@@ -149,7 +152,7 @@ def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
 
 
 _DOOMED_WORKER = """
-import sys, time
+import sys, time, uuid
 from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import SocketEngineClient
@@ -157,7 +160,7 @@ from serve.engine_client import SocketEngineClient
 client = SocketEngineClient(sys.argv[1])
 assert client.wait_ready(30)
 params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
-streams = [client.submit(EngineRequest(client.new_request_id(), [1, 2, 3, 4 + i], params)) for i in range(8)]
+streams = [client.submit(EngineRequest(uuid.uuid4().hex, [1, 2, 3, 4 + i], params)) for i in range(8)]
 for stream in streams:
     next(iter(stream))
 print("generating", flush=True)
@@ -195,3 +198,21 @@ def test_the_requests_of_a_worker_that_died_are_aborted(engine):
         assert "HTTP worker gone" in engine.log_path.read_text()
     finally:
         watcher.close()
+
+
+def test_constrained_requests_cross_the_seam(client):
+    """A constraint that compiles (in the engine, off its step loop) shapes the output; one that does not comes
+    back REJECTED before any token, with what is wrong with it, for the HTTP side's 400."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(client.info.model_dir)
+    regex = Constraint(ConstraintKind.REGEX, r"(yes|no), [a-z]{2,6}")
+    outputs = list(client.submit(_request(client, [1, 5, 9, 33], max_tokens=30, temperature=0.0, constraint=regex)))
+    token_ids = [t for output in outputs for t in output.new_token_ids]
+    assert outputs[-1].finish_reason == FinishReason.EOS and token_ids[-1] in client.info.eos_token_ids
+    assert re.fullmatch(regex.value, tokenizer.decode(token_ids[:-1]))
+    bad = Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "strin"}')
+    [refused] = list(client.submit(_request(client, [1, 5, 9, 33], max_tokens=30, constraint=bad)))
+    assert refused.finish_reason == FinishReason.REJECTED and refused.new_token_ids == []
+    assert refused.failure_message == 'the JSON schema is invalid: Unsupported type "strin"'
+    assert client.info.grammar_backend == "xgrammar 0.2.9"

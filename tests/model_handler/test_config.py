@@ -114,10 +114,27 @@ def test_every_variable_is_read(model_dir):
     assert (small.max_num_prefill_tokens, small.max_num_seqs, small.max_step_tokens) == (16, 32, 47)
 
 
+def test_token_limits_default_to_the_model_context_and_are_checked_together(model_dir):
+    config = from_env(model_dir)
+    assert (config.max_model_len, config.input_token_limit) == (512, 511)
+    config = from_env(model_dir, MAX_TOTAL_TOKENS="300")
+    assert (config.max_model_len, config.input_token_limit) == (300, 299)
+    config = from_env(model_dir, MAX_INPUT_TOKENS="100")
+    assert (config.max_model_len, config.input_token_limit) == (512, 100)
+    assert from_env(model_dir, MAX_INPUT_LENGTH="100").input_token_limit == 100  # TGI's older name
+    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS and MAX_INPUT_LENGTH"):
+        from_env(model_dir, MAX_INPUT_LENGTH="100", MAX_INPUT_TOKENS="100")
+    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS=300 must be smaller"):
+        from_env(model_dir, MAX_INPUT_TOKENS="300", MAX_TOTAL_TOKENS="300")
+    with pytest.raises(ValueError, match="MAX_INPUT_LENGTH=600 must be smaller"):
+        from_env(model_dir, MAX_INPUT_LENGTH="600")
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
         ("MAX_TOTAL_TOKENS", "many"),
+        ("MAX_INPUT_TOKENS", "ten"),
         ("MAX_TOTAL_TOKENS", "4096"),  # above max_position_embeddings
         ("MAX_BATCH_PREFILL_TOKENS", "0"),
         ("MAX_BATCH_SIZE", "-1"),
@@ -180,6 +197,7 @@ def test_hub_id_offline_is_a_clear_error_without_network(tmp_path):
 
 
 def test_embedded_tiny_model_is_the_last_resort(tiny_model_dir, tmp_path):
-    config = EngineConfig.from_env({"SM_MODEL_DIR": str(tmp_path)}, device="cpu")  # an empty /opt/ml/model
+    environ = {"SM_MODEL_DIR": str(tmp_path), "TINY_MODEL_CACHE": str(tiny_model_dir.parent)}  # an empty /opt/ml/model
+    config = EngineConfig.from_env(environ, device="cpu")
     assert config.model_dir == tiny_model_dir
     assert config.max_model_len == 2048

@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -195,3 +196,20 @@ def test_a_model_folder_without_a_tokenizer_refuses_constraints(test_model_dir, 
 
 def test_version_names_the_installed_xgrammar():
     assert xgrammar_version() == "xgrammar 0.2.9"
+
+
+def test_prepare_loads_xgrammar_and_the_tokenizer_ahead_of_the_first_request(test_model_dir, monkeypatch):
+    compiler = GrammarCompiler(test_model_dir, 512, [2])
+    try:
+        compiler.prepare()
+        deadline = time.monotonic() + 30
+        while compiler._compiler is None:
+            assert time.monotonic() < deadline, "prepare() built no compiler"
+            time.sleep(0.01)
+        assert compiler.num_compiles == 0
+    finally:
+        compiler.shutdown()
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
+    absent = GrammarCompiler(test_model_dir, 512, [2])
+    absent.prepare()  # nothing to prepare, and no thread started for it
+    assert absent._pool is None

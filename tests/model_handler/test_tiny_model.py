@@ -103,7 +103,7 @@ def test_model_config_of_the_tiny_model(tiny_model_dir):
 
 
 def test_cache_is_reused_on_the_second_call(tmp_path, monkeypatch):
-    monkeypatch.setenv(tiny_model.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("TINY_MODEL_CACHE", str(tmp_path))
     monkeypatch.setitem(tiny_model.PRESETS, "small", tiny_model.TinyModelSpec(**SMALL))
     first = tiny_model.default_model_dir("small")
     assert first.parent == tmp_path and (first / "model.safetensors").is_file()
@@ -178,7 +178,7 @@ def test_llama3_json_template_and_tokens(tmp_path):
 
 
 def test_concurrent_builds_all_see_one_complete_folder(tmp_path):
-    env = {**os.environ, tiny_model.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "TINY_MODEL_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "model_handler.tiny_model"],

@@ -29,7 +29,7 @@ def test_health_without_an_engine_address_is_503():
 
 
 def test_info_and_models(scripted, make_client):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "1024", "SERVED_MODEL_NAME": "my-llm"})
+    client = make_client(scripted.with_limits(1024), {"SERVED_MODEL_NAME": "my-llm"})
     info = client.get("/info").get_json()
     assert info["model_id"] == "my-llm" and info["router"] == "text-generation-router"
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (1023, 1024)

@@ -165,11 +165,21 @@ def test_reasoning_then_a_required_call(live_client):
         "tool_choice": "required",
         "parallel_tool_calls": False,
     }
-    whole, streamed, _ = _whole_and_streamed(live_client(), body)
+    whole, streamed, chunks = _whole_and_streamed(live_client(), body)
     message = whole["choices"][0]["message"]
     calls = check_tool_calls(message, 1, 1)
     assert message["reasoning_content"] and streamed["reasoning_content"] == message["reasoning_content"]
     assert same_calls(streamed["tool_calls"], calls)
+    # /openapi.json documents these fields, and the replies match it.
+    document = live_client().get("/openapi.json").get_json()
+    schemas = document["components"]["schemas"]
+    assert {"tool_calls", "reasoning_content"} <= set(schemas["AssistantMessage"]["properties"])
+    assert {"tool_calls", "reasoning_content"} <= set(schemas["ChatDelta"]["properties"])
+    components = {"components": document["components"]}
+    jsonschema.Draft202012Validator({"$ref": "#/components/schemas/ChatCompletion", **components}).validate(whole)
+    chunk_schema = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/ChatCompletionChunk", **components})
+    for chunk in chunks:
+        chunk_schema.validate(chunk)
 
 
 def test_history_tools_and_names_reach_the_template(live_client, tokenizer):
