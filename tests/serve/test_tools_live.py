@@ -85,6 +85,26 @@ def test_auto_replies_are_text_or_valid_calls(live_client):
             assert isinstance(message["content"], str) and choice["finish_reason"] in ("stop", "length")
 
 
+def test_auto_once_the_model_opens_a_call_the_call_is_valid(live_client, tokenizer):
+    """A logit bias makes the model open a call at once (the `<tool_call>` token); the grammar holds the rest of it
+    to a valid call, and without parallel calls ends the reply there."""
+    opener = tokenizer.token_id("<tool_call>")
+    body = {
+        **GREEDY,
+        "tools": TOOLS,
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "logit_bias": {str(opener): 100},
+    }
+    whole, streamed, _ = _whole_and_streamed(live_client(), body)
+    choice = whole["choices"][0]
+    calls = check_tool_calls(choice["message"], 1, 1)
+    assert choice["finish_reason"] == "tool_calls" and same_calls(streamed["tool_calls"], calls)
+    # Without the bias the same request stays text (the random model never opens a call by itself here).
+    plain = live_client().post(CHAT, json={**body, "logit_bias": {}, "max_tokens": 30}).get_json()
+    assert "tool_calls" not in plain["choices"][0]["message"] and plain["choices"][0]["message"]["content"]
+
+
 def test_tool_choice_none_leaves_tools_out(live_client):
     client = live_client()
     plain = client.post(CHAT, json={**GREEDY, "max_tokens": 8}).get_json()
