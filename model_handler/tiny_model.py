@@ -25,6 +25,8 @@ from model_handler import envs
 from model_handler.tiny_chat_formats import CHAT_FORMATS, HERMES, TinyChatFormat
 
 FORMAT_VERSION = 3  # bump when the folder layout or contents change, so caches rebuild
+SPECIAL_TOKENS = list(HERMES.special_tokens)  # ids 0..3 of the default (hermes) format
+BOS_TOKEN, IM_START, EOS_TOKEN, PAD_TOKEN = SPECIAL_TOKENS
 
 
 @dataclass(slots=True, frozen=True)
