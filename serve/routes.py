@@ -97,6 +97,8 @@ def _engine_section(info) -> dict:
         "prefix_caching": info.prefix_caching,
         "tensor_parallel_size": info.tensor_parallel_size,
         "max_model_len": info.max_model_len,
+        "max_total_tokens_limited_by": info.context_limited_by,
+        "model_max_position_embeddings": info.max_position_embeddings,
         "max_batch_size": info.max_num_seqs,
         "max_batch_prefill_tokens": info.max_num_prefill_tokens,
         "kv_cache_block_size": info.block_size,
