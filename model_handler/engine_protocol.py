@@ -171,6 +171,10 @@ class EngineClient(Protocol):
 
     def submit(self, request: EngineRequest) -> OutputStream: ...
 
+    def fail_in_flight(self, error: Exception) -> None:
+        """End every request in flight: each stream raises `error` where its outputs are read, and the engine
+        aborts them (the server is stopping)."""
+
 
 @runtime_checkable
 class StepEngine(Protocol):
