@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
@@ -67,7 +67,7 @@ def handle_chat(body: object) -> Response:
         events = _chat_stream(job, reply, req, tokenizer, len(prompt_ids))
         return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     return json_response(responses.chat_completion(reply, job.generations, tokenizer, bool(req.logprobs)))
@@ -121,7 +121,7 @@ def handle_completions(body: object) -> Response:
         events = _completion_stream(job, reply, req, tokenizer, echoes)
         return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     choices = []

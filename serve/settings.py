@@ -49,6 +49,9 @@ class Settings:
     admission_file: str | None = None
     log_level: int = logging.INFO
     compute_type: str = envs.BY_NAME["COMPUTE_TYPE"].default
+    request_read_timeout_s: int = envs.BY_NAME["REQUEST_READ_TIMEOUT"].default
+    worker_connections: int = envs.BY_NAME["WORKER_CONNECTIONS"].default
+    shutdown_grace_s: int = envs.BY_NAME["SHUTDOWN_GRACE_PERIOD"].default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -73,4 +76,7 @@ class Settings:
             admission_file=get("SERVE_ADMISSION_FILE"),
             log_level=parse_log_level(environ),
             compute_type=get("COMPUTE_TYPE"),
+            request_read_timeout_s=get("REQUEST_READ_TIMEOUT"),
+            worker_connections=get("WORKER_CONNECTIONS"),
+            shutdown_grace_s=get("SHUTDOWN_GRACE_PERIOD"),
         )
