@@ -1,10 +1,12 @@
 """Builds a model folder of a real architecture's shape with random bf16 weights (no download, no tokenizer).
 
-  python -m bench.gpu_model OUT_DIR [--preset llama3-8b|smoke] [--device cuda|cpu] [--json build.json]
+  python -m bench.gpu_model OUT_DIR [--preset llama3-8b|smoke|mixtral-4l|mixtral-smoke] [--device cuda|cpu]
+                                    [--json build.json]
 Weights are drawn on the device and streamed straight into sharded safetensors files (one writer thread per
 shard, chunks of at most 64M elements), so a 16 GB folder never sits whole in host or device memory.
 A folder already built with the same preset and seed is reused. The benchmarks feed token ids, so there is
-no tokenizer; config.json is Llama-3.1-8B's own (llama3 rope scaling in its 4.x spelling).
+no tokenizer; config.json is Llama-3.1-8B's own (llama3 rope scaling in its 4.x spelling), or Mixtral-8x7B's
+with 4 of its 32 layers (12.2 GB: fits one H100 beside a KV cache; the whole model is 93 GB).
 """
 
 from __future__ import annotations
@@ -71,11 +73,50 @@ SMOKE = {
     "bos_token_id": 1,
     "eos_token_id": [2, 3],
 }
-PRESETS = {"llama3-8b": LLAMA3_8B, "smoke": SMOKE}
+# Mixtral-8x7B-v0.1's config.json with 4 of its 32 layers: every layer has its full shape (8 experts of
+# 14336, top-2), so a decode step per layer moves what the real model's does.
+MIXTRAL_4L = {
+    "architectures": ["MixtralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "num_attention_heads": 32,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 4,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+MIXTRAL_SMOKE = {
+    **MIXTRAL_4L,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_local_experts": 4,
+    "vocab_size": 4096,
+    "max_position_embeddings": 4096,
+}
+PRESETS = {"llama3-8b": LLAMA3_8B, "smoke": SMOKE, "mixtral-4l": MIXTRAL_4L, "mixtral-smoke": MIXTRAL_SMOKE}
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint tensor of a Llama config, HF names, in file order."""
+    """Every checkpoint tensor of a Llama or Mixtral config, HF names, in file order."""
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     head_dim = config.get("head_dim") or h // config["num_attention_heads"]
     q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
@@ -89,10 +130,22 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (kv_out, h),
             p + "self_attn.o_proj.weight": (h, q_out),
             p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
         }
+        if "num_local_experts" in config:  # Mixtral: the router, then each expert's gate (w1), down (w2), up (w3)
+            moe = p + "block_sparse_moe."
+            shapes[moe + "gate.weight"] = (config["num_local_experts"], h)
+            for e in range(config["num_local_experts"]):
+                shapes |= {
+                    f"{moe}experts.{e}.w1.weight": (inter, h),
+                    f"{moe}experts.{e}.w2.weight": (h, inter),
+                    f"{moe}experts.{e}.w3.weight": (inter, h),
+                }
+        else:
+            shapes |= {
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
     shapes["model.norm.weight"] = (h,)
     if not config.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = (vocab, h)
@@ -199,6 +252,8 @@ def build(out_dir: Path, preset: str = "llama3-8b", device: str = "cuda", seed: 
         "device": str(dev),
         "weight_bytes": total,
         "embedding_bytes": 2 * math.prod(shapes["model.embed_tokens.weight"]),
+        # MoE: the routed experts' bytes, of which a token reads top_k / num_experts
+        "expert_bytes": 2 * sum(math.prod(shape) for name, shape in shapes.items() if ".experts." in name),
         "num_tensors": len(shapes),
         "num_shards": len(shards),
         "build_s": round(seconds, 2),

@@ -7,7 +7,8 @@ With async scheduling (ASYNC_SCHEDULING, the default on one GPU) one step stays 
 the next step, its inputs patched on the device with the tokens the step before sampled, and only then reads
 those tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
 leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
-penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way.
+penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way, as do those that
+ask for prompt logprobs (`prompt_logprobs.py`: their prompt rows' logits are read in the step that computes them).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from model_handler import sampler
 from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
 from model_handler.engine_protocol import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
+from model_handler.generation_defaults import read_sampling_defaults
 from model_handler.input_patch import InputPatch
 from model_handler.model_runner import ModelRunner
+from model_handler.prompt_logprobs import take_prompt_logprobs
 from model_handler.sampler import Sampler
 from model_handler.scheduler import Scheduler, SchedulerOutput
 from model_handler.sequence import Sequence
+from model_handler.startup_progress import StartupPhases
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +50,9 @@ class InFlightStep:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
-        """Load the model, size and allocate the KV cache, warm up (and capture CUDA graphs on GPU).
+    def __init__(self, config: EngineConfig, phases: StartupPhases | None = None) -> None:
+        """Load the model, size and allocate the KV cache, settle the token limits from it, warm up (and capture
+        CUDA graphs on GPU); `phases` times each step for the start-up log.
 
         With `tensor_parallel_size` N > 1 this process is rank 0: the model runner starts ranks 1..N-1,
         which hold the other shards; this process alone schedules and samples.
@@ -55,9 +60,15 @@ class Engine:
         self.config = config
         self.model_config = config.model()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self.sampling_defaults = read_sampling_defaults(config.generation_config, config.model_dir)
         self.model_runner = ModelRunner(
-            config, self.model_config, tp_size=config.tensor_parallel_size, warm_up_sampling=sampler.warm_up
+            config,
+            self.model_config,
+            tp_size=config.tensor_parallel_size,
+            warm_up_sampling=sampler.warm_up,
+            phases=phases,
         )
+        self.context = self.model_runner.context
         self.block_manager = BlockManager(
             self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -65,7 +76,7 @@ class Engine:
             self.block_manager,
             config.max_num_seqs,
             config.max_num_prefill_tokens,
-            config.max_model_len,
+            self.context.max_model_len,
             self.eos_token_ids,
         )
         self.sampler = Sampler(self.model_runner.device, config.seed)
@@ -96,7 +107,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
-        logits = self.model_runner.execute(scheduled)  # [num_sampling, vocab]
+        logits = self.model_runner.execute(scheduled)  # [num_sampling (+ prompt rows), vocab]
+        if scheduled.num_prompt_logit_rows:
+            logits = take_prompt_logprobs(scheduled, logits)  # [num_sampling, vocab]
         sampled = self.sampler(logits, [e.seq for e in scheduled.scheduled if e.samples])
         seqs = self.scheduler.update_from_output(scheduled, sampled.token_ids)
         logprobs = sampled.logprobs or [None] * len(seqs)
@@ -106,7 +119,11 @@ class Engine:
     def _all_requests_can_overlap(self) -> bool:
         """Penalties read the output tokens and logprobs go back with them: both need them on the host."""
         return not any(
-            p.logprobs is not None or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+            p.logprobs is not None
+            or p.prompt_logprobs is not None
+            or p.repetition_penalty != 1.0
+            or p.frequency_penalty
+            or p.presence_penalty
             for p in (seq.sampling_params for seq in self.scheduler.requests.values())
         )
 
@@ -169,8 +186,10 @@ class Engine:
             architecture=self.model_config.architecture,
             dtype=config.dtype,
             device=str(runner.device),
-            max_model_len=config.max_model_len,
-            max_input_tokens=config.input_token_limit,
+            max_model_len=self.context.max_model_len,
+            max_input_tokens=self.context.max_input_tokens,
+            max_position_embeddings=self.context.model_limit,
+            context_limited_by=self.context.limited_by,
             block_size=config.block_size,
             num_kv_blocks=runner.num_kv_blocks,
             kv_cache_bytes=runner.kv_cache_bytes,
@@ -182,6 +201,7 @@ class Engine:
             cuda_graphs=runner.graph_runner is not None,
             prefix_caching=config.enable_prefix_caching,
             tensor_parallel_size=config.tensor_parallel_size,
+            sampling_defaults=dict(self.sampling_defaults),
         )
 
     @staticmethod
@@ -193,11 +213,12 @@ class Engine:
             new_logprobs=None if logprob is None else [logprob],
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=seq.take_prompt_logprobs() if new_token_ids else None,
         )
 
     def _validate(self, request: EngineRequest) -> None:
         prompt, params = request.prompt_token_ids, request.sampling_params
-        max_len = self.config.max_model_len
+        max_len = self.context.max_model_len
         if not prompt:
             raise ValueError("the prompt has no tokens")
         vocab_size = self.model_config.vocab_size
@@ -205,18 +226,20 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        # The start-up sized max_len to what the KV cache holds (context_limits.py): a request within it fits.
         if len(prompt) + params.max_tokens > max_len:
             raise ValueError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model length "
-                f"{max_len} (MAX_TOTAL_TOKENS)"
-            )
-        # The last sampled token is never fed back, so its KV needs no slot.
-        num_blocks = -(-(len(prompt) + params.max_tokens - 1) // self.config.block_size)
-        if num_blocks > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens needs {num_blocks} KV blocks but the cache holds {self.block_manager.num_blocks}"
+                f"{max_len} (MAX_TOTAL_TOKENS, limited by {self.context.limited_by})"
             )
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and repetition_penalty > 0")
-        if params.logprobs is not None and not 0 <= params.logprobs <= vocab_size:
-            raise ValueError(f"logprobs must be between 0 and {vocab_size}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and not 0 <= k <= vocab_size:
+                raise ValueError(f"{name} must be between 0 and {vocab_size}")
+        if not 0.0 <= params.min_p <= 1.0 or not 0.0 < params.typical_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1] and typical_p in (0, 1]")
+        for token_id, bias in params.logit_bias.items():
+            if not 0 <= token_id < vocab_size or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: token {token_id} must be in [0, {vocab_size}), its bias in [-100, 100]")

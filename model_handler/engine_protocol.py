@@ -65,6 +65,9 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache instead of being computed."""
     failure_message: str = ""
     """Why, when the finish reason is a failure (REJECTED, ERROR); empty otherwise."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Requests with `prompt_logprobs`: the logprobs of prompt tokens 1..n-1 (the first has none), sent once,
+    with the request's first token."""
 
     @property
     def finished(self) -> bool:
@@ -105,9 +108,9 @@ class EngineInfo:
     dtype: str
     device: str
     max_model_len: int
-    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS)."""
+    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS, or sized from the KV cache and the model)."""
     max_input_tokens: int
-    """Longest prompt (MAX_INPUT_TOKENS)."""
+    """Longest prompt (MAX_INPUT_TOKENS, or max_model_len - 1)."""
     block_size: int
     num_kv_blocks: int
     kv_cache_bytes: int
@@ -119,6 +122,13 @@ class EngineInfo:
     cuda_graphs: bool
     prefix_caching: bool
     tensor_parallel_size: int = 1
+    max_position_embeddings: int = 0
+    """The model's own context limit; max_model_len is at most this."""
+    context_limited_by: str = ""
+    """What set max_model_len: "model", "kv_cache" (MAX_TOTAL_TOKENS unset) or "MAX_TOTAL_TOKENS"."""
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    """The model's own `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty` (generation_config.json,
+    GENERATION_CONFIG), for requests that leave them unset; empty when it has none."""
 
 
 @dataclass(slots=True)

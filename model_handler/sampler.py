@@ -1,4 +1,4 @@
-"""Batched token choice: penalties, min_tokens, temperature, top-k/top-p, seeds, logprobs.
+"""Batched token choice: penalties, min_tokens, logit bias, temperature, top-k/top-p/min-p/typical, seeds, logprobs.
 
 One `.tolist()` of the chosen ids is the only host sync (plus one for logprobs when a row asks for them);
 `choose` stops before it, so async scheduling can read the ids a step later. Small per-row parameter tensors
@@ -17,6 +17,7 @@ import torch
 
 from model_handler.engine_protocol import TokenLogprob
 from model_handler.host_to_device import to_device
+from model_handler.logits_processors import apply_logit_bias, apply_min_p, apply_typical_p
 from model_handler.sequence import Sequence
 
 
@@ -112,7 +113,8 @@ class Sampler:
         has_penalty = any(
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params
         )
-        if not suppress and not has_penalty and all(p.is_greedy for p in params):
+        has_bias = any(p.logit_bias for p in params)
+        if not suppress and not has_penalty and not has_bias and all(p.is_greedy for p in params):
             return _argmax_rows(logits)  # the common greedy path: one op
 
         logits = logits.float().clone()  # [N, V]
@@ -121,6 +123,8 @@ class Sampler:
             logits[rows, cols] = float("-inf")
         if has_penalty:
             logits = self._apply_penalties(logits, seqs)
+        if has_bias:
+            apply_logit_bias(logits, params)
         chosen = _argmax_rows(logits)  # [N], greedy rows keep this
         sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sample_rows:
@@ -152,13 +156,18 @@ class Sampler:
         return logits - freq[:, None] * out_counts - pres[:, None] * (out_counts > 0).to(logits.dtype)
 
     def _sample(self, logits: torch.Tensor, seqs: SequenceOf[Sequence], rows: list[int]) -> torch.Tensor:
-        """Temperature, top-k, top-p, then the exponential race; returns a token per row (greedy rows unused)."""
+        """Temperature, top-k, top-p, min-p, typical, then the exponential race; returns a token per row (greedy
+        rows unused)."""
         params = [s.sampling_params for s in seqs]
         device = logits.device
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=logits.dtype)
         logits = logits / to_device(temps, device)[:, None]  # [N, V]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             logits = self._top_k_top_p(logits, params)
+        if any(p.min_p > 0.0 for p in params):
+            logits = apply_min_p(logits, params)
+        if any(p.typical_p < 1.0 for p in params):
+            logits = apply_typical_p(logits, params)
         probs = torch.softmax(logits, dim=-1)  # [N, V]
         # Exponential(1) noise as -log(U): the same distribution as exponential_(), 4x cheaper on CPU.
         noise = torch.empty_like(probs)  # [N, V]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from model_handler.engine_protocol import EngineRequest, FinishReason
+from model_handler.engine_protocol import EngineRequest, FinishReason, TokenLogprob
 from model_handler.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ class Sequence:
         "generator",
         "stop_token_ids",
         "num_pending_tokens",
+        "prompt_logprobs",
+        "num_prompt_logprobs_sent",
     )
 
     def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = ()) -> None:
@@ -69,6 +71,9 @@ class Sequence:
         )
         self.num_pending_tokens = 0
         """Trailing PLACEHOLDER_TOKENs in `token_ids` whose values the device has not handed back yet."""
+        self.prompt_logprobs: list[TokenLogprob] = []
+        """Logprobs of prompt tokens 1, 2, ... as their rows are computed (requests with `prompt_logprobs`)."""
+        self.num_prompt_logprobs_sent = 0
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +94,21 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """It asked for prompt logprobs and some prompt tokens (all but the first have one) still lack theirs."""
+        return (
+            self.sampling_params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        )
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt logprobs not sent yet (None when the request did not ask or none are new)."""
+        if self.sampling_params.prompt_logprobs is None or self.num_prompt_logprobs_sent == len(self.prompt_logprobs):
+            return None
+        new = self.prompt_logprobs[self.num_prompt_logprobs_sent :]
+        self.num_prompt_logprobs_sent = len(self.prompt_logprobs)
+        return new
 
     def append_token(self, token_id: int, max_model_len: int, eos_token_ids: frozenset[int]) -> bool:
         """Add a sampled token; return True (and set `finish_reason`) when the request is done."""

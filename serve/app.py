@@ -14,7 +14,7 @@ import uuid
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
-from serve import routes, routes_openai, routes_sagemaker, routes_tgi
+from serve import routes, routes_docs, routes_openai, routes_sagemaker, routes_tgi
 from serve.context import current_dialect, error_response
 from serve.errors import ApiError, Dialect, ErrorKind
 from serve.logging_setup import RequestRecord, log_request
@@ -39,7 +39,7 @@ def create_app(settings: Settings, engine_client=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.payload_limit
     state = ServeState(settings, engine_client)
     app.extensions["serve"] = state
-    for module in (routes, routes_openai, routes_tgi, routes_sagemaker):
+    for module in (routes, routes_openai, routes_tgi, routes_sagemaker, routes_docs):
         app.register_blueprint(module.blueprint)
 
     @app.before_request

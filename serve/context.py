@@ -39,12 +39,27 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _TOO_DEEP = "recursion limit exceeded: the JSON nests too deeply"
 
 
-def read_json() -> object:
-    """The decoded body, whatever its Content-Type says (SageMaker and curl users send all kinds).
+def is_json_media_type(content_type: str | None) -> bool:
+    """No Content-Type at all, `application/json` or a `+json` type (parameters such as charset aside)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type in ("", "application/json") or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def read_json(any_media_type: bool = False) -> object:
+    """The decoded body. Its Content-Type must say JSON or be absent (TGI's axum answers 415 otherwise: a form
+    post such as `curl -d` without a header must not pass as JSON); `/invocations` takes any (SageMaker clients
+    send all kinds).
 
     Rejected as unparsable, like serde (TGI) does: invalid UTF-8, a lone surrogate escape (a string no
     tokenizer or UTF-8 reply can hold), nesting deeper than the parser's recursion limit.
     """
+    if not any_media_type and not is_json_media_type(request.headers.get("Content-Type")):
+        raise ApiError(
+            ErrorKind.UNSUPPORTED_MEDIA,
+            f"Expected request with `Content-Type: application/json`, got {request.headers['Content-Type']!r}",
+        )
     data = read_body()
     try:
         body = json.loads(data)

@@ -30,6 +30,7 @@ class ErrorKind(enum.Enum):
     UNAUTHORIZED = "unauthorized"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA = "unsupported_media"
+    UNKNOWN_MODEL = "unknown_model"
     NOT_READY = "not_ready"
     GENERATION = "generation"
     NOT_FOUND = "not_found"
@@ -78,6 +79,9 @@ _STYLES: dict[ErrorKind, _Style] = {
         413, "payload_too_large", "", 413, "invalid_request_error", "payload_too_large"
     ),
     ErrorKind.UNSUPPORTED_MEDIA: _Style(415, "validation", "", 415, "invalid_request_error", "unsupported_media_type"),
+    ErrorKind.UNKNOWN_MODEL: _Style(
+        422, "validation", "Input validation error: ", 400, "invalid_request_error", "model_not_found"
+    ),
     ErrorKind.NOT_READY: _Style(503, "unhealthy", "", 503, "service_unavailable_error", "model_not_ready"),
     ErrorKind.GENERATION: _Style(
         424, "generation", "Request failed during generation: ", 500, "server_error", "generation_failed"

@@ -14,6 +14,7 @@ from flask import Blueprint, Response
 from serve.context import current_state, json_response, read_json, set_dialect
 from serve.errors import UNHEALTHY_BODY, ApiError, Dialect, ErrorKind
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serve.request_checks import refuse_non_text_parts
 from serve.responses import SERVER_VERSION
 from serve.schemas import parse_body, resolve_max_new_tokens
 from serve.schemas_openai import ChatCompletionRequest
@@ -31,6 +32,9 @@ PUBLIC_ENDPOINTS = frozenset(
         "basic.info",
         "basic.models",
         "basic.metrics",
+        "docs.openapi_document",
+        "docs.docs_page",
+        "docs.docs_asset",
     }
 )
 """Routes served without `API_KEY`; every other route (`/tokenize` and `/chat_tokenize` too) needs the bearer token
@@ -102,6 +106,8 @@ def _engine_section(info) -> dict:
         "prefix_caching": info.prefix_caching,
         "tensor_parallel_size": info.tensor_parallel_size,
         "max_model_len": info.max_model_len,
+        "max_total_tokens_limited_by": info.context_limited_by,
+        "model_max_position_embeddings": info.max_position_embeddings,
         "max_batch_size": info.max_num_seqs,
         "max_batch_prefill_tokens": info.max_num_prefill_tokens,
         "kv_cache_block_size": info.block_size,
@@ -143,7 +149,9 @@ def tokenize() -> Response:
 def chat_tokenize() -> Response:
     """TGI's `/chat_tokenize`: the rendered chat prompt and its tokens, held to the prompt limits of a chat."""
     req = parse_body(ChatCompletionRequest, read_json(), Dialect.TGI)
-    text = current_state().tokenizer().apply_chat_template(req.template_messages())
+    state = current_state()
+    refuse_non_text_parts(req.messages, state.model_name())
+    text = state.tokenizer().apply_chat_template(req.template_messages())
     return _tokenized(text, False, None, lambda tokens: {"tokenize_response": tokens, "templated_text": text})
 
 

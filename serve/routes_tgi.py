@@ -50,11 +50,13 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
     set_dialect(Dialect.TGI)
     state, record = current_state(), current_record()
     record.is_generation = True
-    req = parse_body(GenerateRequest, body, Dialect.TGI)
+    req = parse_body(GenerateRequest, body, Dialect.TGI, record)
     streaming = mode is GenerateMode.STREAM or (mode is GenerateMode.COMPAT and req.stream)
     record.stream = streaming
     req.check(state.settings, streaming)
     params = req.parameters
+    served = state.served_model()
+    served.check_adapter(params.adapter_id)
     tokenizer, limits = state.tokenizer(), state.limits()
     req.check_truncate(limits.max_input_tokens)
     prompt_ids = tokenizer.encode(req.inputs, add_special_tokens=req.add_special_tokens)
@@ -62,7 +64,7 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         prompt_ids = prompt_ids[-params.truncate :]
     record.prompt_tokens = len(prompt_ids)
     max_new = resolve_max_new_tokens(len(prompt_ids), params.max_new_tokens, limits, Dialect.TGI)
-    specs = [SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed), seed) for seed in req.seeds()]
+    specs = [SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed, served), seed) for seed in req.seeds()]
     # TGI prepends the prompt on `/` and `/invocations` unless told otherwise (text-generation models).
     full_text = params.return_full_text if params.return_full_text is not None else mode is GenerateMode.COMPAT
     prefix = req.inputs if full_text else ""
@@ -77,7 +79,8 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         job.close()
     best = max(job.generations, key=lambda g: g.mean_logprob) if len(job.generations) > 1 else job.generations[0]
     others = [g for g in job.generations if g is not best]
-    body_out = responses.tgi_generate_response(tokenizer, best, others, prefix, params.details, top_n)
+    prefill_ids = prompt_ids if params.decoder_input_details else None
+    body_out = responses.tgi_generate_response(tokenizer, best, others, prefix, req.wants_details, top_n, prefill_ids)
     headers = {**_headers(state), **_timing_headers(job, best, len(req.inputs))}
     return json_response([body_out] if mode is GenerateMode.COMPAT else body_out, headers=headers)
 

@@ -11,15 +11,19 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from serve.errors import ApiError, Dialect, ErrorKind
+from serve.logging_setup import RequestRecord
 from serve.settings import TokenLimits
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_body(model: type[M], body: object, dialect: Dialect) -> M:
-    """Validate a decoded JSON body; wrong or missing fields become a 4xx in the route's dialect."""
+def parse_body(model: type[M], body: object, dialect: Dialect, record: RequestRecord | None = None) -> M:
+    """Validate a decoded JSON body; wrong or missing fields become a 4xx in the route's dialect. Fields the model
+    does not know are ignored, as TGI and vLLM do (a newer client's extras), and named in the request's log line."""
     if not isinstance(body, dict):
         raise ApiError(ErrorKind.DESERIALIZE, f"expected a JSON object, got {type(body).__name__}")
+    if record is not None:
+        record.ignored_fields = sorted(str(key) for key in body if key not in model.model_fields)
     try:
         return model.model_validate(body)
     except ValidationError as exc:

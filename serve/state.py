@@ -26,6 +26,7 @@ from serve.errors import ApiError, ErrorKind
 from serve.generation import Generation, Update, merge
 from serve.logging_setup import RequestRecord
 from serve.metrics import Metrics
+from serve.served_model import ServedModel
 from serve.settings import Settings, TokenLimits
 from serve.tokenizer import TextTokenizer
 
@@ -55,6 +56,7 @@ class ServeState:
         self._tokenizer: TextTokenizer | None = None
         self._tokenizer_error: str | None = None
         self._limits: TokenLimits | None = None
+        self._served: ServedModel | None = None
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # held for the ~1 s tokenizer load only
         self._in_flight = 0  # this worker's, for /metrics; the admission counts the whole server's
@@ -135,10 +137,19 @@ class ServeState:
 
     def model_name(self) -> str:
         if self.settings.served_model_name:
-            return self.settings.served_model_name
+            return self.settings.served_model_name.split(",")[0].strip()
         engine = self.engine
         info = engine.info if engine is not None else None
         return info.model_id if info is not None else "unknown"
+
+    def served_model(self) -> ServedModel:
+        """The model's names, vocabulary size and sampling defaults, from the engine's description; 503 before."""
+        if self._served is None:
+            engine = self.engine
+            if engine is None or engine.info is None:
+                raise ApiError(ErrorKind.NOT_READY, "the model is not ready yet")
+            self._served = ServedModel.from_info(engine.info, self.settings.served_model_name)
+        return self._served
 
     # ---- requests ------------------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("model_handler.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("model_handler.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("model_handler.models.llama", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("model_handler.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("model_handler.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("model_handler.models.qwen_moe", "Qwen3MoeForCausalLM"),
 }
 # config.json without `architectures` (a bare config class saved by hand): fall back on model_type
 _BY_MODEL_TYPE = {
@@ -19,6 +22,9 @@ _BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 

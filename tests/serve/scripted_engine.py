@@ -24,7 +24,11 @@ Script = Callable[[EngineRequest], list]
 
 
 def engine_info(
-    model_dir: str, max_model_len: int = 2048, model_id: str = "tiny-llama", max_input_tokens: int | None = None
+    model_dir: str,
+    max_model_len: int = 2048,
+    model_id: str = "tiny-llama",
+    max_input_tokens: int | None = None,
+    sampling_defaults: dict | None = None,
 ) -> EngineInfo:
     return EngineInfo(
         model_id=model_id,
@@ -44,6 +48,7 @@ def engine_info(
         attention_backend="torch",
         cuda_graphs=False,
         prefix_caching=True,
+        sampling_defaults=sampling_defaults or {},
     )
 
 
@@ -54,7 +59,8 @@ def outputs_for(
     per_step: int = 1,
     error: str | None = None,
 ) -> list[RequestOutput]:
-    """One RequestOutput per `per_step` tokens, the last one finished; logprobs when the request asked."""
+    """One RequestOutput per `per_step` tokens, the last one finished; logprobs (and the prompt's, with the first
+    output) when the request asked."""
     k = request.sampling_params.logprobs
     num_prompt = len(request.prompt_token_ids)
     outputs = []
@@ -66,6 +72,10 @@ def outputs_for(
         outputs.append(RequestOutput(request.request_id, ids, new_logprobs=logprobs, num_prompt_tokens=num_prompt))
     if not outputs:
         outputs.append(RequestOutput(request.request_id, [], num_prompt_tokens=num_prompt))
+    prompt_k = request.sampling_params.prompt_logprobs
+    if prompt_k is not None and num_prompt > 1:
+        scored = request.prompt_token_ids[1:]
+        outputs[0].prompt_logprobs = [TokenLogprob(i, -1.0, [(i, -1.0), (7, -2.5)][:prompt_k]) for i in scored]
     outputs[-1].finish_reason = FinishReason.ERROR if error else finish
     outputs[-1].failure_message = error or ""
     return outputs

@@ -31,7 +31,8 @@ def _tgi_error(reply, status: int, error_type: str = "validation") -> str:
         ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
         ({"truncate": 0}, "Input validation error: `truncate` must be strictly positive and less than 2047. Given: 0"),
         ({"grammar": {"type": "regex", "value": "a+"}}, "Input validation error: grammar is not supported"),
-        ({"decoder_input_details": True}, "decoder_input_details"),
+        ({"watermark": True}, "Input validation error: `watermark` == true is not supported"),
+        ({"adapter_id": "my-lora"}, "Input validation error: `adapter_id`: no adapter 'my-lora' is loaded"),
     ],
 )
 def test_tgi_parameter_checks(scripted, make_client, parameters, message):
@@ -120,3 +121,21 @@ def test_api_key_on_tgi_routes(scripted, make_client):
     ok = client.post("/generate", json={"inputs": "hi"}, headers={"Authorization": "bearer k"})
     assert ok.status_code == 200
     assert client.get("/health").status_code == 200 and client.get("/info").status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream", "/", "/tokenize", "/chat_tokenize"])
+def test_a_form_post_is_415_naming_json(scripted, make_client, route):
+    body = '{"inputs": "hi", "messages": [{"role": "user", "content": "hi"}]}'
+    reply = make_client(scripted).post(route, data=body, content_type="application/x-www-form-urlencoded")
+    assert "Content-Type: application/json" in _tgi_error(reply, 415)
+    assert scripted.submitted == []
+
+
+def test_invocations_takes_any_media_type(scripted, make_client):
+    client = make_client(scripted)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "application/octet-stream"):
+        body = '{"inputs": "hi", "parameters": {"max_new_tokens": 2}}'
+        assert client.post("/invocations", data=body, content_type=content_type).status_code == 200
+        reply = client.post("/endpoints/e/invocations", data=body, content_type=content_type)
+        assert reply.status_code == 200, reply.data
+    assert len(scripted.submitted) == 6
