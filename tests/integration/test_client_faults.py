@@ -301,3 +301,114 @@ def test_a_worker_full_of_waiting_connections_closes_the_oldest_to_answer_ping()
             sock.close()
     finally:
         server.stop()
+
+
+def _greedy_stream(server: LiveServer, question: str) -> tuple[str, str | None]:
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0, "stream": True}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=180)
+    connection.request("POST", CHAT, json.dumps(body), {"Content-Type": "application/json"})
+    text, finish = [], None
+    for line in connection.getresponse():
+        line = line.decode().strip()
+        if line.startswith("data: {"):
+            choice = json.loads(line[len("data: ") :])["choices"][0]
+            text.append(choice["delta"].get("content") or "")
+            finish = choice["finish_reason"] or finish
+    connection.close()
+    return "".join(text), finish
+
+
+def _stream_then_leave(server: LiveServer, reset: bool) -> None:
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    sock = _connect(server, _request_bytes(CHAT, json.dumps(body).encode()))
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(65536)
+    if reset:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _wait_then_leave(server: LiveServer, reset: bool) -> None:
+    body = {"messages": [{"role": "user", "content": "wait"}], "max_tokens": 1900, "ignore_eos": True}
+    sock = _connect(server, _request_bytes(CHAT, json.dumps(body).encode()))
+    time.sleep(2.0)  # long enough to be read and admitted (a reset before that would discard the request unread)
+    if reset:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _cut_body(server: LiveServer) -> int:
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()
+    sock = _connect(server, _request_bytes(CHAT, body, {"Content-Length": str(len(body) + 40)}))
+    sock.shutdown(socket.SHUT_WR)
+    status, _ = _status_and_body(_read_all(sock))
+    sock.close()
+    return status
+
+
+def _tokenize_bomb(server: LiveServer) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    connection.request(
+        "POST", "/tokenize", json.dumps({"inputs": "bomb " * 300_000}), {"Content-Type": "application/json"}
+    )
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_staying_streams_lose_nothing_while_every_fault_happens_at_once():
+    """Greedy streams that stay get exactly their solo text while, at the same time, clients of streams and of
+    whole replies leave (closed or reset), 300 connections idle, bodies arrive cut short and megabytes arrive to
+    tokenize; /ping answers throughout; afterwards nothing runs, every KV block is free, no request is counted in
+    flight, and no request got a 5xx."""
+    server = start_server({"REQUEST_READ_TIMEOUT": str(READ_TIMEOUT_S), "LOG_LEVEL": "INFO"})
+    try:
+        questions = [f"Question {i}: what does the keyword {w} do?" for i, w in enumerate("def for try with".split())]
+        questions += [f"Tell me about {w} in {n} words" for n, w in enumerate(["lists", "dicts", "sets", "tuples"])]
+        solo = [_greedy_stream(server, q) for q in questions]
+        num_blocks = _num_kv_blocks(server)
+        pings: list[int | str] = []
+        stop_pinging = threading.Event()
+
+        def ping_throughout() -> None:
+            while not stop_pinging.is_set():
+                pings.extend(_ping_statuses(server, 1))
+
+        pinger = threading.Thread(target=ping_throughout)
+        pinger.start()
+        idle = [
+            _connect(server, _request_bytes(CHAT, b"", {"Content-Length": "100"}) if i % 2 else b"") for i in range(300)
+        ]
+        with ThreadPoolExecutor(max_workers=40) as pool:
+            staying = [pool.submit(_greedy_stream, server, q) for q in questions]
+            faults = [pool.submit(_stream_then_leave, server, i % 2 == 0) for i in range(8)]
+            faults += [pool.submit(_wait_then_leave, server, i % 2 == 0) for i in range(8)]
+            cut = [pool.submit(_cut_body, server) for _ in range(4)]
+            bombs = [pool.submit(_tokenize_bomb, server) for _ in range(2)]
+            together = [future.result(timeout=300) for future in staying]
+            for future in faults:
+                future.result(timeout=60)
+            assert [future.result(timeout=60) for future in cut] == [400] * 4
+            assert [future.result(timeout=120) for future in bombs] == [422] * 2
+        stop_pinging.set()
+        pinger.join(timeout=30)
+        for sock in idle:
+            sock.close()
+        assert together == solo and all(finish == "length" for _, finish in together)
+        assert pings and set(pings) == {200}, pings
+
+        def released() -> bool:
+            text = _scrape(server)
+            return (
+                _value(text, "tgi_batch_current_size") == 0
+                and _value(text, "tgi_request_in_flight") == 0
+                and _value(text, "tgi_kv_cache_free_blocks") == num_blocks
+            )
+
+        _wait_for(released, 15, "work or KV blocks left behind")
+        statuses = [record["status"] for record in _access_records(server)]
+        assert not [status for status in statuses if status >= 500], statuses
+        assert statuses.count(499) == 8  # the whole-reply clients that left; streams that left show their 200
+    finally:
+        server.stop()
