@@ -8,7 +8,7 @@ socket (`model_handler/server.py`, `serve/engine_client.py`). No torch here: the
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -181,9 +181,9 @@ class EngineClient(Protocol):
 
     def submit(self, request: EngineRequest) -> OutputStream: ...
 
-    def fail_in_flight(self, error: Exception) -> None:
-        """End every request in flight: each stream raises `error` where its outputs are read, and the engine
-        aborts them (the server is stopping)."""
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        """End every request in flight: each stream raises an error of `make_error()` where its outputs are read,
+        and the engine aborts them (the server is stopping)."""
 
 
 @runtime_checkable

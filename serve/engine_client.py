@@ -13,7 +13,7 @@ import os
 import pickle
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gevent
 import gevent.queue
@@ -175,14 +175,12 @@ class SocketEngineClient:
         if self._streams.pop(request_id, None) is not None:
             self._send(AbortRequests([request_id]))
 
-    def fail_in_flight(self, error: Exception) -> None:
-        """End every request in flight with `error` (raised in the greenlet reading it) and abort them in the
-        engine."""
-        streams, self._streams = self._streams, {}
-        if streams:
-            self._send(AbortRequests(list(streams)))
-        for stream in streams.values():
-            stream._put(error)
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        """End every request in flight with an error of `make_error` (raised in the greenlet reading it) and
+        abort them in the engine."""
+        if self._streams:
+            self._send(AbortRequests(list(self._streams)))
+        self._fail_streams(make_error)
 
     def close(self) -> None:
         self._closed = True
@@ -235,7 +233,7 @@ class SocketEngineClient:
             gevent.sleep(1.0)
             if self._streams and self._last_seen and not self.is_alive() and not self._messages_waiting():
                 logger.error("engine stopped sending heartbeats; failing in-flight requests")
-                self._fail_streams(EngineDeadError("the engine process stopped responding"))
+                self._fail_streams(lambda: EngineDeadError("the engine process stopped responding"))
 
     def _watch_connection(self) -> None:
         """The engine closes its socket only when its process ends, and only the launcher ends it after the HTTP
@@ -251,9 +249,9 @@ class SocketEngineClient:
                 logger.error(
                     "the engine process is gone; failing in-flight requests", extra={"in_flight": len(self._streams)}
                 )
-                self._fail_streams(EngineDeadError("the engine process exited"))
+                self._fail_streams(lambda: EngineDeadError("the engine process exited"))
 
-    def _fail_streams(self, error: Exception) -> None:
+    def _fail_streams(self, make_error: Callable[[], Exception]) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream._put(error)
+            stream._put(make_error())

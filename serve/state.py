@@ -105,10 +105,8 @@ class ServeState:
         a stream), and requests not yet submitted are refused."""
         self._ended = True
         if self._engine is not None:
-            grace = self.settings.shutdown_grace_s
-            self._engine.fail_in_flight(
-                ApiError(ErrorKind.NOT_READY, f"the server is shutting down (SHUTDOWN_GRACE_PERIOD={grace:g} s ended)")
-            )
+            message = f"the server is shutting down (SHUTDOWN_GRACE_PERIOD={self.settings.shutdown_grace_s} s ended)"
+            self._engine.fail_in_flight(lambda: ApiError(ErrorKind.NOT_READY, message))
 
     def tokenizer(self) -> TextTokenizer:
         """The model's tokenizer, loaded once when the engine first reports ready; 503 before that."""

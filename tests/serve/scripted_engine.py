@@ -138,8 +138,8 @@ class ScriptedEngine:
         self.streams.append(stream)
         return stream
 
-    def fail_in_flight(self, error: Exception) -> None:
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
         for stream in self.streams:
             if not stream.finished:
-                stream.failure = error
+                stream.failure = make_error()
                 self.aborted.append(stream.request_id)
