@@ -92,7 +92,11 @@ def _can_merge(first: RequestOutput, second: RequestOutput) -> bool:
 
 
 def _merged(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """`first` then `second` as one output (the prompt counts come with the first output of a request)."""
+    """`first` then `second` as one output (the prompt counts and prompt logprobs come with the first output of a
+    request). Every field of RequestOutput is combined here: tests/serve/test_engine_client.py checks that."""
+    prompt_logprobs = None
+    if first.prompt_logprobs is not None or second.prompt_logprobs is not None:
+        prompt_logprobs = (first.prompt_logprobs or []) + (second.prompt_logprobs or [])
     return RequestOutput(
         request_id=first.request_id,
         new_token_ids=first.new_token_ids + second.new_token_ids,
@@ -101,6 +105,7 @@ def _merged(first: RequestOutput, second: RequestOutput) -> RequestOutput:
         num_prompt_tokens=first.num_prompt_tokens or second.num_prompt_tokens,
         num_cached_tokens=first.num_cached_tokens if first.num_prompt_tokens else second.num_cached_tokens,
         failure_message=second.failure_message,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
