@@ -184,6 +184,10 @@ class EngineClient(Protocol):
 
     def submit(self, request: EngineRequest) -> OutputStream: ...
 
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        """End every request in flight: each stream raises an error of `make_error()` where its outputs are read,
+        and the engine aborts them (the server is stopping)."""
+
 
 @runtime_checkable
 class StepEngine(Protocol):

@@ -198,7 +198,9 @@ class EngineServer:
             elif isinstance(message, WorkerGone):
                 ids = [rid for rid, owner in self._owners.items() if owner == identity]
                 self._abort(ids)
-                logger.warning(
+                # A worker that stops in order has ended its requests already; one that died may have left some.
+                logger.log(
+                    logging.WARNING if ids else logging.INFO,
                     "HTTP worker gone; its requests aborted",
                     extra={"worker_pid": message.worker_pid, "aborted": len(ids)},
                 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from serve import responses
 from serve.chat_output import ChoiceOutput
@@ -75,7 +75,7 @@ def handle_chat(body: object) -> Response:
         events = _chat_stream(job, reply, req, tokenizer, len(prompt_ids), outputs)
         return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     for generation, output in zip(job.generations, outputs, strict=True):
@@ -160,7 +160,7 @@ def handle_completions(body: object) -> Response:
         events = _completion_stream(job, reply, req, tokenizer, echo)
         return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     choices = []

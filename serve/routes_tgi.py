@@ -9,7 +9,7 @@ import enum
 import time
 from collections.abc import Iterator
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
@@ -78,7 +78,7 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         events = _generate_stream(job, tokenizer, prefix, params.details, top_n)
         return sse_response(guarded_events(job, events, Dialect.TGI), job.close, _headers(state))
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     best = max(job.generations, key=lambda g: g.mean_logprob) if len(job.generations) > 1 else job.generations[0]

@@ -51,6 +51,9 @@ class Settings:
     compute_type: str = envs.BY_NAME["COMPUTE_TYPE"].default
     tool_call_parser: str = envs.BY_NAME["TOOL_CALL_PARSER"].default
     """How tool calls are written and parsed: `auto` (detected from the chat template) or a format's name."""
+    request_read_timeout_s: int = envs.BY_NAME["REQUEST_READ_TIMEOUT"].default
+    worker_connections: int = envs.BY_NAME["WORKER_CONNECTIONS"].default
+    shutdown_grace_s: int = envs.BY_NAME["SHUTDOWN_GRACE_PERIOD"].default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -76,4 +79,7 @@ class Settings:
             log_level=parse_log_level(environ),
             compute_type=get("COMPUTE_TYPE"),
             tool_call_parser=get("TOOL_CALL_PARSER"),
+            request_read_timeout_s=get("REQUEST_READ_TIMEOUT"),
+            worker_connections=get("WORKER_CONNECTIONS"),
+            shutdown_grace_s=get("SHUTDOWN_GRACE_PERIOD"),
         )

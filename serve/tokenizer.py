@@ -35,6 +35,33 @@ def _bytes_to_unicode() -> dict[int, str]:
 _UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
 
 
+def token_spans(text: str, encoding: Any, first: int = 0) -> list[tuple[int, str, int, int]]:
+    """(id, text, start, stop) of an Encoding of `text`'s tokens from index `first` on; start and stop are UTF-8
+    byte offsets into `text`, as TGI's /tokenize gives them."""
+    ids, offsets = encoding.ids[first:], encoding.offsets[first:]
+    if not ids:
+        return []
+    # Character offsets to byte offsets by counting only the bytes between one offset and the next
+    # (re-encoding every prefix was quadratic: 12 s for a 1 MB input). Offsets mostly grow; they step
+    # back a little where several tokens share a character (byte-level pieces of one code point).
+    position = offsets[0][0]
+    byte_position = len(text[:position].encode())
+
+    def to_bytes(offset: int) -> int:
+        nonlocal position, byte_position
+        if offset >= position:
+            byte_position += len(text[position:offset].encode())
+        else:
+            byte_position -= len(text[offset:position].encode())
+        position = offset
+        return byte_position
+
+    return [
+        (token_id, text[start:stop], to_bytes(start), to_bytes(stop))
+        for token_id, (start, stop) in zip(ids, offsets, strict=True)
+    ]
+
+
 class TextTokenizer:
     """Wraps a transformers fast tokenizer; the Rust `tokenizers.Tokenizer` does the per-token work."""
 
@@ -70,9 +97,9 @@ class TextTokenizer:
     # ---- text -> ids ------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._encoding(text, add_special_tokens).ids
+        return self.encoding(text, add_special_tokens).ids
 
-    def _encoding(self, text: str, add_special_tokens: bool) -> Any:
+    def encoding(self, text: str, add_special_tokens: bool) -> Any:
         """The Rust tokenizer's Encoding; a long text is encoded in gevent's native thread pool.
 
         `Tokenizer.encode` holds the GIL throughout (0.5 s for 1 MB of text: every stream of this worker would
@@ -86,25 +113,7 @@ class TextTokenizer:
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, str, int, int]]:
         """(id, text, start, stop) per token; offsets are UTF-8 byte offsets into `text`, as TGI's /tokenize."""
-        encoding = self._encoding(text, add_special_tokens)
-        out = []
-        # Character offsets to byte offsets by counting only the bytes between one offset and the next
-        # (re-encoding every prefix was quadratic: 12 s for a 1 MB input). Offsets mostly grow; they step
-        # back a little where several tokens share a character (byte-level pieces of one code point).
-        position, byte_position = 0, 0
-
-        def to_bytes(offset: int) -> int:
-            nonlocal position, byte_position
-            if offset >= position:
-                byte_position += len(text[position:offset].encode())
-            else:
-                byte_position -= len(text[offset:position].encode())
-            position = offset
-            return byte_position
-
-        for token_id, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True):
-            out.append((token_id, text[start:stop], to_bytes(start), to_bytes(stop)))
-        return out
+        return token_spans(text, self.encoding(text, add_special_tokens))
 
     def apply_chat_template(
         self,
