@@ -48,7 +48,7 @@ def _start(body: object, schema: type[RequestT]) -> tuple[ServeState, RequestRec
     set_dialect(Dialect.OPENAI)
     state, record = current_state(), current_record()
     record.is_generation = True
-    req = parse_body(schema, body, Dialect.OPENAI, record)
+    req = parse_body(schema, body, Dialect.OPENAI)
     req.check(state.settings)
     served = state.served_model()
     req.check_model(served)

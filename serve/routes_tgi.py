@@ -50,7 +50,7 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
     set_dialect(Dialect.TGI)
     state, record = current_state(), current_record()
     record.is_generation = True
-    req = parse_body(GenerateRequest, body, Dialect.TGI, record)
+    req = parse_body(GenerateRequest, body, Dialect.TGI)
     streaming = mode is GenerateMode.STREAM or (mode is GenerateMode.COMPAT and req.stream)
     record.stream = streaming
     req.check(state.settings, streaming)

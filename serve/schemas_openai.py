@@ -119,13 +119,19 @@ class ChatMessage(_Body):
 
 
 class StreamOptions(_Body):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
     """vLLM: the usage so far in every chunk."""
 
 
 class _SamplingFields(_Body):
-    """Fields chat and completions share, with the engine's extensions (top_k, min_tokens, ...)."""
+    """Fields chat and completions share, with the engine's extensions (top_k, min_tokens, ...). A field the body
+    does not know is refused, naming it, as OpenAI does: a misspelt `max_token` must not quietly give a different
+    answer. (Messages and their parts keep unknown keys out silently: clients send earlier replies back whole.)"""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None

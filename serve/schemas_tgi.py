@@ -23,7 +23,10 @@ _SEED_LIMIT = 1 << 63
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body: a field it does not know is refused, naming it (a misspelt `max_new_token` must not quietly
+    give a different answer)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class GenerateParameters(_Body):

@@ -51,6 +51,8 @@ def test_tgi_parameter_checks(scripted, make_client, parameters, message):
         ({"inputs": 5}, "Failed to deserialize the JSON body into the target type: inputs:"),
         ({"inputs": "x", "parameters": {"max_new_tokens": "3"}}, "parameters.max_new_tokens"),
         ({"inputs": ""}, "Input validation error: `inputs` cannot be empty"),
+        ({"inputs": "x", "parameters": {"max_new_token": 3}}, "unknown field `parameters.max_new_token`"),
+        ({"inputs": "x", "stream_me": True}, "unknown field `stream_me`"),
         (["not", "an", "object"], "Failed to deserialize the JSON body into the target type"),
     ],
 )
