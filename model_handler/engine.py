@@ -7,13 +7,18 @@ With async scheduling (ASYNC_SCHEDULING, the default on one GPU) one step stays 
 the next step, its inputs patched on the device with the tokens the step before sampled, and only then reads
 those tokens. The host's scheduling, batching and output handling then overlap the GPU's forward instead of
 leaving it idle between steps. A step's outputs thus come from the following `step()` call; requests with
-penalties or logprobs (which need the tokens on the host first) run the plain, synchronous way, as do those that
-ask for prompt logprobs (`prompt_logprobs.py`: their prompt rows' logits are read in the step that computes them).
+penalties, logprobs or a grammar (which need the tokens on the host first) run the plain, synchronous way, as do
+those that ask for prompt logprobs (`prompt_logprobs.py`: their prompt rows' logits are read in the step that
+computes them).
+
+A request with an output constraint waits in a `GrammarWaitlist` while its grammar compiles on a worker thread;
+the others keep stepping, and it joins the schedule at the first step after the compile.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +28,8 @@ from model_handler.block_manager import BlockManager
 from model_handler.config import EngineConfig
 from model_handler.engine_protocol import EngineInfo, EngineRequest, RequestOutput, TokenLogprob
 from model_handler.generation_defaults import read_sampling_defaults
+from model_handler.grammar_compiler import GrammarCompiler, xgrammar_version
+from model_handler.grammar_waitlist import GrammarWaitlist
 from model_handler.input_patch import InputPatch
 from model_handler.model_runner import ModelRunner
 from model_handler.prompt_logprobs import take_prompt_logprobs
@@ -60,6 +67,12 @@ class Engine:
         self.config = config
         self.model_config = config.model()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        # The logits' width is the config's vocab_size (the LM head's rows), which may exceed the tokenizer's.
+        self.grammar_compiler = GrammarCompiler(
+            config.model_dir, self.model_config.vocab_size, list(self.eos_token_ids)
+        )
+        self.grammar_compiler.prepare()  # meanwhile the model loads
+        self.grammar_waitlist = GrammarWaitlist(self.grammar_compiler)
         self.sampling_defaults = read_sampling_defaults(config.generation_config, config.model_dir)
         self.model_runner = ModelRunner(
             config,
@@ -87,15 +100,25 @@ class Engine:
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; ValueError when it could never run (too long, bad ids, duplicate id)."""
         self._validate(request)
-        self.scheduler.add(Sequence(request, self.eos_token_ids))
+        seq = Sequence(request, self.eos_token_ids)
+        if request.sampling_params.constraint is not None:
+            self.grammar_waitlist.add(seq)
+        else:
+            self.scheduler.add(seq)
+
+    def set_wakeup(self, wakeup: Callable[[], None]) -> None:
+        """Have `wakeup` called (from a compile thread) whenever a waiting request's grammar is done."""
+        self.grammar_compiler.on_ready = wakeup
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' KV blocks now; each gets a finished ABORTED output from the next step()."""
-        for seq in self.scheduler.abort(request_ids):
+        for seq in self.scheduler.abort(request_ids) + self.grammar_waitlist.abort(request_ids):
             self._aborted.append(self._output(seq, [], None))
 
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted = self._aborted, []
+        if len(self.grammar_waitlist):
+            outputs += self._admit_compiled()
         previous, self._in_flight = self._in_flight, None
         if self.config.async_scheduling and self._all_requests_can_overlap():
             self._in_flight = self._launch(previous)  # before reading `previous`: the GPU keeps busy
@@ -116,14 +139,23 @@ class Engine:
         outputs += [self._output(seq, [seq.token_ids[-1]], lp) for seq, lp in zip(seqs, logprobs)]
         return outputs
 
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Waiting requests whose grammar is done join the schedule; those whose constraint failed end here."""
+        admitted, refused = self.grammar_waitlist.pop_ready()
+        for seq in admitted:
+            self.scheduler.add(seq)
+        return [self._output(seq, [], None) for seq in refused]
+
     def _all_requests_can_overlap(self) -> bool:
-        """Penalties read the output tokens and logprobs go back with them: both need them on the host."""
+        """Penalties read the output tokens, logprobs go back with them, a grammar's mask follows them: all
+        need them on the host."""
         return not any(
             p.logprobs is not None
             or p.prompt_logprobs is not None
             or p.repetition_penalty != 1.0
             or p.frequency_penalty
             or p.presence_penalty
+            or p.constraint is not None
             for p in (seq.sampling_params for seq in self.scheduler.requests.values())
         )
 
@@ -172,11 +204,21 @@ class Engine:
         return [self._output(seq, [token], None) for seq, token in resolved]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._aborted) or self._in_flight is not None
+        return self.has_ready_requests() or len(self.grammar_waitlist) > 0
+
+    def has_ready_requests(self) -> bool:
+        """`step()` has work now; False while the only requests left wait for their grammar to compile."""
+        return (
+            self.scheduler.num_unfinished > 0
+            or bool(self._aborted)
+            or self._in_flight is not None
+            or self.grammar_waitlist.has_ready()
+        )
 
     def stats(self) -> tuple[int, int, int]:
-        """(num_running, num_waiting, num_free_blocks)."""
-        return len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.num_free_blocks
+        """(num_running, num_waiting, num_free_blocks); requests whose grammar is compiling count as waiting."""
+        num_waiting = len(self.scheduler.waiting) + len(self.grammar_waitlist)
+        return len(self.scheduler.running), num_waiting, self.block_manager.num_free_blocks
 
     def info(self) -> EngineInfo:
         config, runner = self.config, self.model_runner
@@ -201,6 +243,7 @@ class Engine:
             cuda_graphs=runner.graph_runner is not None,
             prefix_caching=config.enable_prefix_caching,
             tensor_parallel_size=config.tensor_parallel_size,
+            grammar_backend=xgrammar_version(),
             sampling_defaults=dict(self.sampling_defaults),
         )
 
@@ -213,6 +256,7 @@ class Engine:
             new_logprobs=None if logprob is None else [logprob],
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            failure_message=seq.failure_message,
             prompt_logprobs=seq.take_prompt_logprobs() if new_token_ids else None,
         )
 
@@ -221,6 +265,8 @@ class Engine:
         max_len = self.context.max_model_len
         if not prompt:
             raise ValueError("the prompt has no tokens")
+        if request.request_id in self.grammar_waitlist or request.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request.request_id!r} is already running")
         vocab_size = self.model_config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")

@@ -8,7 +8,7 @@ socket (`model_handler/server.py`, `serve/engine_client.py`). No torch here: the
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -122,6 +122,9 @@ class EngineInfo:
     cuda_graphs: bool
     prefix_caching: bool
     tensor_parallel_size: int = 1
+    grammar_backend: str = ""
+    """What compiles output constraints ("xgrammar 0.2.9"); empty when the engine's image lacks it, and then
+    every constrained request is REJECTED."""
     max_position_embeddings: int = 0
     """The model's own context limit; max_model_len is at most this."""
     context_limited_by: str = ""
@@ -181,6 +184,10 @@ class EngineClient(Protocol):
 
     def submit(self, request: EngineRequest) -> OutputStream: ...
 
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        """End every request in flight: each stream raises an error of `make_error()` where its outputs are read,
+        and the engine aborts them (the server is stopping)."""
+
 
 @runtime_checkable
 class StepEngine(Protocol):
@@ -196,6 +203,12 @@ class StepEngine(Protocol):
     def step(self) -> list[RequestOutput]: ...
 
     def has_unfinished_requests(self) -> bool: ...
+
+    def has_ready_requests(self) -> bool:
+        """`step()` has work now; False while the only unfinished requests wait for their grammar to compile."""
+
+    def set_wakeup(self, wakeup: Callable[[], None]) -> None:
+        """Have `wakeup` called, from another thread, when a request that was not ready becomes ready."""
 
     def stats(self) -> tuple[int, int, int]:
         """(num_running, num_waiting, num_free_blocks)."""

@@ -252,15 +252,34 @@ VARIABLES: tuple[Variable, ...] = (
          f"{LAUNCHER}, {HTTP}",
          "gunicorn (gevent) worker processes; all share one engine, `/metrics` sums them and "
          "`MAX_CONCURRENT_REQUESTS` counts them together"),
-    _var("API_KEY", text, None, "–", HTTP, "when set, generation routes need `Authorization: Bearer <key>`"),
+    _var("API_KEY", text, None, "–", HTTP,
+         "when set, every route but health, `/info`, `/v1/models`, `/metrics`, `/openapi.json` and `/docs` needs "
+         "`Authorization: Bearer <key>`"),
     _var("PAYLOAD_LIMIT", integer(minimum=1), 2_000_000, "2000000", HTTP,
          "largest request body in bytes (413 beyond)"),
+    _var("REQUEST_READ_TIMEOUT", integer(minimum=1), 10, "10", HTTP,
+         "seconds a client has to send a request's headers (from connecting, or from the previous reply on a "
+         "kept-alive connection: the connection is closed after it) and again its body (408 after it); a body cut "
+         "short by a close, or shorter than its `Content-Length`, gets a 400 and never reaches the engine"),
+    _var("WORKER_CONNECTIONS", integer(minimum=8), 1000, "1000", HTTP,
+         "client connections one HTTP worker holds before it closes the ones that have waited longest on their "
+         "client (idle, or sending headers or a body) to take new ones, so `/ping` is answered whatever other "
+         "connections do"),
+    _var("SHUTDOWN_GRACE_PERIOD", integer(minimum=0), 20, "20", f"{LAUNCHER}, {HTTP}",
+         "seconds in-flight requests may run on after SIGTERM (no new connections are accepted meanwhile); then each "
+         "stream still open ends with an error event (and `[DONE]` on `/v1`), each waiting reply is a 503, the engine "
+         "stops and the launcher exits 0. SageMaker sends SIGKILL 30 s after SIGTERM, and ending the requests and "
+         "stopping the engine take a few seconds more: keep it at 20 or less there"),
     _var("CORS_ALLOW_ORIGIN", origins, (), "–", HTTP, "comma-separated allowed origins"),
     _var("SERVED_MODEL_NAME", text, None, "the model id", HTTP,
          "the `model` reported in replies and `/v1/models`; comma-separated names are all accepted in a request's "
          "`model` (the first is reported), as are `tgi`, `dummy` (huggingface_hub's), the model id and folder, and "
          "their last path part"),
     _var("COMPUTE_TYPE", text, "gpu+optimized", "`gpu+optimized`", HTTP, "TGI's `x-compute-type` reply header"),
+    _var("TOOL_CALL_PARSER", choice("auto", "hermes", "llama3_json", "mistral", "generic"), "auto", "`auto`", HTTP,
+         "how tool calls are written and read back: `auto` detects the model family from its chat template and "
+         "tokens; `hermes` (`<tool_call>` tags, Qwen), `llama3_json` (Llama 3.1 JSON), `mistral` (`[TOOL_CALLS]`), "
+         "`generic` (for templates without tools: the tools are described in the prompt) force one"),
     _var("SAGEMAKER_CONTAINER_LOG_LEVEL", log_level, None, "INFO", "all",
          "log level, `20` or `INFO` style (wins over `LOG_LEVEL`); logs are JSON lines on stdout, each with the "
          "`pid` of the process that wrote it"),

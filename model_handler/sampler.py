@@ -1,4 +1,5 @@
-"""Batched token choice: penalties, min_tokens, logit bias, temperature, top-k/top-p/min-p/typical, seeds, logprobs.
+"""Batched token choice: penalties, min_tokens, logit bias, grammar masks, temperature, top-k/top-p/min-p/typical,
+seeds, logprobs.
 
 One `.tolist()` of the chosen ids is the only host sync (plus one for logprobs when a row asks for them);
 `choose` stops before it, so async scheduling can read the ids a step later. Small per-row parameter tensors
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from model_handler.engine_protocol import TokenLogprob
+from model_handler.grammar_bitmask import apply_grammar_bitmask
 from model_handler.host_to_device import to_device
 from model_handler.logits_processors import apply_logit_bias, apply_min_p, apply_typical_p
 from model_handler.sequence import Sequence
@@ -107,14 +109,20 @@ class Sampler:
     def choose(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> torch.Tensor:
         """The chosen token ids [num_seqs] int64, left on the logits' device (no host sync)."""
         params = [s.sampling_params for s in seqs]
+        # A constrained row's grammar holds back its stop tokens itself (apply_grammar_bitmask), as far as the
+        # grammar lets the output go on.
         suppress = [
-            (i, t) for i, s in enumerate(seqs) if s.num_output_tokens < params[i].min_tokens for t in s.stop_token_ids
+            (i, t)
+            for i, s in enumerate(seqs)
+            if s.num_output_tokens < params[i].min_tokens and s.grammar is None
+            for t in s.stop_token_ids
         ]
         has_penalty = any(
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params
         )
         has_bias = any(p.logit_bias for p in params)
-        if not suppress and not has_penalty and not has_bias and all(p.is_greedy for p in params):
+        has_grammar = any(s.grammar is not None for s in seqs)
+        if not suppress and not has_penalty and not has_bias and not has_grammar and all(p.is_greedy for p in params):
             return _argmax_rows(logits)  # the common greedy path: one op
 
         logits = logits.float().clone()  # [N, V]
@@ -125,6 +133,8 @@ class Sampler:
             logits = self._apply_penalties(logits, seqs)
         if has_bias:
             apply_logit_bias(logits, params)
+        if has_grammar:
+            apply_grammar_bitmask(logits, seqs)  # last before sampling: after penalties and logit bias
         chosen = _argmax_rows(logits)  # [N], greedy rows keep this
         sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sample_rows:

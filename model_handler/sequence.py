@@ -11,6 +11,8 @@ from model_handler.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from model_handler.grammar_matcher import RequestGrammar
+
 
 PLACEHOLDER_TOKEN = -1
 """Stands for a token sampled by a step still running on the device (async scheduling) until it is read."""
@@ -44,6 +46,8 @@ class Sequence:
         "generator",
         "stop_token_ids",
         "num_pending_tokens",
+        "grammar",
+        "failure_message",
         "prompt_logprobs",
         "num_prompt_logprobs_sent",
     )
@@ -71,6 +75,11 @@ class Sequence:
         )
         self.num_pending_tokens = 0
         """Trailing PLACEHOLDER_TOKENs in `token_ids` whose values the device has not handed back yet."""
+        self.grammar: RequestGrammar | None = None
+        """The matcher of the request's constraint, set when its grammar has compiled; it advances with every
+        appended token (constrained requests never run ahead with placeholders)."""
+        self.failure_message = ""
+        """Why, when `finish_reason` is ERROR."""
         self.prompt_logprobs: list[TokenLogprob] = []
         """Logprobs of prompt tokens 1, 2, ... as their rows are computed (requests with `prompt_logprobs`)."""
         self.num_prompt_logprobs_sent = 0
@@ -113,6 +122,11 @@ class Sequence:
     def append_token(self, token_id: int, max_model_len: int, eos_token_ids: frozenset[int]) -> bool:
         """Add a sampled token; return True (and set `finish_reason`) when the request is done."""
         self.token_ids.append(token_id)
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            # The mask makes this unreachable unless a row had no finite logit left to sample from.
+            self.finish_reason = FinishReason.ERROR
+            self.failure_message = f"token {token_id} was sampled against the request's grammar"
+            return True
         return self._check_finish(token_id, self.num_tokens, max_model_len, eos_token_ids)
 
     def append_placeholder(self) -> None:
@@ -143,6 +157,10 @@ class Sequence:
         if token_id in self.stop_token_ids and num_output >= params.min_tokens:
             is_eos = token_id in eos_token_ids and not params.ignore_eos
             self.finish_reason = FinishReason.EOS if is_eos else FinishReason.STOP_TOKEN
+        elif self.grammar is not None and self.grammar.is_terminated:
+            # The grammar accepted one of its stop tokens (the model's EOS ids), which it allows only once the
+            # output is complete: an end of text, even before min_tokens or with ignore_eos.
+            self.finish_reason = FinishReason.EOS
         elif num_output >= params.max_tokens or num_tokens >= max_model_len:
             self.finish_reason = FinishReason.LENGTH
         return self.finish_reason is not None

@@ -49,6 +49,11 @@ class WorkerGone:
     worker_pid: int
 
 
+@dataclass(slots=True)
+class Wakeup:
+    """The engine's note to the step loop, from a compile thread: a request it held back is ready to step."""
+
+
 class EngineIO:
     """Socket side of the engine process; runs in its own thread and talks to the step loop through queues."""
 
@@ -153,14 +158,17 @@ class EngineServer:
         self._owners: dict[str, bytes] = {}
         self._stop = threading.Event()
         self._info: EngineInfo = engine.info()
+        # Requests held back while their grammar compiles do not keep the loop busy: it sleeps on the inbox,
+        # and the compile's end puts a Wakeup there.
+        engine.set_wakeup(lambda: io.inbox.put((b"", Wakeup())))
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
         while not self._stop.is_set():
-            self._admit(block=not self.engine.has_unfinished_requests())
-            if self.engine.has_unfinished_requests():
+            self._admit(block=not self.engine.has_ready_requests())
+            if self.engine.has_ready_requests():
                 self._step()
             self._publish_status()
 
@@ -190,7 +198,9 @@ class EngineServer:
             elif isinstance(message, WorkerGone):
                 ids = [rid for rid, owner in self._owners.items() if owner == identity]
                 self._abort(ids)
-                logger.warning(
+                # A worker that stops in order has ended its requests already; one that died may have left some.
+                logger.log(
+                    logging.WARNING if ids else logging.INFO,
                     "HTTP worker gone; its requests aborted",
                     extra={"worker_pid": message.worker_pid, "aborted": len(ids)},
                 )
