@@ -8,6 +8,7 @@ test processes) are serialised by torch's lock file in the build folder.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import platform
 import shutil
@@ -87,21 +88,34 @@ def build_dir() -> Path:
     return root / build_key()
 
 
+BUILD_LOCK = ".build.flock"
+"""Held (flock) by the one process building in a folder; the kernel releases it if that process dies."""
+TORCH_BATON = "lock"
+"""torch's own lock file, created and deleted by its builder: a builder killed mid-build leaves it behind, and
+torch then waits for it forever."""
+
+
 def build(sources: tuple[Path, ...], directory: Path) -> None:
     """Compile `sources` into `directory` (or reuse the build there) and load them into this process; raises on
-    a failed compile or load."""
+    a failed compile or load.
+
+    Builders of one folder (tensor-parallel ranks, test processes) take turns on an flock, so whoever holds it is
+    the only builder alive: a torch baton found then was left by one that died, and is removed."""
     from torch.utils import cpp_extension
 
     put_ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=f"{OP_NAMESPACE}_{directory.name}",
-        sources=[str(source) for source in sources],
-        extra_cflags=_cflags(),
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
+    with open(directory / BUILD_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (directory / TORCH_BATON).unlink(missing_ok=True)
+        cpp_extension.load(
+            name=f"{OP_NAMESPACE}_{directory.name}",
+            sources=[str(source) for source in sources],
+            extra_cflags=_cflags(),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
 
 
 def put_ninja_on_path() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from model_handler.kernels import TorchReferenceBackend, cpu_build, cpu_native, 
 from model_handler.kernels.cpu_backend import CpuBackend
 from tests import cpu_kernels
 from tests.model_handler.kernels.test_reference import SCALE, sdpa_per_sequence
+
+REPO = Path(__file__).resolve().parents[3]
 
 # Justified skip: on a GPU machine the kernel batches live on the GPU and the build would only spend device
 # time; without a C++ compiler there is nothing to build. Where a compiler exists, a failed build fails here.
@@ -125,6 +130,25 @@ def test_without_the_kernel_the_default_falls_back_to_torch_and_forcing_it_fails
     assert isinstance(select_backend(torch.device("cpu")), TorchReferenceBackend)
     with pytest.raises(RuntimeError, match="could not be built"):
         select_backend(torch.device("cpu"), "cpu")
+
+
+def test_a_builder_that_died_mid_build_does_not_stall_the_next_one(tmp_path):
+    """A builder killed mid-build (a server stopped during its first start) leaves torch's lock file behind, on
+    which torch's builder would wait forever: the next build in that folder goes ahead."""
+    source = tmp_path / "tiny.cpp"
+    source.write_text("int sagemaker_llm_tiny() { return 1; }\n")
+    folder = tmp_path / "build"
+    probe = (
+        "import sys; from pathlib import Path; from model_handler.kernels import cpu_build; "
+        "cpu_build.build((Path(sys.argv[1]),), Path(sys.argv[2])); print('built')"
+    )
+    command = [sys.executable, "-c", probe, str(source), str(folder)]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and "built" in first.stdout, first.stderr[-2000:]
+    (folder / "lock").touch()  # torch's baton, as a builder killed mid-build leaves it
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "built" in second.stdout, second.stderr[-2000:]
+    assert not (folder / "lock").exists()
 
 
 def test_a_source_that_does_not_compile_raises_and_load_reports_it(tmp_path, monkeypatch, caplog):
