@@ -40,8 +40,10 @@ def test_the_prebuilt_library_without_avx512_passes_the_kernel_tests_with_no_com
         "CXX": str(tmp_path / "no-such-compiler"),  # torch's builder and tests/cpu_kernels.py both read CXX
     }
     here = Path(__file__).parent
+    builds_cpp = "test_cpu_backend.py::test_a_builder_that_died_mid_build_does_not_stall_the_next_one"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(here / m) for m in MODULES)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(here / m) for m in MODULES)]
+        + ["--deselect", str((here / builds_cpp).relative_to(REPO))],  # it checks the C++ builder itself
         cwd=REPO,
         env=env,
         capture_output=True,
