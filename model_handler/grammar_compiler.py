@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model_handler.constraints import Constraint, ConstraintKind
-from model_handler.json_schema_support import find_unsupported_keyword, with_string_lengths_as_patterns
+from model_handler.json_schema_support import find_unsupported_keyword
 
 MAX_JSON_WHITESPACE = 16
 """Most whitespace characters in a row that a JSON grammar allows: a newline and indentation three levels deep
@@ -29,6 +29,10 @@ NUM_COMPILE_THREADS = 2
 """Worker threads, so one slow grammar does not hold up every other request's."""
 MAX_CACHED_GRAMMARS = 256
 """Compiled grammars (and compile errors) kept for reuse, least recently used dropped first."""
+_LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
+"""How xgrammar 0.2.9 writes a character of a length-bounded JSON string (minLength/maxLength) in its grammar:
+raw control characters other than CR and LF get in, which JSON forbids unescaped."""
+_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\]"
 _MAX_MESSAGE_CHARS = 500
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
@@ -76,7 +80,16 @@ def _prepared(schema: Any) -> Any:
     problem = find_unsupported_keyword(schema)
     if problem is not None:
         raise GrammarError(problem)
-    return with_string_lengths_as_patterns(schema)
+    return schema
+
+
+def _with_json_strings(grammar: Any) -> Any:
+    """The grammar, or when it holds length-bounded JSON strings, its EBNF text with their characters held to
+    what JSON allows unescaped (the rest of the grammar, printed and parsed again, is the same)."""
+    text = str(grammar)
+    if _LOOSE_STRING_CHARACTER not in text:
+        return grammar
+    return text.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER)
 
 
 def _prepare_tag(node: Any) -> Any:
@@ -159,21 +172,20 @@ class GrammarCompiler:
         compiler = self._xgrammar_compiler()
         what = _WHAT[constraint.kind]
         try:
-            if constraint.kind is ConstraintKind.JSON_SCHEMA:
-                return compiler.compile_json_schema(
-                    json.dumps(_prepared(json.loads(constraint.value))),
-                    strict_mode=constraint.strict,
+            xgr = import_xgrammar()
+            if constraint.kind is ConstraintKind.REGEX:
+                return compiler.compile_regex(constraint.value)
+            if constraint.kind is ConstraintKind.STRUCTURAL_TAG:
+                grammar = xgr.Grammar.from_structural_tag(json.dumps(_prepare_tag(json.loads(constraint.value))))
+            else:
+                is_schema = constraint.kind is ConstraintKind.JSON_SCHEMA
+                grammar = xgr.Grammar.from_json_schema(
+                    json.dumps(_prepared(json.loads(constraint.value))) if is_schema else '{"type": "object"}',
+                    strict_mode=constraint.strict and is_schema,
                     any_whitespace=True,
                     max_whitespace_cnt=MAX_JSON_WHITESPACE,
                 )
-            if constraint.kind is ConstraintKind.JSON_OBJECT:
-                return compiler.compile_json_schema(
-                    '{"type": "object"}', strict_mode=False, any_whitespace=True, max_whitespace_cnt=MAX_JSON_WHITESPACE
-                )
-            if constraint.kind is ConstraintKind.REGEX:
-                return compiler.compile_regex(constraint.value)
-            tag = _prepare_tag(json.loads(constraint.value))
-            return compiler.compile_structural_tag(json.dumps(tag))
+            return compiler.compile_grammar(_with_json_strings(grammar))
         except json.JSONDecodeError as exc:
             raise GrammarError(f"{what} is invalid: not JSON ({exc})") from None
         except GrammarError as exc:

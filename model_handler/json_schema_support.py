@@ -1,10 +1,8 @@
-"""JSON schemas made safe for xgrammar 0.2.9 before compiling: keywords it accepts but does not enforce are
-refused by name (rather than compiled into a looser grammar whose output might not validate), and length-bounded
-strings, which its grammar lets hold raw control characters (invalid JSON), are rewritten as patterns."""
+"""The JSON-schema keywords xgrammar 0.2.9 accepts but does not enforce, found before compiling: a schema using
+one is refused naming it, rather than compiled into a looser grammar whose output might not validate."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,19 +43,6 @@ def find_unsupported_keyword(schema: Any) -> str | None:
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             return f"keyword 'allOf' at {where} is supported with one schema only"
     return None
-
-
-def with_string_lengths_as_patterns(schema: Any) -> Any:
-    """A copy of the schema where `minLength`/`maxLength` (strings without a pattern or format) become the
-    pattern `^.{min,max}$`: xgrammar compiles patterns into JSON-string grammars that keep control characters
-    out, but lengths into a character class that lets them in. The pattern only narrows what may be written
-    (no escapes, no line breaks): every value it allows satisfies the lengths."""
-    schema = json.loads(json.dumps(schema))
-    for _, node in _subschemas(schema, ""):
-        if ("minLength" in node or "maxLength" in node) and "pattern" not in node and "format" not in node:
-            low, high = node.pop("minLength", 0), node.pop("maxLength", "")
-            node["pattern"] = f"^.{{{low},{high}}}$"
-    return schema
 
 
 def _is_integer_only(types: Any) -> bool:

@@ -94,15 +94,45 @@ def test_structural_tag_is_free_text_until_its_trigger_then_json_with_bounded_wh
     assert not accepts(compiled, '<tool_call>{"x":  1}</tool_call>')  # the tag's own bound is kept
 
 
-def test_structural_tag_parts_are_prepared_like_schemas():
+def test_structural_tag_parts_are_checked_like_schemas_and_get_the_whitespace_bound():
     schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}}
     tag = {"type": "json_schema", "json_schema": schema}
     prepared = compiler_module._prepare_tag({"format": {"type": "sequence", "elements": [tag]}})
-    assert prepared["format"]["elements"][0] == {
-        "type": "json_schema",
-        "json_schema": {"type": "object", "properties": {"s": {"type": "string", "pattern": "^.{0,3}$"}}},
-        "max_whitespace_cnt": MAX_JSON_WHITESPACE,
+    assert prepared["format"]["elements"][0] == {**tag, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+    with pytest.raises(GrammarError, match="keyword 'not' at /properties/s"):
+        compiler_module._prepare_tag({**tag, "json_schema": {"properties": {"s": {"not": {}}}}})
+
+
+BOUNDED = {"type": "object", "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 3}}, "required": ["s"]}
+
+
+def test_length_bounded_strings_keep_raw_control_characters_out(grammar_compiler, test_model_dir):
+    """xgrammar 0.2.9's own grammar for a length-bounded string lets raw control characters in: not JSON."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    raw_control, raw_tab = '{"s": "a\x02"}', '{"s": "a\tb"}'
+    for text in (raw_control, raw_tab):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+    info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(test_model_dir), vocab_size=512)
+    as_xgrammar_compiles_it = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(json.dumps(BOUNDED))
+    assert accepts(as_xgrammar_compiles_it, raw_control) and accepts(as_xgrammar_compiles_it, raw_tab)
+    compiled = grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(BOUNDED))).result(30)
+    assert not accepts(compiled, raw_control) and not accepts(compiled, raw_tab)
+    assert accepts(compiled, '{"s": "abc"}') and accepts(compiled, '{"s": "a"}')
+    assert not accepts(compiled, '{"s": "abcd"}') and not accepts(compiled, '{"s": ""}')
+    tag = {
+        "type": "structural_tag",
+        "format": {
+            "type": "tag",
+            "begin": "<a>",
+            "content": {"type": "json_schema", "json_schema": BOUNDED},
+            "end": "</a>",
+        },
     }
+    compiled = grammar_compiler.submit(Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag))).result(30)
+    assert accepts(compiled, '<a>{"s": "ab"}</a>') and not accepts(compiled, '<a>{"s": "a\x02"}</a>')
 
 
 @pytest.mark.parametrize(
