@@ -16,6 +16,7 @@ from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.grammar_matcher import RequestGrammar
 from model_handler.sampling_params import SamplingParams
 from tests.model_handler.engine_factories import (
+    COMPILE_TIMEOUT_S,
     create_engine,
     greedy,
     random_prompt,
@@ -115,7 +116,7 @@ def test_matchers_stay_with_their_tokens_across_preemption(test_model_dir, test_
     for seed in range(3):
         prompt = random_prompt(20, seed=seed)
         engine.add_request(EngineRequest(f"w{seed}", prompt, SamplingParams(max_tokens=70, constraint=long_words)))
-    compiled = engine.grammar_compiler.submit(long_words).result(30)
+    compiled = engine.grammar_compiler.submit(long_words).result(COMPILE_TIMEOUT_S)
     results: dict[str, list] = {}
     num_checked = 0
     while engine.has_unfinished_requests():

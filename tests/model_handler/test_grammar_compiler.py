@@ -16,6 +16,7 @@ from model_handler import grammar_compiler as compiler_module
 from model_handler.constraints import Constraint, ConstraintKind
 from model_handler.grammar_compiler import MAX_JSON_WHITESPACE, GrammarCompiler, GrammarError, xgrammar_version
 from model_handler.grammar_matcher import RequestGrammar
+from tests.model_handler.engine_factories import COMPILE_TIMEOUT_S
 
 SCHEMA = Constraint(
     ConstraintKind.JSON_SCHEMA, json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}})
@@ -34,7 +35,7 @@ def test_equal_constraints_share_one_compile(grammar_compiler):
     before = grammar_compiler.num_compiles, grammar_compiler.num_cache_hits
     first = grammar_compiler.submit(Constraint(ConstraintKind.REGEX, "[0-9]{3}-only-once"))
     second = grammar_compiler.submit(Constraint(ConstraintKind.REGEX, "[0-9]{3}-only-once"))
-    assert second is first and first.result(30) is second.result(30)
+    assert second is first and first.result(COMPILE_TIMEOUT_S) is second.result(COMPILE_TIMEOUT_S)
     assert (grammar_compiler.num_compiles, grammar_compiler.num_cache_hits) == (before[0] + 1, before[1] + 1)
     assert grammar_compiler.submit(Constraint(ConstraintKind.REGEX, "[0-9]{3}-only-twice")) is not first
 
@@ -48,22 +49,24 @@ def test_equal_constraints_share_one_compile(grammar_compiler):
     ],
 )
 def test_each_kind_compiles_to_its_language(grammar_compiler, constraint, good, bad):
-    compiled = grammar_compiler.submit(constraint).result(30)
+    compiled = grammar_compiler.submit(constraint).result(COMPILE_TIMEOUT_S)
     assert accepts(compiled, good) and not accepts(compiled, bad)
 
 
 def test_strict_schema_refuses_unlisted_properties_and_lax_allows_them(grammar_compiler):
-    strict = grammar_compiler.submit(SCHEMA).result(30)
-    lax = grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, SCHEMA.value, strict=False)).result(30)
+    strict = grammar_compiler.submit(SCHEMA).result(COMPILE_TIMEOUT_S)
+    lax = grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, SCHEMA.value, strict=False)).result(
+        COMPILE_TIMEOUT_S
+    )
     assert not accepts(strict, '{"a": 1, "b": 2}') and accepts(lax, '{"a": 1, "b": 2}')
 
 
 def test_json_whitespace_is_bounded(grammar_compiler):
-    compiled = grammar_compiler.submit(SCHEMA).result(30)
+    compiled = grammar_compiler.submit(SCHEMA).result(COMPILE_TIMEOUT_S)
     assert accepts(compiled, '{\n  "a": 1\n}')
     assert accepts(compiled, '{"a":' + " " * MAX_JSON_WHITESPACE + "1}")
     assert not accepts(compiled, '{"a":' + " " * (MAX_JSON_WHITESPACE + 1) + "1}")
-    anything = grammar_compiler.submit(Constraint(ConstraintKind.JSON_OBJECT)).result(30)
+    anything = grammar_compiler.submit(Constraint(ConstraintKind.JSON_OBJECT)).result(COMPILE_TIMEOUT_S)
     assert not accepts(anything, "{" + "\n" * (MAX_JSON_WHITESPACE + 1) + "}")
 
 
@@ -89,7 +92,7 @@ def test_structural_tag_is_free_text_until_its_trigger_then_json_with_bounded_wh
     assert not accepts(compiled, 'Let me see. <tool_call>{"x": "one"}</tool_call>')
     assert not accepts(compiled, '<tool_call>{"x":' + " " * (MAX_JSON_WHITESPACE + 1) + "1}</tool_call>")
     own_bound = Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps(tool_call_tag(max_whitespace=1)))
-    compiled = grammar_compiler.submit(own_bound).result(30)
+    compiled = grammar_compiler.submit(own_bound).result(COMPILE_TIMEOUT_S)
     assert accepts(compiled, '<tool_call>{"x": 1}</tool_call>')
     assert not accepts(compiled, '<tool_call>{"x":  1}</tool_call>')  # the tag's own bound is kept
 
@@ -118,7 +121,9 @@ def test_length_bounded_strings_keep_raw_control_characters_out(grammar_compiler
     info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(test_model_dir), vocab_size=512)
     as_xgrammar_compiles_it = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(json.dumps(BOUNDED))
     assert accepts(as_xgrammar_compiles_it, raw_control) and accepts(as_xgrammar_compiles_it, raw_tab)
-    compiled = grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(BOUNDED))).result(30)
+    compiled = grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(BOUNDED))).result(
+        COMPILE_TIMEOUT_S
+    )
     assert not accepts(compiled, raw_control) and not accepts(compiled, raw_tab)
     assert accepts(compiled, '{"s": "abc"}') and accepts(compiled, '{"s": "a"}')
     assert not accepts(compiled, '{"s": "abcd"}') and not accepts(compiled, '{"s": ""}')
@@ -131,7 +136,9 @@ def test_length_bounded_strings_keep_raw_control_characters_out(grammar_compiler
             "end": "</a>",
         },
     }
-    compiled = grammar_compiler.submit(Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag))).result(30)
+    compiled = grammar_compiler.submit(Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag))).result(
+        COMPILE_TIMEOUT_S
+    )
     assert accepts(compiled, '<a>{"s": "ab"}</a>') and not accepts(compiled, '<a>{"s": "a\x02"}</a>')
 
 
@@ -154,7 +161,7 @@ def test_length_bounded_strings_keep_raw_control_characters_out(grammar_compiler
 def test_a_constraint_that_does_not_compile_names_the_problem(grammar_compiler, constraint, message):
     future = grammar_compiler.submit(constraint)
     with pytest.raises(GrammarError) as caught:
-        future.result(30)
+        future.result(COMPILE_TIMEOUT_S)
     assert str(caught.value).startswith(message)
     assert ".cc:" not in str(caught.value) and "Check failed" not in str(caught.value)  # no C++ log prefix
 
@@ -169,7 +176,7 @@ def test_on_ready_is_called_when_a_compile_ends(test_model_dir):
     called = threading.Event()
     compiler.on_ready = called.set
     try:
-        compiler.submit(SCHEMA).result(30)
+        compiler.submit(SCHEMA).result(COMPILE_TIMEOUT_S)
         assert called.wait(5)
     finally:
         compiler.shutdown()
@@ -181,10 +188,10 @@ def test_least_recently_used_grammars_leave_the_cache(test_model_dir, monkeypatc
     try:
         regexes = [Constraint(ConstraintKind.REGEX, f"[a-z]{{{n}}}") for n in (1, 2, 3)]
         for constraint in regexes:
-            compiler.submit(constraint).result(30)
-        compiler.submit(regexes[0]).result(30)  # evicted by the third: compiled again
+            compiler.submit(constraint).result(COMPILE_TIMEOUT_S)
+        compiler.submit(regexes[0]).result(COMPILE_TIMEOUT_S)  # evicted by the third: compiled again
         assert (compiler.num_compiles, compiler.num_cache_hits) == (4, 0)
-        compiler.submit(regexes[0]).result(30)
+        compiler.submit(regexes[0]).result(COMPILE_TIMEOUT_S)
         assert compiler.num_cache_hits == 1
     finally:
         compiler.shutdown()
@@ -194,7 +201,7 @@ def test_ids_past_the_tokenizer_are_never_allowed(test_model_dir):
     """An LM head wider than the tokenizer (padded): the mask covers the logits' whole width."""
     compiler = GrammarCompiler(test_model_dir, 600, [2])
     try:
-        grammar = RequestGrammar(compiler.submit(Constraint(ConstraintKind.REGEX, "[a-z ]+")).result(30))
+        grammar = RequestGrammar(compiler.submit(Constraint(ConstraintKind.REGEX, "[a-z ]+")).result(COMPILE_TIMEOUT_S))
     finally:
         compiler.shutdown()
     bitmask = torch.zeros((1, (600 + 31) // 32), dtype=torch.int32)
@@ -209,7 +216,7 @@ def test_xgrammar_missing_refuses_every_constraint_with_a_clear_message(test_mod
     compiler = GrammarCompiler(test_model_dir, 512, [2])
     try:
         with pytest.raises(GrammarError, match="constrained decoding is unavailable: the engine's image lacks the"):
-            compiler.submit(SCHEMA).result(30)
+            compiler.submit(SCHEMA).result(COMPILE_TIMEOUT_S)
     finally:
         compiler.shutdown()
 
@@ -219,7 +226,7 @@ def test_a_model_folder_without_a_tokenizer_refuses_constraints(test_model_dir, 
     compiler = GrammarCompiler(tmp_path, 512, [2])
     try:
         with pytest.raises(GrammarError, match="the model's tokenizer could not be loaded"):
-            compiler.submit(SCHEMA).result(30)
+            compiler.submit(SCHEMA).result(COMPILE_TIMEOUT_S)
     finally:
         compiler.shutdown()
 
@@ -243,3 +250,25 @@ def test_prepare_loads_xgrammar_and_the_tokenizer_ahead_of_the_first_request(tes
     absent = GrammarCompiler(test_model_dir, 512, [2])
     absent.prepare()  # nothing to prepare, and no thread started for it
     assert absent._pool is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux keeps a niceness per thread; elsewhere it is the process's")
+def test_compiles_run_at_a_lower_priority_than_the_step_loop(test_model_dir, monkeypatch):
+    import os
+
+    compiler = GrammarCompiler(test_model_dir, 512, [2])
+    niceness: list[int] = []
+    compile_now = compiler._compile
+
+    def noting_niceness(constraint: Constraint):
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return compile_now(constraint)
+
+    monkeypatch.setattr(compiler, "_compile", noting_niceness)
+    try:
+        compiler.submit(SCHEMA).result(COMPILE_TIMEOUT_S)
+    finally:
+        compiler.shutdown()
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert niceness == [min(19, own + compiler_module.COMPILE_THREAD_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # this thread keeps its own

@@ -10,6 +10,7 @@ import pytest
 from model_handler.constraints import Constraint, ConstraintKind
 from model_handler.grammar_compiler import GrammarError
 from model_handler.json_schema_support import find_unsupported_keyword
+from tests.model_handler.engine_factories import COMPILE_TIMEOUT_S
 
 # (schema, an instance it forbids that xgrammar's grammar for it would still produce, the refused keyword)
 LOOSENED = [
@@ -92,7 +93,7 @@ def test_supported_schemas_pass(schema):
 def test_the_compiler_refuses_them_in_schemas_and_structural_tags(grammar_compiler):
     schema = {"type": "array", "uniqueItems": True}
     with pytest.raises(GrammarError, match="^the JSON schema is invalid: keyword 'uniqueItems' at / is not supp"):
-        grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))).result(30)
+        grammar_compiler.submit(Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))).result(COMPILE_TIMEOUT_S)
     tag = {
         "type": "structural_tag",
         "format": {
@@ -103,4 +104,4 @@ def test_the_compiler_refuses_them_in_schemas_and_structural_tags(grammar_compil
         },
     }
     with pytest.raises(GrammarError, match="^the structural tag is invalid: keyword 'uniqueItems' at / is not supp"):
-        grammar_compiler.submit(Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag))).result(30)
+        grammar_compiler.submit(Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps(tag))).result(COMPILE_TIMEOUT_S)
