@@ -14,14 +14,13 @@ import torch
 
 from model_handler import envs
 from model_handler.model_config import ModelConfig
+from model_handler.startup_progress import StartupPhases
 
 DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
-# Without MAX_TOTAL_TOKENS the context is the model's, capped so block tables and graphs stay small.
-DEFAULT_MAX_MODEL_LEN_CAP = {"cpu": 4096, "cuda": 8192}
 # On CPU a step's prefill is compute-bound: small chunks let the first requests of a burst start streaming
 # sooner, at no cost in throughput.
 DEFAULT_MAX_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
@@ -36,10 +35,11 @@ class EngineConfig:
     model_id: str = ""
     device: str = "cpu"
     dtype: str = "float32"
-    max_model_len: int = 2048
-    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS)."""
+    max_model_len: int | None = None
+    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS); None: sized at start-up, once the KV cache
+    is, as the smaller of the model's limit and what the cache holds (`context_limits.py`)."""
     max_input_tokens: int | None = None
-    """Longest prompt (MAX_INPUT_TOKENS); None: max_model_len - 1."""
+    """Longest prompt (MAX_INPUT_TOKENS); None: the resolved max_model_len - 1."""
     max_num_prefill_tokens: int = 2048
     """Prompt tokens one step may compute (MAX_BATCH_PREFILL_TOKENS, as TGI counts it); the running
     sequences' decodes come on top (see max_step_tokens)."""
@@ -53,6 +53,8 @@ class EngineConfig:
     attention_backend: str | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
+    progress_interval_s: float = envs.BY_NAME["STARTUP_PROGRESS_SECONDS"].default
+    """Seconds between the log lines that report the weight loading's progress (STARTUP_PROGRESS_SECONDS)."""
     cpu_threads: int | None = None
     """torch threads of the engine process (ENGINE_CPU_THREADS); None keeps torch's default."""
     generation_config: str = "auto"
@@ -81,22 +83,21 @@ class EngineConfig:
             self.model_config = ModelConfig.from_model_dir(self.model_dir)
         return self.model_config
 
-    @property
-    def input_token_limit(self) -> int:
-        return self.max_input_tokens if self.max_input_tokens is not None else self.max_model_len - 1
-
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], device: str | None = None) -> EngineConfig:
-        """Read every engine variable from `environ` (pure apart from reading the model's config.json)."""
+    def from_env(
+        cls, environ: Mapping[str, str], device: str | None = None, phases: StartupPhases | None = None
+    ) -> EngineConfig:
+        """Read every engine variable from `environ`; finds the model folder (downloading a Hub model, timed as
+        the `download` phase of `phases`) and reads its config.json."""
         from model_handler.cpu_threads import default_num_threads
         from model_handler.model_source import resolve_model_dir
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         kind = "cuda" if device.startswith("cuda") else "cpu"
-        model_dir, model_id = resolve_model_dir(environ)
+        model_dir, model_id = resolve_model_dir(environ, phases)
         model_config = ModelConfig.from_model_dir(model_dir)
-        max_model_len, max_input_tokens = _token_limits(environ, model_config, kind)
+        max_model_len, max_input_tokens = _token_limits(environ, model_config)
         max_num_seqs = _default(environ, "MAX_BATCH_SIZE", DEFAULT_MAX_NUM_SEQS[kind])
         block_size = envs.get(environ, "KV_CACHE_BLOCK_SIZE")
         if block_size & (block_size - 1):
@@ -133,6 +134,7 @@ class EngineConfig:
             attention_backend=backend,
             tensor_parallel_size=tp_size,
             seed=envs.get(environ, "SEED"),
+            progress_interval_s=envs.get(environ, "STARTUP_PROGRESS_SECONDS"),
             cpu_threads=threads if threads is not None else default_num_threads(kind),
             async_scheduling=async_scheduling,
             generation_config=envs.get(environ, "GENERATION_CONFIG"),
@@ -146,21 +148,24 @@ def _default(environ: Mapping[str, str], name: str, default: int) -> int:
     return default if value is None else value
 
 
-def _token_limits(environ: Mapping[str, str], model_config: ModelConfig, kind: str) -> tuple[int, int | None]:
-    """(MAX_TOTAL_TOKENS, MAX_INPUT_TOKENS or its older name MAX_INPUT_LENGTH), checked against the model and
-    each other; the total defaults to the model's context, capped per device."""
+def _token_limits(environ: Mapping[str, str], model_config: ModelConfig) -> tuple[int | None, int | None]:
+    """(MAX_TOTAL_TOKENS, MAX_INPUT_TOKENS or its older name MAX_INPUT_LENGTH) as given, checked against the
+    model and each other now, before the weights load; what the KV cache holds is checked once it is sized."""
     max_pos = int(model_config.max_position_embeddings)
-    total = _default(environ, "MAX_TOTAL_TOKENS", min(max_pos, DEFAULT_MAX_MODEL_LEN_CAP[kind]))
-    if total > max_pos:
+    total = envs.get(environ, "MAX_TOTAL_TOKENS")
+    if total is not None and total > max_pos:
         raise ValueError(f"MAX_TOTAL_TOKENS={total} is larger than the model's max_position_embeddings ({max_pos})")
     if envs.is_set(environ, "MAX_INPUT_TOKENS") and envs.is_set(environ, "MAX_INPUT_LENGTH"):
         raise ValueError("MAX_INPUT_TOKENS and MAX_INPUT_LENGTH are aliases: set only one of them")
     input_name = envs.first_set(environ, "MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH") or "MAX_INPUT_TOKENS"
     max_input = envs.get(environ, input_name)
-    if max_input is not None and max_input >= total:
+    limit, source = (
+        (total, "MAX_TOTAL_TOKENS") if total is not None else (max_pos, "the model's max_position_embeddings")
+    )
+    if max_input is not None and max_input >= limit:
         raise ValueError(
-            f"{input_name}={max_input} must be smaller than the total token limit {total} (MAX_TOTAL_TOKENS or "
-            "the model's context): the prompt needs room for at least one new token"
+            f"{input_name}={max_input} must be smaller than the total token limit {limit} ({source}): the prompt "
+            "needs room for at least one new token"
         )
     return total, max_input
 

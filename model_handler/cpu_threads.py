@@ -1,10 +1,10 @@
 """CPU settings of the engine process, applied once at start-up: torch's thread count and glibc's malloc.
 
-Threads: ENGINE_CPU_THREADS, default every CPU the process may run on. On a 2-core box under 32 HTTP streams
-2 threads beat 1 by ~15% (tiny model) and ~70% (100M) even with the HTTP worker beside the engine; 1 thread
-only wins when another process keeps a core busy all the time (OpenMP waits on a descheduled thread).
-Allocator: glibc returns freed multi-MiB blocks to the kernel and faults them in again on the next touch;
-a prefill step's activations paid ~20% of its time in page faults. Keeping them mapped avoids that.
+Threads: ENGINE_CPU_THREADS, default every CPU the process may run on: even with the HTTP worker beside the engine,
+using every core wins under load; fewer only help when another process keeps a core busy all the time (OpenMP
+waits on a descheduled thread). Allocator: glibc returns freed multi-MiB blocks to the kernel and faults them in
+again on the next touch, so a prefill step's activations paid for page faults every step; keeping them mapped
+avoids that.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from model_handler.prompt_logprobs import take_prompt_logprobs
 from model_handler.sampler import Sampler
 from model_handler.scheduler import Scheduler, SchedulerOutput
 from model_handler.sequence import Sequence
+from model_handler.startup_progress import StartupPhases
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class InFlightStep:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
-        """Load the model, size and allocate the KV cache, warm up (and capture CUDA graphs on GPU).
+    def __init__(self, config: EngineConfig, phases: StartupPhases | None = None) -> None:
+        """Load the model, size and allocate the KV cache, settle the token limits from it, warm up (and capture
+        CUDA graphs on GPU); `phases` times each step for the start-up log.
 
         With `tensor_parallel_size` N > 1 this process is rank 0: the model runner starts ranks 1..N-1,
         which hold the other shards; this process alone schedules and samples.
@@ -73,8 +75,13 @@ class Engine:
         self.grammar_waitlist = GrammarWaitlist(self.grammar_compiler)
         self.sampling_defaults = read_sampling_defaults(config.generation_config, config.model_dir)
         self.model_runner = ModelRunner(
-            config, self.model_config, tp_size=config.tensor_parallel_size, warm_up_sampling=sampler.warm_up
+            config,
+            self.model_config,
+            tp_size=config.tensor_parallel_size,
+            warm_up_sampling=sampler.warm_up,
+            phases=phases,
         )
+        self.context = self.model_runner.context
         self.block_manager = BlockManager(
             self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -82,7 +89,7 @@ class Engine:
             self.block_manager,
             config.max_num_seqs,
             config.max_num_prefill_tokens,
-            config.max_model_len,
+            self.context.max_model_len,
             self.eos_token_ids,
         )
         self.sampler = Sampler(self.model_runner.device, config.seed)
@@ -221,8 +228,10 @@ class Engine:
             architecture=self.model_config.architecture,
             dtype=config.dtype,
             device=str(runner.device),
-            max_model_len=config.max_model_len,
-            max_input_tokens=config.input_token_limit,
+            max_model_len=self.context.max_model_len,
+            max_input_tokens=self.context.max_input_tokens,
+            max_position_embeddings=self.context.model_limit,
+            context_limited_by=self.context.limited_by,
             block_size=config.block_size,
             num_kv_blocks=runner.num_kv_blocks,
             kv_cache_bytes=runner.kv_cache_bytes,
@@ -253,7 +262,7 @@ class Engine:
 
     def _validate(self, request: EngineRequest) -> None:
         prompt, params = request.prompt_token_ids, request.sampling_params
-        max_len = self.config.max_model_len
+        max_len = self.context.max_model_len
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if request.request_id in self.grammar_waitlist or request.request_id in self.scheduler.requests:
@@ -263,16 +272,11 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        # The start-up sized max_len to what the KV cache holds (context_limits.py): a request within it fits.
         if len(prompt) + params.max_tokens > max_len:
             raise ValueError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model length "
-                f"{max_len} (MAX_TOTAL_TOKENS)"
-            )
-        # The last sampled token is never fed back, so its KV needs no slot.
-        num_blocks = -(-(len(prompt) + params.max_tokens - 1) // self.config.block_size)
-        if num_blocks > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens needs {num_blocks} KV blocks but the cache holds {self.block_manager.num_blocks}"
+                f"{max_len} (MAX_TOTAL_TOKENS, limited by {self.context.limited_by})"
             )
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and repetition_penalty > 0")

@@ -108,9 +108,9 @@ class EngineInfo:
     dtype: str
     device: str
     max_model_len: int
-    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS)."""
+    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS, or sized from the KV cache and the model)."""
     max_input_tokens: int
-    """Longest prompt (MAX_INPUT_TOKENS)."""
+    """Longest prompt (MAX_INPUT_TOKENS, or max_model_len - 1)."""
     block_size: int
     num_kv_blocks: int
     kv_cache_bytes: int
@@ -125,6 +125,10 @@ class EngineInfo:
     grammar_backend: str = ""
     """What compiles output constraints ("xgrammar 0.2.9"); empty when the engine's image lacks it, and then
     every constrained request is REJECTED."""
+    max_position_embeddings: int = 0
+    """The model's own context limit; max_model_len is at most this."""
+    context_limited_by: str = ""
+    """What set max_model_len: "model", "kv_cache" (MAX_TOTAL_TOKENS unset) or "MAX_TOTAL_TOKENS"."""
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     """The model's own `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty` (generation_config.json,
     GENERATION_CONFIG), for requests that leave them unset; empty when it has none."""
@@ -179,6 +183,10 @@ class EngineClient(Protocol):
         """The engine's last heartbeat is recent and says ready."""
 
     def submit(self, request: EngineRequest) -> OutputStream: ...
+
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        """End every request in flight: each stream raises an error of `make_error()` where its outputs are read,
+        and the engine aborts them (the server is stopping)."""
 
 
 @runtime_checkable

@@ -157,11 +157,16 @@ VARIABLES: tuple[Variable, ...] = (
     # ---- the model -----------------------------------------------------------------------------------------------
     _var("HF_MODEL_ID", text, None, "–", ENGINE,
          "a local model folder, or a Hugging Face Hub id downloaded at start (needs network; `HF_TOKEN` for gated "
-         "models)"),
+         "models); only the files the engine reads are fetched (config, generation config, tokenizer and chat "
+         "template files, `model.safetensors` or the index's shards). Unset with no model in `SM_MODEL_DIR`: the "
+         "embedded tiny demo model, but on SageMaker (`SAGEMAKER_PROGRAM`, `SAGEMAKER_SUBMIT_DIRECTORY` or "
+         "`SAGEMAKER_REGION` present, or `SM_MODEL_DIR` a mount point) start-up fails"),
     _var("HF_MODEL_REVISION", text, None, "–", ENGINE, "hub revision for `HF_MODEL_ID`"),
     _var("HF_TOKEN", text, None, "–", ENGINE, "hub token"),
     _var("HUGGING_FACE_HUB_TOKEN", text, None, "–", ENGINE, "hub token (older name; `HF_TOKEN` wins)"),
     _var("HF_HUB_OFFLINE", boolean, False, "false", ENGINE, "never contact the hub: `HF_MODEL_ID` must be cached"),
+    _var("HF_ENDPOINT", text, None, "`https://huggingface.co`", ENGINE,
+         "the Hub's address (a mirror or a private Hub); huggingface_hub reads it too"),
     _var("HUGGINGFACE_HUB_CACHE", text, None, "huggingface_hub's", ENGINE, "hub cache folder"),
     _var("HF_HUB_CACHE", text, None, "huggingface_hub's", ENGINE,
          "hub cache folder (newer name; `HUGGINGFACE_HUB_CACHE` wins)"),
@@ -182,11 +187,13 @@ VARIABLES: tuple[Variable, ...] = (
          "auto", "`auto` (bf16 on GPU, fp16 before Ampere; on CPU bf16 with AVX512-BF16/AMX, else fp32)", ENGINE,
          "`float16`, `bfloat16`, `float32`"),
     # ---- limits --------------------------------------------------------------------------------------------------
-    _var("MAX_INPUT_TOKENS", integer(minimum=1), None, "`MAX_TOTAL_TOKENS - 1`", HTTP, "longest prompt"),
-    _var("MAX_INPUT_LENGTH", integer(minimum=1), None, "–", HTTP, "TGI's older name for `MAX_INPUT_TOKENS`"),
-    _var("MAX_TOTAL_TOKENS", integer(minimum=2), None, "min(model context, 4096 CPU / 8192 GPU)", f"{ENGINE}, {HTTP}",
-         "prompt + generated tokens; an omitted `max_tokens`/`max_new_tokens` takes what is left "
-         "(`/v1/completions`: 16)"),
+    _var("MAX_INPUT_TOKENS", integer(minimum=1), None, "`MAX_TOTAL_TOKENS - 1`", ENGINE, "longest prompt"),
+    _var("MAX_INPUT_LENGTH", integer(minimum=1), None, "–", ENGINE, "TGI's older name for `MAX_INPUT_TOKENS`"),
+    _var("MAX_TOTAL_TOKENS", integer(minimum=2), None,
+         "min(the model's `max_position_embeddings`, the tokens the KV cache holds), as TGI 3", ENGINE,
+         "prompt + generated tokens of one request; an omitted `max_tokens`/`max_new_tokens` takes what is left "
+         "(`/v1/completions`: 16). Start-up logs both limits and `/info` shows them; a value larger than the KV "
+         "cache holds stops start-up with the numbers"),
     _var("MAX_BATCH_PREFILL_TOKENS", integer(minimum=1), None, "512 CPU / 8192 GPU", ENGINE,
          "prompt tokens one engine step computes (prefill chunks), as TGI counts them: the running sequences' "
          "decodes come on top, so a step has at most this plus `MAX_BATCH_SIZE` - 1 rows"),
@@ -229,6 +236,9 @@ VARIABLES: tuple[Variable, ...] = (
     _var("ENGINE_CPU_THREADS", integer(minimum=1), None, "every CPU (CPU engine); torch's default on GPU", ENGINE,
          "torch threads of the engine process"),
     _var("SEED", integer(minimum=0), 0, "0", ENGINE, "engine seed for requests without their own"),
+    _var("STARTUP_PROGRESS_SECONDS", number(minimum=0.1), 10.0, "10", ENGINE,
+         "seconds between the JSON log lines that report the Hub download's and the weight loading's bytes done of "
+         "total (a progress bar on a terminal); each start-up phase also logs how long it took"),
     _var("GENERATION_CONFIG", generation_config, "auto", "`auto`", ENGINE,
          "where the model's sampling defaults come from (`temperature`, `top_p`, `top_k`, `min_p`, "
          "`repetition_penalty`, used where a request leaves them unset, as vLLM's `--generation-config`): `auto` the "
@@ -242,22 +252,44 @@ VARIABLES: tuple[Variable, ...] = (
          f"{LAUNCHER}, {HTTP}",
          "gunicorn (gevent) worker processes; all share one engine, `/metrics` sums them and "
          "`MAX_CONCURRENT_REQUESTS` counts them together"),
-    _var("API_KEY", text, None, "–", HTTP, "when set, generation routes need `Authorization: Bearer <key>`"),
+    _var("API_KEY", text, None, "–", HTTP,
+         "when set, every route but health, `/info`, `/v1/models`, `/metrics`, `/openapi.json` and `/docs` needs "
+         "`Authorization: Bearer <key>`"),
     _var("PAYLOAD_LIMIT", integer(minimum=1), 2_000_000, "2000000", HTTP,
          "largest request body in bytes (413 beyond)"),
+    _var("REQUEST_READ_TIMEOUT", integer(minimum=1), 10, "10", HTTP,
+         "seconds a client has to send a request's headers (from connecting, or from the previous reply on a "
+         "kept-alive connection: the connection is closed after it) and again its body (408 after it); a body cut "
+         "short by a close, or shorter than its `Content-Length`, gets a 400 and never reaches the engine"),
+    _var("WORKER_CONNECTIONS", integer(minimum=8), 1000, "1000", HTTP,
+         "client connections one HTTP worker holds before it closes the ones that have waited longest on their "
+         "client (idle, or sending headers or a body) to take new ones, so `/ping` is answered whatever other "
+         "connections do"),
+    _var("SHUTDOWN_GRACE_PERIOD", integer(minimum=0), 20, "20", f"{LAUNCHER}, {HTTP}",
+         "seconds in-flight requests may run on after SIGTERM (no new connections are accepted meanwhile); then each "
+         "stream still open ends with an error event (and `[DONE]` on `/v1`), each waiting reply is a 503, the engine "
+         "stops and the launcher exits 0. SageMaker sends SIGKILL 30 s after SIGTERM, and ending the requests and "
+         "stopping the engine take a few seconds more: keep it at 20 or less there"),
     _var("CORS_ALLOW_ORIGIN", origins, (), "–", HTTP, "comma-separated allowed origins"),
     _var("SERVED_MODEL_NAME", text, None, "the model id", HTTP,
          "the `model` reported in replies and `/v1/models`; comma-separated names are all accepted in a request's "
          "`model` (the first is reported), as are `tgi`, `dummy` (huggingface_hub's), the model id and folder, and "
          "their last path part"),
     _var("COMPUTE_TYPE", text, "gpu+optimized", "`gpu+optimized`", HTTP, "TGI's `x-compute-type` reply header"),
+    _var("TOOL_CALL_PARSER", choice("auto", "hermes", "llama3_json", "mistral", "generic"), "auto", "`auto`", HTTP,
+         "how tool calls are written and read back: `auto` detects the model family from its chat template and "
+         "tokens; `hermes` (`<tool_call>` tags, Qwen), `llama3_json` (Llama 3.1 JSON), `mistral` (`[TOOL_CALLS]`), "
+         "`generic` (for templates without tools: the tools are described in the prompt) force one"),
     _var("SAGEMAKER_CONTAINER_LOG_LEVEL", log_level, None, "INFO", "all",
          "log level, `20` or `INFO` style (wins over `LOG_LEVEL`); logs are JSON lines on stdout, each with the "
          "`pid` of the process that wrote it"),
     _var("LOG_LEVEL", log_level, logging.INFO, "INFO", "all", "log level, `20` or `INFO` style"),
-    _var("SAGEMAKER_PROGRAM", text, None, "–", "–", "set by the SageMaker SDK; accepted and ignored"),
-    _var("SAGEMAKER_SUBMIT_DIRECTORY", text, None, "–", "–", "set by the SageMaker SDK; accepted and ignored"),
-    _var("SAGEMAKER_REGION", text, None, "–", "–", "set by the SageMaker SDK; accepted and ignored"),
+    _var("SAGEMAKER_PROGRAM", text, None, "–", ENGINE,
+         "set (two of the three empty) by the SageMaker SDK's framework models (`HuggingFaceModel`, which TGI's "
+         "SageMaker example deploys): its presence marks a SageMaker endpoint, where a missing model stops start-up "
+         "instead of serving the demo model"),
+    _var("SAGEMAKER_SUBMIT_DIRECTORY", text, None, "–", ENGINE, "as `SAGEMAKER_PROGRAM`"),
+    _var("SAGEMAKER_REGION", text, None, "–", ENGINE, "as `SAGEMAKER_PROGRAM`"),
     # ---- internal: the launcher sets these for its children ------------------------------------------------------
     _var("ENGINE_ADDRESS", text, None, "set by the launcher", f"{ENGINE}, {HTTP}",
          "the engine's ZeroMQ address (internal)"),
@@ -288,6 +320,13 @@ def get(environ: Mapping[str, str], name: str) -> Any:
     value = raw(environ, name)
     variable = BY_NAME[name]
     return variable.default if value is None else variable.parse(name, value)
+
+
+def is_present(environ: Mapping[str, str], name: str) -> bool:
+    """Whether a declared variable is in `environ` at all, even empty (the SageMaker SDK sends some empty)."""
+    if name not in BY_NAME:
+        raise KeyError(f"{name} is not declared in model_handler/envs.py")
+    return name in environ
 
 
 def first_set(environ: Mapping[str, str], *names: str) -> str | None:

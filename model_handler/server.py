@@ -198,7 +198,9 @@ class EngineServer:
             elif isinstance(message, WorkerGone):
                 ids = [rid for rid, owner in self._owners.items() if owner == identity]
                 self._abort(ids)
-                logger.warning(
+                # A worker that stops in order has ended its requests already; one that died may have left some.
+                logger.log(
+                    logging.WARNING if ids else logging.INFO,
                     "HTTP worker gone; its requests aborted",
                     extra={"worker_pid": message.worker_pid, "aborted": len(ids)},
                 )
@@ -267,16 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     io.start()
 
     try:
+        from model_handler.model_source import check_a_model_is_given_on_sagemaker
+
+        check_a_model_is_given_on_sagemaker(envs.process_environ())  # before torch's import: fail within seconds
         import torch
 
         from model_handler.config import EngineConfig
         from model_handler.cpu_threads import configure_engine_process
         from model_handler.engine import Engine
+        from model_handler.startup_progress import StartupPhases
 
-        config = EngineConfig.from_env(envs.process_environ())
-        configure_engine_process(config.cpu_threads, torch.device(config.device).type)
         started = time.monotonic()
-        engine = Engine(config)
+        phases = StartupPhases()  # each phase logs its duration; the ready line sums them up
+        config = EngineConfig.from_env(envs.process_environ(), phases=phases)
+        configure_engine_process(config.cpu_threads, torch.device(config.device).type)
+        engine = Engine(config, phases)
     except Exception as exc:  # tell the workers why, then exit non-zero so the launcher stops the container
         logger.error("engine failed to start", extra={"error": str(exc), "traceback": traceback.format_exc()})
         io.set_status(Heartbeat(ready=False, error=f"engine failed to start: {exc}"))
@@ -295,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             "num_kv_blocks": info.num_kv_blocks,
             "kv_cache_bytes": info.kv_cache_bytes,
             "attention_backend": info.attention_backend,
-            "load_seconds": round(time.monotonic() - started, 2),
+            "max_total_tokens": info.max_model_len,
+            "max_input_tokens": info.max_input_tokens,
+            "max_total_tokens_limited_by": info.context_limited_by,
+            "startup_seconds": round(time.monotonic() - started, 2),
+            "phase_seconds": phases.summary(),
         },
     )
 

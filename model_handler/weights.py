@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from model_handler.layers.linear import default_weight_loader
+from model_handler.startup_progress import ByteProgress
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,12 +42,26 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     )
 
 
-def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, on CPU, one file open at a time."""
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    """The checkpoint's size on disk: what loading it reads."""
+    return sum(path.stat().st_size for path in checkpoint_files(model_dir))
+
+
+def iter_checkpoint(model_dir: str | Path, progress: ByteProgress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, on CPU, one file open at a time; `progress` advances
+    by each tensor's bytes, and by each file's header once the file is done."""
     for path in checkpoint_files(model_dir):
+        remaining = path.stat().st_size
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                tensor = f.get_tensor(name)
+                yield name, tensor
+                if progress is not None:
+                    num_bytes = tensor.numel() * tensor.element_size()
+                    progress.advance(num_bytes)
+                    remaining -= num_bytes
+        if progress is not None:
+            progress.advance(remaining)
 
 
 def _renamed(name: str, renames: dict[str, str]) -> str:
@@ -102,8 +117,9 @@ def _hf_names(
     return f"{param_name}[{shard_id}]"
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`; ValueError names what is off."""
+def load_weights(model: nn.Module, model_dir: str | Path, progress: ByteProgress | None = None) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`; ValueError names what is off.
+    `progress` (sized by `checkpoint_bytes`) counts the bytes read."""
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     experts: dict[str, tuple[str, str]] = getattr(model, "expert_modules_mapping", {})
     renames: dict[str, str] = getattr(model, "checkpoint_renames", {})
@@ -122,7 +138,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
 
     loaded: set[tuple[str, object]] = set()
     unexpected: list[str] = []
-    for name, tensor in iter_checkpoint(model_dir):
+    for name, tensor in iter_checkpoint(model_dir, progress):
         if name.endswith(ignored) or (tied and name == "lm_head.weight"):
             continue
         param_name, shard_id = _target(_renamed(name, renames), packed, experts)

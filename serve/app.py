@@ -30,6 +30,7 @@ _FAILURE_KIND = {
     ErrorKind.GENERATION: "generation",
     ErrorKind.INTERNAL: "generation",
     ErrorKind.NOT_READY: "generation",
+    ErrorKind.CLIENT_GONE: "client_gone",
 }
 
 
@@ -95,6 +96,11 @@ def create_app(settings: Settings, engine_client=None) -> Flask:
         return error_response(ApiError(ErrorKind.INTERNAL, f"{type(error).__name__}: {error}"), current_dialect())
 
     return app
+
+
+def serve_state(app: Flask) -> ServeState:
+    """The worker's state behind an app made by `create_app` (the gunicorn worker stops it on SIGTERM)."""
+    return app.extensions["serve"]
 
 
 def _authorized(header: str, api_key: str) -> bool:

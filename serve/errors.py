@@ -18,6 +18,9 @@ class Dialect(enum.Enum):
 class ErrorKind(enum.Enum):
     VALIDATION = "validation"
     BAD_JSON = "bad_json"
+    INCOMPLETE_BODY = "incomplete_body"
+    REQUEST_TIMEOUT = "request_timeout"
+    CLIENT_GONE = "client_gone"
     DESERIALIZE = "deserialize"
     CONTEXT_LENGTH = "context_length"
     UNSUPPORTED = "unsupported"
@@ -51,6 +54,12 @@ _STYLES: dict[ErrorKind, _Style] = {
     ErrorKind.BAD_JSON: _Style(
         400, "validation", "Failed to parse the request body as JSON: ", 400, "invalid_request_error", "invalid_json"
     ),
+    ErrorKind.INCOMPLETE_BODY: _Style(
+        400, "validation", "Incomplete request body: ", 400, "invalid_request_error", "incomplete_body"
+    ),
+    ErrorKind.REQUEST_TIMEOUT: _Style(408, "validation", "", 408, "invalid_request_error", "request_timeout"),
+    # nginx's "client closed request": written to no one, but it is the status the request log shows.
+    ErrorKind.CLIENT_GONE: _Style(499, "client_closed", "", 499, "invalid_request_error", "client_closed_request"),
     ErrorKind.DESERIALIZE: _Style(
         422, "validation", "Failed to deserialize the JSON body into the target type: ", 400, "invalid_request_error"
     ),

@@ -23,6 +23,25 @@ from serve.schemas_openai import (
     TextPart,
 )
 from serve.schemas_tgi import GenerateParameters, GenerateRequest
+from serve.schemas_tools import (
+    AllowedTool,
+    AllowedTools,
+    AllowedToolsChoice,
+    CalledFunction,
+    FunctionDefinition,
+    FunctionName,
+    FunctionTool,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    JsonSchemaSpec,
+    MessageToolCall,
+    NamedToolChoice,
+    RegexFormat,
+    TextFormat,
+    TgiJsonFormat,
+    TgiJsonObjectGrammar,
+    TgiJsonSchemaGrammar,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +112,23 @@ _IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image
 _AUDIO = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA"}}]}]}
 _FILE = {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}
 
+_OBJECT = {"type": "object", "properties": {"a": {"type": "integer"}}}
+_F = {"type": "function", "function": {"name": "f", "parameters": _OBJECT}}
+_G = {"type": "function", "function": {"name": "g", "parameters": _OBJECT}}
+_TOOLS = {"tools": [_F, _G]}
+_SCHEMA_FORMAT = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _OBJECT}}}
+_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+
+
+def _history(call: dict) -> dict:
+    return {"messages": [_USER_HI, {"role": "assistant", "content": None, "tool_calls": [call]}]}
+
+
+def _allowed(mode: str, *names: str) -> dict:
+    tools = [{"type": "function", "function": {"name": name}} for name in names]
+    return {"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": tools}}}
+
+
 _SAMPLING_FIELDS: dict[str, FieldUse] = {
     "model": Checked({"model": "my-lora-adapter"}),
     "max_tokens": Engine("max_tokens", {"max_tokens": 2}),
@@ -122,9 +158,18 @@ FIELD_USES: dict[type[BaseModel], dict[str, FieldUse]] = {
         "max_completion_tokens": Engine("max_tokens", {"max_completion_tokens": 2}),
         "logprobs": Engine("logprobs", {"logprobs": True}),
         "top_logprobs": Engine("logprobs", {"top_logprobs": 3}, given={"logprobs": True}),
-        "response_format": Refused({"response_format": {"type": "json_object"}}),
-        "tools": Refused({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
-        "tool_choice": Pending(16, {"tool_choice": "auto"}),
+        "response_format": Engine("constraint", {"response_format": {"type": "json_object"}}),
+        "tools": Engine("constraint", _TOOLS),
+        "tool_choice": Engine("constraint", {"tool_choice": "required"}, given=_TOOLS),
+        "parallel_tool_calls": Engine("constraint", {"parallel_tool_calls": False}, given=_TOOLS),
+        "tool_prompt": Template({"tool_prompt": "Call f."}, given=_TOOLS),
+        "chat_template_kwargs": Template({"chat_template_kwargs": {"enable_thinking": False}}),
+        "thinking_token_budget": Engine(
+            "constraint", {"thinking_token_budget": 4}, given={"chat_template_kwargs": {"enable_thinking": True}}
+        ),
+        "reasoning_effort": Template({"reasoning_effort": "low"}),
+        "functions": Refused({"functions": [{"name": "f"}]}),
+        "function_call": Refused({"function_call": "auto"}),
         "modalities": Checked({"modalities": ["text", "audio"]}),
         "audio": Refused({"audio": {"voice": "alloy", "format": "wav"}}),
         "metadata": Logged({"metadata": {"team": "search"}}),
@@ -142,20 +187,117 @@ FIELD_USES: dict[type[BaseModel], dict[str, FieldUse]] = {
     ChatMessage: {
         "role": Template({"messages": [{"role": "system", "content": "hi"}, _USER_HI]}),
         "content": Template({"messages": [{"role": "user", "content": "other words"}]}),
-        "name": Pending(16, {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}),
-        "tool_calls": Template(
-            {
-                "messages": [
-                    _USER_HI,
-                    {"role": "assistant", "tool_calls": [{"id": "0", "type": "function", "function": {"name": "f"}}]},
-                ]
-            },
-            given={"messages": [_USER_HI, {"role": "assistant", "content": None}]},
-        ),
-        "tool_call_id": Pending(
-            16,
+        "name": Template({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}),
+        "tool_calls": Template(_history(_CALL), given={"messages": [_USER_HI, {"role": "assistant", "content": None}]}),
+        "tool_call_id": Template(
             {"messages": [_USER_HI, {"role": "tool", "content": "42", "tool_call_id": "call-7"}]},
             given={"messages": [_USER_HI, {"role": "tool", "content": "42"}]},
+        ),
+        "reasoning_content": Template(
+            {"messages": [_USER_HI, {"role": "assistant", "content": "a", "reasoning_content": "I thought."}]},
+            given={"messages": [_USER_HI, {"role": "assistant", "content": "a"}]},
+        ),
+    },
+    FunctionTool: {
+        "type": Checked({"tools": [{"type": "custom", "function": {"name": "f"}}]}),
+        "function": Engine("constraint", {"tools": [_G]}, given={"tools": [_F]}),
+    },
+    FunctionDefinition: {
+        "name": Engine(
+            "constraint", {"tools": [{"type": "function", "function": {"name": "g"}}]}, given={"tools": [_F]}
+        ),
+        "description": Template(
+            {"tools": [{"type": "function", "function": {"name": "f", "description": "Adds.", "parameters": _OBJECT}}]},
+            given={"tools": [_F]},
+        ),
+        "parameters": Engine(
+            "constraint", {"tools": [_F]}, given={"tools": [{"type": "function", "function": {"name": "f"}}]}
+        ),
+        "strict": Engine(
+            "constraint",
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": _OBJECT, "strict": True}}]},
+            given={"tools": [_F]},
+        ),
+    },
+    NamedToolChoice: {
+        "type": Checked({"tool_choice": {"type": "custom", "function": {"name": "f"}}}, given=_TOOLS),
+        "function": Engine(
+            "constraint", {"tool_choice": {"type": "function", "function": {"name": "g"}}}, given=_TOOLS
+        ),
+    },
+    FunctionName: {
+        "name": Engine(
+            "constraint",
+            {"tool_choice": {"type": "function", "function": {"name": "g"}}},
+            given={**_TOOLS, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        ),
+    },
+    AllowedToolsChoice: {
+        "type": Checked(
+            {"tool_choice": {"type": "custom", "allowed_tools": {"mode": "auto", "tools": []}}}, given=_TOOLS
+        ),
+        "allowed_tools": Engine("constraint", _allowed("auto", "f"), given=_TOOLS),
+    },
+    AllowedTools: {
+        "mode": Engine("constraint", _allowed("required", "f"), given={**_TOOLS, **_allowed("auto", "f")}),
+        "tools": Engine("constraint", _allowed("auto", "g"), given={**_TOOLS, **_allowed("auto", "f")}),
+    },
+    AllowedTool: {
+        "type": Checked(
+            {"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "x"}]}}},
+            given=_TOOLS,
+        ),
+        "function": Engine("constraint", _allowed("auto", "g"), given={**_TOOLS, **_allowed("auto", "f")}),
+    },
+    MessageToolCall: {
+        "id": Template(_history({**_CALL, "id": "c2"}), given=_history(_CALL)),
+        "type": Checked(_history({**_CALL, "type": "custom"})),
+        "function": Template(_history({**_CALL, "function": {"name": "g", "arguments": "{}"}}), given=_history(_CALL)),
+    },
+    CalledFunction: {
+        "name": Template(
+            _history({**_CALL, "function": {"name": "g", "arguments": '{"a": 1}'}}), given=_history(_CALL)
+        ),
+        "arguments": Template(
+            _history({**_CALL, "function": {"name": "f", "arguments": '{"a": 2}'}}), given=_history(_CALL)
+        ),
+    },
+    TextFormat: {"type": Checked({"response_format": {"type": "xml"}}, given={"response_format": {"type": "text"}})},
+    JsonObjectFormat: {
+        "type": Engine("constraint", {"response_format": {"type": "json_object"}}),
+        "value": Engine(
+            "constraint",
+            {"response_format": {"type": "json_object", "value": _OBJECT}},
+            given={"response_format": {"type": "json_object"}},
+        ),
+    },
+    JsonSchemaFormat: {
+        "type": Engine("constraint", _SCHEMA_FORMAT),
+        "json_schema": Engine("constraint", _SCHEMA_FORMAT),
+        "value": Engine("constraint", {"response_format": {"type": "json_schema", "value": {"schema": _OBJECT}}}),
+    },
+    JsonSchemaSpec: {
+        "name": Logged({"response_format": {"json_schema": {"name": "y"}}}, given=_SCHEMA_FORMAT),
+        "description": Template({"response_format": {"json_schema": {"description": "A sum."}}}, given=_SCHEMA_FORMAT),
+        "schema": Engine(
+            "constraint", {"response_format": {"json_schema": {"schema": {"type": "integer"}}}}, given=_SCHEMA_FORMAT
+        ),
+        "strict": Engine("constraint", {"response_format": {"json_schema": {"strict": True}}}, given=_SCHEMA_FORMAT),
+    },
+    TgiJsonFormat: {
+        "type": Engine("constraint", {"response_format": {"type": "json", "value": _OBJECT}}),
+        "value": Engine(
+            "constraint",
+            {"response_format": {"type": "json", "value": {"type": "integer"}}},
+            given={"response_format": {"type": "json", "value": _OBJECT}},
+        ),
+    },
+    RegexFormat: {
+        "type": Engine("constraint", {"response_format": {"type": "regex", "value": "a+"}}),
+        "value": Engine(
+            "constraint",
+            {"response_format": {"type": "regex", "value": "b+"}},
+            given={"response_format": {"type": "regex", "value": "a+"}},
         ),
     },
     TextPart: {
@@ -202,8 +344,26 @@ FIELD_USES: dict[type[BaseModel], dict[str, FieldUse]] = {
         "decoder_input_details": Engine("prompt_logprobs", {"parameters": {"decoder_input_details": True}}),
         "seed": Engine("seed", {"parameters": {"seed": 5}}, given={"parameters": {"do_sample": True, "seed": 6}}),
         "top_n_tokens": Engine("logprobs", {"parameters": {"top_n_tokens": 2}}),
-        "grammar": Refused({"parameters": {"grammar": {"type": "regex", "value": "a+"}}}),
+        "grammar": Engine("constraint", {"parameters": {"grammar": {"type": "regex", "value": "a+"}}}),
         "adapter_id": Checked({"parameters": {"adapter_id": "my-lora-adapter"}}),
+    },
+    TgiJsonObjectGrammar: {
+        "type": Engine("constraint", {"parameters": {"grammar": {"type": "json_object", "value": _OBJECT}}}),
+        "value": Engine(
+            "constraint",
+            {"parameters": {"grammar": {"type": "json_object", "value": {"type": "integer"}}}},
+            given={"parameters": {"grammar": {"type": "json_object", "value": _OBJECT}}},
+        ),
+    },
+    TgiJsonSchemaGrammar: {
+        "type": Engine(
+            "constraint", {"parameters": {"grammar": {"type": "json_schema", "value": {"schema": _OBJECT}}}}
+        ),
+        "value": Engine(
+            "constraint",
+            {"parameters": {"grammar": {"type": "json_schema", "value": {"schema": {"type": "integer"}}}}},
+            given={"parameters": {"grammar": {"type": "json_schema", "value": {"schema": _OBJECT}}}},
+        ),
     },
 }
 """Every request model (and every model nested in one) with a declaration for each of its fields."""

@@ -86,6 +86,7 @@ class Generation:
         include_stop: bool,
         num_prompt_tokens: int,
         seed: int | None = None,
+        visible_ids: dict[int, str] | None = None,
     ) -> None:
         self.index = index
         self.stream = stream
@@ -99,7 +100,7 @@ class Generation:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._tokenizer = tokenizer
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, visible_ids)
         self._matcher = StopStringMatcher(stops, include_stop)
         self._include_stop = include_stop
 

@@ -44,8 +44,6 @@ class RequestRecord:
     is_generation: bool = False
     client: dict = field(default_factory=dict)
     """What the client says about itself (OpenAI's `user`, `safety_identifier`, `metadata`, ...)."""
-    ignored_fields: list[str] = field(default_factory=list)
-    """Top-level body fields no API here defines, ignored as TGI and vLLM ignore them; logged so they are seen."""
 
     def fields(self) -> dict:
         end = self.finished_at or time.monotonic()
@@ -72,8 +70,6 @@ class RequestRecord:
                 out[name] = value
         if self.client:
             out["client"] = self.client
-        if self.ignored_fields:
-            out["ignored_fields"] = self.ignored_fields
         return out
 
 

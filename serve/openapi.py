@@ -52,9 +52,10 @@ def _reply(description: str, content: dict | None = None) -> dict:
 
 def _errors(error_model: str, codes: tuple[int, ...]) -> dict:
     words = {
-        400: "invalid request",
+        400: "invalid request, or a body cut short (shorter than its Content-Length)",
         401: "API_KEY is set and the bearer token is missing or wrong",
         404: "no such route",
+        408: "the body did not arrive within REQUEST_READ_TIMEOUT",
         413: "body larger than PAYLOAD_LIMIT",
         415: "Content-Type is not JSON",
         422: "invalid request (TGI) or chat template error",
@@ -66,8 +67,8 @@ def _errors(error_model: str, codes: tuple[int, ...]) -> dict:
     return {str(code): _reply(words[code], _json(ref(error_model))) for code in codes}
 
 
-_OPENAI_ERRORS = (400, 401, 413, 415, 422, 429, 500, 503)
-_TGI_ERRORS = (400, 401, 413, 415, 422, 424, 429, 500, 503)
+_OPENAI_ERRORS = (400, 401, 408, 413, 415, 422, 429, 500, 503)
+_TGI_ERRORS = (400, 401, 408, 413, 415, 422, 424, 429, 500, 503)
 
 
 def _operation(summary: str, tag: str, responses: dict, body: dict | None = None, params: list | None = None) -> dict:

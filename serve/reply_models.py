@@ -39,10 +39,25 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprobEntry] | None = None
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON string (valid for the tool's schema).")
+
+
+class ToolCall(BaseModel):
+    id: str = Field(description="`call_` and 24 characters; 9 letters and digits for Mistral's format.")
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str | None
+    content: str | None = Field(description="The answer; null when the reply is tool calls only.")
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = Field(
+        None, description="The reasoning block's text, for chat templates with one (`<think>`); absent otherwise."
+    )
 
 
 class ChatChoice(BaseModel):
@@ -62,9 +77,25 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class CalledFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A call's first delta has `id`, `type`, the name and `arguments: ""`; later ones argument fragments only."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: CalledFunctionDelta | None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):

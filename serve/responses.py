@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from model_handler.engine_protocol import TokenLogprob
+from serve.chat_output import ChoiceOutput
 from serve.detokenizer import IncrementalDetokenizer
 from serve.generation import GeneratedToken, Generation
 from serve.tokenizer import TextTokenizer
@@ -99,17 +100,22 @@ def chat_logprobs(tokenizer: TextTokenizer, tokens: list[GeneratedToken]) -> dic
 
 
 def chat_completion(
-    reply: OpenAIReply, generations: list[Generation], tokenizer: TextTokenizer, logprobs: bool
+    reply: OpenAIReply,
+    generations: list[Generation],
+    tokenizer: TextTokenizer,
+    logprobs: bool,
+    outputs: list[ChoiceOutput],
 ) -> dict:
+    """The whole reply; `outputs[i]` is choice i's text parsed into content, reasoning and tool calls."""
     body = reply.envelope("chat.completion")
     body["choices"] = [
         {
             "index": g.index,
-            "message": {"role": "assistant", "content": g.text, "refusal": None},
+            "message": output.message(),
             "logprobs": chat_logprobs(tokenizer, g.tokens) if logprobs else None,
-            "finish_reason": g.finish.openai if g.finish else "stop",
+            "finish_reason": output.finish_reason(g.finish.openai if g.finish else "stop"),
         }
-        for g in generations
+        for g, output in zip(generations, outputs, strict=True)
     ]
     body["usage"] = usage(generations)
     return body

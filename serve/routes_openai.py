@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from serve import responses
+from serve.chat_output import ChoiceOutput
+from serve.chat_plan import plan_chat
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
 from serve.errors import ApiError, Dialect, ErrorKind
 from serve.logging_setup import RequestRecord
@@ -46,7 +48,7 @@ def _start(body: object, schema: type[RequestT]) -> tuple[ServeState, RequestRec
     set_dialect(Dialect.OPENAI)
     state, record = current_state(), current_record()
     record.is_generation = True
-    req = parse_body(schema, body, Dialect.OPENAI, record)
+    req = parse_body(schema, body, Dialect.OPENAI)
     req.check(state.settings)
     served = state.served_model()
     req.check_model(served)
@@ -58,28 +60,37 @@ def _start(body: object, schema: type[RequestT]) -> tuple[ServeState, RequestRec
 def handle_chat(body: object) -> Response:
     state, record, req, served = _start(body, ChatCompletionRequest)
     tokenizer, limits = state.tokenizer(), state.limits()
-    prompt = tokenizer.apply_chat_template(req.template_messages())
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    plan = plan_chat(req, tokenizer, state.tool_support())
+    prompt_ids = tokenizer.encode(plan.prompt, add_special_tokens=False)
     record.prompt_tokens = len(prompt_ids)
     max_tokens = resolve_max_new_tokens(len(prompt_ids), req.requested_max_tokens(), limits, Dialect.OPENAI)
     specs = [
-        SequenceSpec(prompt_ids, req.to_sampling_params(max_tokens, served, choice), req.seed)
+        SequenceSpec(prompt_ids, req.to_sampling_params(max_tokens, served, choice, plan.constraint), req.seed)
         for choice in range(req.num_choices)
     ]
-    job = state.start_job(record, specs, req.stop_list, include_stop=False)
+    job = state.start_job(record, specs, req.stop_list, include_stop=False, visible_ids=plan.visible_ids)
     reply = responses.OpenAIReply(model=state.model_name(), object_prefix="chatcmpl")
+    outputs = [ChoiceOutput(plan.shape) for _ in specs]
     if req.stream:
-        events = _chat_stream(job, reply, req, tokenizer, len(prompt_ids))
+        events = _chat_stream(job, reply, req, tokenizer, len(prompt_ids), outputs)
         return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
-    return json_response(responses.chat_completion(reply, job.generations, tokenizer, bool(req.logprobs)))
+    for generation, output in zip(job.generations, outputs, strict=True):
+        output.feed(generation.text)
+        output.finish()
+    return json_response(responses.chat_completion(reply, job.generations, tokenizer, bool(req.logprobs), outputs))
 
 
 def _chat_stream(
-    job: Job, reply: responses.OpenAIReply, req: ChatCompletionRequest, tokenizer: TextTokenizer, num_prompt: int
+    job: Job,
+    reply: responses.OpenAIReply,
+    req: ChatCompletionRequest,
+    tokenizer: TextTokenizer,
+    num_prompt: int,
+    outputs: list[ChoiceOutput],
 ) -> Iterator[bytes]:
     include_usage = req.include_usage
 
@@ -87,17 +98,28 @@ def _chat_stream(
         return responses.usage(job.generations, num_prompt) if req.continuous_usage else None
 
     for generation in job.generations:
-        delta = {"role": "assistant", "content": ""}
+        # OpenAI's first delta: content "" for a text reply, null for a reply of calls only
+        delta = {"role": "assistant", "content": None if outputs[generation.index].shape.calls_only else ""}
         chunk = responses.chat_chunk(reply, generation.index, delta, None, None, include_usage, usage_so_far())
         yield sse_data(chunk)
     for update in job.updates():
-        delta = {"content": update.text} if update.text else {}
+        output = outputs[update.index]
+        deltas = output.feed(update.text)
+        if update.finish is not None:
+            deltas += output.finish()
         logprobs = responses.chat_logprobs(tokenizer, update.tokens) if req.logprobs and update.tokens else None
-        finish = update.finish.openai if update.finish is not None else None
-        if not delta and logprobs is None and finish is None:
-            continue
-        chunk = responses.chat_chunk(reply, update.index, delta, finish, logprobs, include_usage, usage_so_far())
-        yield sse_data(chunk)
+        finish = output.finish_reason(update.finish.openai) if update.finish is not None else None
+        if finish is not None and (not deltas or "tool_calls" in deltas[-1]):
+            deltas.append({})  # the finish in a chunk of its own after a call's deltas, as OpenAI sends it
+        if not deltas and logprobs is not None:
+            deltas.append({})
+        for position, delta in enumerate(deltas):
+            is_last = position == len(deltas) - 1
+            chunk_logprobs = logprobs if position == 0 else None
+            chunk = responses.chat_chunk(
+                reply, update.index, delta, finish if is_last else None, chunk_logprobs, include_usage, usage_so_far()
+            )
+            yield sse_data(chunk)
     if include_usage:
         usage = responses.usage(job.generations, num_prompt)
         yield sse_data(responses.usage_chunk(reply, "chat.completion.chunk", usage))
@@ -138,7 +160,7 @@ def handle_completions(body: object) -> Response:
         events = _completion_stream(job, reply, req, tokenizer, echo)
         return sse_response(guarded_events(job, events, Dialect.OPENAI), job.close)
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     choices = []

@@ -9,7 +9,7 @@ import enum
 import time
 from collections.abc import Iterator
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
@@ -50,7 +50,7 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
     set_dialect(Dialect.TGI)
     state, record = current_state(), current_record()
     record.is_generation = True
-    req = parse_body(GenerateRequest, body, Dialect.TGI, record)
+    req = parse_body(GenerateRequest, body, Dialect.TGI)
     streaming = mode is GenerateMode.STREAM or (mode is GenerateMode.COMPAT and req.stream)
     record.stream = streaming
     req.check(state.settings, streaming)
@@ -64,7 +64,11 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         prompt_ids = prompt_ids[-params.truncate :]
     record.prompt_tokens = len(prompt_ids)
     max_new = resolve_max_new_tokens(len(prompt_ids), params.max_new_tokens, limits, Dialect.TGI)
-    specs = [SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed, served), seed) for seed in req.seeds()]
+    constraint = req.constraint()
+    specs = [
+        SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed, served, constraint), seed)
+        for seed in req.seeds()
+    ]
     # TGI prepends the prompt on `/` and `/invocations` unless told otherwise (text-generation models).
     full_text = params.return_full_text if params.return_full_text is not None else mode is GenerateMode.COMPAT
     prefix = req.inputs if full_text else ""
@@ -74,7 +78,7 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         events = _generate_stream(job, tokenizer, prefix, params.details, top_n)
         return sse_response(guarded_events(job, events, Dialect.TGI), job.close, _headers(state))
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     best = max(job.generations, key=lambda g: g.mean_logprob) if len(job.generations) > 1 else job.generations[0]

@@ -11,19 +11,15 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from serve.errors import ApiError, Dialect, ErrorKind
-from serve.logging_setup import RequestRecord
 from serve.settings import TokenLimits
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_body(model: type[M], body: object, dialect: Dialect, record: RequestRecord | None = None) -> M:
-    """Validate a decoded JSON body; wrong or missing fields become a 4xx in the route's dialect. Fields the model
-    does not know are ignored, as TGI and vLLM do (a newer client's extras), and named in the request's log line."""
+def parse_body(model: type[M], body: object, dialect: Dialect) -> M:
+    """Validate a decoded JSON body; wrong, missing or unknown fields become a 4xx in the route's dialect."""
     if not isinstance(body, dict):
         raise ApiError(ErrorKind.DESERIALIZE, f"expected a JSON object, got {type(body).__name__}")
-    if record is not None:
-        record.ignored_fields = sorted(str(key) for key in body if key not in model.model_fields)
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -50,9 +46,13 @@ def _from_pydantic(exc: ValidationError, dialect: Dialect) -> ApiError:
     if dialect is Dialect.TGI:
         if error["type"] == "missing":
             return ApiError(ErrorKind.DESERIALIZE, f"missing field `{loc}`", loc)
+        if error["type"] == "extra_forbidden":
+            return ApiError(ErrorKind.DESERIALIZE, f"unknown field `{loc}`", loc)
         return ApiError(ErrorKind.DESERIALIZE, f"{loc}: {error['msg']}", loc)
     if error["type"] == "missing":
         return ApiError(ErrorKind.DESERIALIZE, f"Missing required parameter: '{loc}'.", loc)
+    if error["type"] == "extra_forbidden":  # OpenAI's own wording
+        return ApiError(ErrorKind.DESERIALIZE, f"Unrecognized request argument supplied: {loc}", loc)
     return ApiError(ErrorKind.DESERIALIZE, f"Invalid value for '{loc}': {error['msg']}.", loc)
 
 

@@ -8,17 +8,29 @@ How each field is used or refused is declared in `field_uses.py`.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from model_handler.constraints import Constraint
 from model_handler.sampling_params import SamplingParams
+from serve.chat_prompt import template_message
 from serve.errors import ApiError, ErrorKind, unsupported, validation
 from serve.request_checks import check_token_ids, logit_bias_ids, refuse_audio_output, refuse_non_text_parts
 from serve.schemas import check_openai_range, normalize_stop
+from serve.schemas_tools import (
+    FunctionDefinition,
+    FunctionName,
+    FunctionTool,
+    JsonSchemaFormat,
+    MessageToolCall,
+    ResponseFormat,
+    ToolChoice,
+)
 from serve.served_model import ServedModel
 from serve.settings import Settings
+from serve.tool_choice import check_tools
+from serve.tool_formats import ToolSupport
 
 _SEED_MODULUS = 1 << 63
 MAX_TOP_LOGPROBS = 20
@@ -78,29 +90,48 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
+    """An assistant turn's reasoning (vLLM's field); templates that show earlier reasoning (Qwen3) read it."""
 
-    def template_dict(self) -> dict[str, str]:
-        """What the chat template sees: role and flat text content (TGI's flattening of content parts)."""
-        role = "system" if self.role == "developer" else self.role
+    def text(self) -> str:
+        """Flat text content (TGI's flattening of content parts); "" for an assistant turn of tool calls only."""
         if self.content is None:
-            content = json.dumps(self.tool_calls) if self.tool_calls else ""
-        elif isinstance(self.content, str):
-            content = self.content
-        else:
-            content = "".join(p.text if isinstance(p, TextPart) else f"![]({p.image_url.url})" for p in self.content)
-        return {"role": role, "content": content}
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if isinstance(p, TextPart) else f"![]({p.image_url.url})" for p in self.content)
+
+    def template_dict(self, index: int, support: ToolSupport) -> dict[str, Any]:
+        """What the chat template sees: role, text, and the tool calls, call id, name and reasoning given."""
+        role = "system" if self.role == "developer" else self.role
+        return template_message(
+            role,
+            self.text(),
+            support,
+            f"messages.{index}",
+            name=self.name,
+            tool_calls=self.tool_calls,
+            tool_call_id=self.tool_call_id,
+            reasoning_content=self.reasoning_content,
+        )
 
 
 class StreamOptions(_Body):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
     """vLLM: the usage so far in every chunk."""
 
 
 class _SamplingFields(_Body):
-    """Fields chat and completions share, with the engine's extensions (top_k, min_tokens, ...)."""
+    """Fields chat and completions share, with the engine's extensions (top_k, min_tokens, ...). A field the body
+    does not know is refused, naming it, as OpenAI does: a misspelt `max_token` must not quietly give a different
+    answer. (Messages and their parts keep unknown keys out silently: clients send earlier replies back whole.)"""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
@@ -218,9 +249,21 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    tool_prompt: StrictStr | None = None
+    """TGI: text that tells the model how to call the tools, added to the system (else first user) message."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM: extra variables for the chat template, e.g. `{"enable_thinking": false}`."""
+    thinking_token_budget: StrictInt | None = None
+    """vLLM: most tokens a reasoning block may take; the block is then closed and the answer follows."""
+    functions: list[FunctionDefinition] | None = None
+    """OpenAI's deprecated form of `tools`: refused, naming its replacement."""
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    """OpenAI's reasoning effort: a variable of the chat template (as vLLM passes it), for templates that read it."""
     # OpenAI's other fields: a text-only model with nothing stored or moderated can honour these only as below.
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
@@ -243,6 +286,8 @@ class ChatCompletionRequest(_SamplingFields):
     def client_tags(self) -> dict[str, Any]:
         tags = {"user": self.user, "safety_identifier": self.safety_identifier}
         tags.update(prompt_cache_key=self.prompt_cache_key, metadata=self.metadata)
+        spec = self.response_format.spec if isinstance(self.response_format, JsonSchemaFormat) else None
+        tags["response_format"] = spec.name if spec is not None else None
         return {name: value for name, value in tags.items() if value is not None}
 
     def check(self, settings: Settings) -> None:
@@ -255,12 +300,15 @@ class ChatCompletionRequest(_SamplingFields):
         self._check_openai_extras()
         if self.top_logprobs and not self.logprobs:
             raise validation("Invalid 'top_logprobs': 'logprobs' must be set to true to use it.", "top_logprobs")
-        if self.response_format is not None and self.response_format.get("type") not in (None, "text"):
-            raise unsupported(
-                f"response_format of type {self.response_format.get('type')!r} is not supported yet", "response_format"
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise unsupported(f"'{legacy}' is deprecated and not supported: use 'tools' and 'tool_choice'", legacy)
+        check_tools(self.tools, self.tool_choice)
+        if self.tool_prompt is not None and (not self.tools or self.tool_choice == "none"):
+            raise validation(
+                "Invalid 'tool_prompt': it needs 'tools' and a 'tool_choice' other than none.", "tool_prompt"
             )
-        if self.tools and self.tool_choice != "none":
-            raise unsupported("tools are not supported yet; send tool_choice='none' or no tools", "tools")
+        check_openai_range("thinking_token_budget", self.thinking_token_budget, 0, None)
 
     def _check_openai_extras(self) -> None:
         refuse_audio_output(self.modalities, self.audio)
@@ -288,12 +336,16 @@ class ChatCompletionRequest(_SamplingFields):
         super().check_model(served)
         refuse_non_text_parts(self.messages, served.name)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [m.template_dict() for m in self.messages]
+    def template_messages(self, support: ToolSupport) -> list[dict[str, Any]]:
+        return [m.template_dict(i, support) for i, m in enumerate(self.messages)]
 
-    def to_sampling_params(self, max_tokens: int, served: ServedModel, choice: int = 0) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, served: ServedModel, choice: int = 0, constraint: Constraint | None = None
+    ) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(max_tokens, logprobs, choice, served, None)
+        params = self._sampling(max_tokens, logprobs, choice, served, None)
+        params.constraint = constraint
+        return params
 
 
 _NOT_OFFERED = {

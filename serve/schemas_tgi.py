@@ -11,16 +11,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from model_handler.constraints import Constraint
 from model_handler.sampling_params import SamplingParams
 from serve.errors import unsupported, validation
+from serve.schemas_tools import Grammar
 from serve.served_model import ServedModel
 from serve.settings import Settings
+from serve.structural_tags import build_constraint
 
 _SEED_LIMIT = 1 << 63
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body: a field it does not know is refused, naming it (a misspelt `max_new_token` must not quietly
+    give a different answer)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class GenerateParameters(_Body):
@@ -41,7 +47,7 @@ class GenerateParameters(_Body):
     decoder_input_details: StrictBool = False
     seed: StrictInt | None = None
     top_n_tokens: StrictInt | None = None
-    grammar: dict[str, Any] | None = None
+    grammar: Grammar | None = None
     adapter_id: StrictStr | None = None
 
     @field_validator("stop", mode="before")
@@ -125,8 +131,6 @@ class GenerateRequest(_Body):
             raise validation("`decoder_input_details` == true is not supported when streaming tokens")
         if p.watermark:
             raise unsupported("`watermark` == true is not supported: this server does not watermark", "watermark")
-        if p.grammar is not None:
-            raise unsupported("grammar is not supported", "grammar")
         if self.inputs == "":
             raise validation("`inputs` cannot be empty", "inputs")
 
@@ -146,17 +150,27 @@ class GenerateRequest(_Body):
             return [p.seed]
         return [random.randrange(_SEED_LIMIT) for _ in range(p.num_sequences)]
 
+    def constraint(self) -> Constraint | None:
+        """`parameters.grammar` as the engine's constraint (the whole output matches it)."""
+        grammar = self.parameters.grammar
+        if grammar is None:
+            return None
+        return build_constraint(grammar.answer_format("grammar"), None)
+
     @property
     def wants_details(self) -> bool:
         """TGI replies with `details` when asked for them or for the prompt's (decoder_input_details)."""
         return self.parameters.details or self.parameters.decoder_input_details
 
-    def to_sampling_params(self, max_new_tokens: int, seed: int | None, served: ServedModel) -> SamplingParams:
+    def to_sampling_params(
+        self, max_new_tokens: int, seed: int | None, served: ServedModel, constraint: Constraint | None = None
+    ) -> SamplingParams:
         p = self.parameters
         # The model's generation_config.json fills what a sampling request leaves unset; a greedy one stays greedy
         # (TGI's do_sample=false), so its tokens are what TGI gives.
         defaults = served.sampling_defaults if p.is_sampling else {}
         return SamplingParams(
+            constraint=constraint,
             max_tokens=max_new_tokens,
             temperature=(p.temperature if p.temperature is not None else defaults.get("temperature", 1.0))
             if p.is_sampling

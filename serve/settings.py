@@ -49,6 +49,11 @@ class Settings:
     admission_file: str | None = None
     log_level: int = logging.INFO
     compute_type: str = envs.BY_NAME["COMPUTE_TYPE"].default
+    tool_call_parser: str = envs.BY_NAME["TOOL_CALL_PARSER"].default
+    """How tool calls are written and parsed: `auto` (detected from the chat template) or a format's name."""
+    request_read_timeout_s: int = envs.BY_NAME["REQUEST_READ_TIMEOUT"].default
+    worker_connections: int = envs.BY_NAME["WORKER_CONNECTIONS"].default
+    shutdown_grace_s: int = envs.BY_NAME["SHUTDOWN_GRACE_PERIOD"].default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -73,4 +78,8 @@ class Settings:
             admission_file=get("SERVE_ADMISSION_FILE"),
             log_level=parse_log_level(environ),
             compute_type=get("COMPUTE_TYPE"),
+            tool_call_parser=get("TOOL_CALL_PARSER"),
+            request_read_timeout_s=get("REQUEST_READ_TIMEOUT"),
+            worker_connections=get("WORKER_CONNECTIONS"),
+            shutdown_grace_s=get("SHUTDOWN_GRACE_PERIOD"),
         )

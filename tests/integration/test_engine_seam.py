@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -95,7 +96,30 @@ def test_request_that_cannot_fit_fails_alone(client):
     assert len(ok) == 3
 
 
-def test_engine_death_fails_waiting_requests():
+def test_engine_death_fails_waiting_requests_at_once():
+    """The engine process killed: its end of the socket closes, and the client fails what is in flight then, not
+    after the heartbeat timeout (10 s here)."""
+    handle = start_engine()
+    client = SocketEngineClient(handle.address)
+    try:
+        assert client.wait_ready(30)
+        stream = client.submit(_request(client, [1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True))
+        iterator = iter(stream)
+        next(iterator)
+        handle.process.kill()
+        killed = time.monotonic()
+        with pytest.raises(EngineDeadError, match="the engine process exited"), gevent.Timeout(5):
+            for _ in iterator:
+                pass
+        assert time.monotonic() - killed < 5 and not client.is_ready() and not client.is_alive()
+    finally:
+        client.close()
+        handle.stop()
+
+
+def test_a_stuck_engine_fails_waiting_requests_after_the_heartbeat_timeout():
+    """An engine that is alive but sends nothing (stopped here): its socket stays open, the heartbeats' silence
+    says it is gone."""
     handle = start_engine()
     client = SocketEngineClient(handle.address, heartbeat_timeout_s=2.0)
     try:
@@ -103,12 +127,13 @@ def test_engine_death_fails_waiting_requests():
         stream = client.submit(_request(client, [1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True))
         iterator = iter(stream)
         next(iterator)
-        handle.process.kill()
-        with pytest.raises(EngineDeadError):
+        handle.process.send_signal(signal.SIGSTOP)
+        with pytest.raises(EngineDeadError, match="stopped responding"), gevent.Timeout(30):
             for _ in iterator:
                 pass
         assert not client.is_ready()
     finally:
+        handle.process.send_signal(signal.SIGCONT)
         client.close()
         handle.stop()
 

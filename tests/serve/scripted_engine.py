@@ -87,9 +87,13 @@ class ScriptedStream:
         self._engine = engine
         self._items = items
         self.finished = False
+        self.failure: Exception | None = None
 
     def __iter__(self) -> Iterator[RequestOutput]:
         for item in self._items:
+            if self.failure is not None:
+                self.finished = True
+                raise self.failure
             if self.finished:
                 return
             if isinstance(item, BaseException):
@@ -113,6 +117,7 @@ class ScriptedEngine:
     ready: bool = True
     submitted: list[EngineRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
+    streams: list[ScriptedStream] = field(default_factory=list)
     steps: int = 0
 
     def is_ready(self) -> bool:
@@ -129,4 +134,12 @@ class ScriptedEngine:
 
     def submit(self, request: EngineRequest) -> ScriptedStream:
         self.submitted.append(request)
-        return ScriptedStream(self, request, self.script(request))
+        stream = ScriptedStream(self, request, self.script(request))
+        self.streams.append(stream)
+        return stream
+
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        for stream in self.streams:
+            if not stream.finished:
+                stream.failure = make_error()
+                self.aborted.append(stream.request_id)

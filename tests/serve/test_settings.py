@@ -38,11 +38,18 @@ def test_messages_api_enabled(raw, expected):
         ({"MESSAGES_API_ENABLED": "maybe"}, "MESSAGES_API_ENABLED"),
         ({"SAGEMAKER_CONTAINER_LOG_LEVEL": "loud"}, "SAGEMAKER_CONTAINER_LOG_LEVEL"),
         ({"PAYLOAD_LIMIT": "-1"}, "PAYLOAD_LIMIT"),
+        ({"TOOL_CALL_PARSER": "pythonic"}, "TOOL_CALL_PARSER"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
         Settings.from_env(env)
+
+
+def test_tool_call_parser():
+    assert Settings.from_env({}).tool_call_parser == "auto"
+    for name in ("hermes", "llama3_json", "mistral", "generic", "auto"):
+        assert Settings.from_env({"TOOL_CALL_PARSER": name.upper()}).tool_call_parser == name
 
 
 def test_sagemaker_variables_are_accepted_and_log_level_parsed():
