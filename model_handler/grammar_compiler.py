@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from model_handler.constraints import Constraint, ConstraintKind
-from model_handler.json_schema_support import find_unsupported_keyword
+from model_handler.json_schema_support import find_unsupported_keyword, with_string_lengths_as_patterns
 
 MAX_JSON_WHITESPACE = 16
 """Most whitespace characters in a row that a JSON grammar allows: a newline and indentation three levels deep
@@ -30,9 +30,10 @@ spaces and newlines between two JSON tokens."""
 NUM_COMPILE_THREADS = 2
 """Worker threads, so one slow grammar does not hold up every other request's."""
 COMPILE_THREAD_NICENESS = 10
-"""Added to the Linux scheduling niceness of the compile threads (and of xgrammar's threads they start): where the step loop
-keeps every core busy (a CPU engine), a compile takes the time the model's threads leave, about a tenth of a
-core each, instead of stretching the running streams' steps; where cores are idle (a GPU host) it runs at once."""
+"""Added to the Linux scheduling niceness of the compile threads (and of the xgrammar threads they start): where
+the step loop keeps every core busy (a CPU engine), a compile takes the time the model's threads leave, about a
+tenth of a core each, instead of stretching the running streams' steps; where cores are idle (a GPU host) it runs
+at once."""
 MAX_CACHED_GRAMMARS = 256
 """Compiled grammars (and compile errors) kept for reuse, least recently used dropped first."""
 _LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
@@ -106,19 +107,35 @@ def _with_json_strings(grammar: Any) -> Any:
     return text.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER)
 
 
-def _prepare_tag(node: Any) -> Any:
-    """A structural tag with each JSON-schema part prepared (`_prepared`) and its whitespace held to
-    MAX_JSON_WHITESPACE, unless the part sets its own bound."""
+def _prepare_tag(node: Any, lengths_as_patterns: bool = False) -> Any:
+    """A structural tag with each JSON-schema part prepared (`_prepared`, and with_string_lengths_as_patterns
+    when asked) and its whitespace held to MAX_JSON_WHITESPACE, unless the part sets its own bound."""
     if isinstance(node, list):
-        return [_prepare_tag(item) for item in node]
+        return [_prepare_tag(item, lengths_as_patterns) for item in node]
     if not isinstance(node, dict):
         return node
     if node.get("type") != "json_schema":
-        return {key: _prepare_tag(value) for key, value in node.items()}
-    prepared = {**node, "json_schema": _prepared(node.get("json_schema"))}
+        return {key: _prepare_tag(value, lengths_as_patterns) for key, value in node.items()}
+    schema = _prepared(node.get("json_schema"))
+    prepared = {**node, "json_schema": with_string_lengths_as_patterns(schema) if lengths_as_patterns else schema}
     if prepared.get("max_whitespace_cnt") is None:
         prepared["max_whitespace_cnt"] = MAX_JSON_WHITESPACE
     return prepared
+
+
+def _compile_structural_tag(compiler: Any, xgr: Any, tag: Any) -> Any:
+    """xgrammar's own compile, unless the tag holds length-bounded JSON strings: then the grammar's text with
+    them corrected (`_with_json_strings`), or, for a tag with token formats (a grammar only the compiler, which
+    holds the tokenizer, can build), the lengths as patterns."""
+    tag_json = json.dumps(_prepare_tag(tag))
+    try:
+        grammar = xgr.Grammar.from_structural_tag(tag_json)
+    except Exception:  # token formats; a tag that is simply invalid fails again below, with its message
+        return compiler.compile_structural_tag(json.dumps(_prepare_tag(tag, lengths_as_patterns=True)))
+    corrected = _with_json_strings(grammar)
+    if corrected is grammar:
+        return compiler.compile_structural_tag(tag_json)
+    return compiler.compile_grammar(corrected)
 
 
 class GrammarCompiler:
@@ -192,15 +209,14 @@ class GrammarCompiler:
             if constraint.kind is ConstraintKind.REGEX:
                 return compiler.compile_regex(constraint.value)
             if constraint.kind is ConstraintKind.STRUCTURAL_TAG:
-                grammar = xgr.Grammar.from_structural_tag(json.dumps(_prepare_tag(json.loads(constraint.value))))
-            else:
-                is_schema = constraint.kind is ConstraintKind.JSON_SCHEMA
-                grammar = xgr.Grammar.from_json_schema(
-                    json.dumps(_prepared(json.loads(constraint.value))) if is_schema else '{"type": "object"}',
-                    strict_mode=constraint.strict and is_schema,
-                    any_whitespace=True,
-                    max_whitespace_cnt=MAX_JSON_WHITESPACE,
-                )
+                return _compile_structural_tag(compiler, xgr, json.loads(constraint.value))
+            is_schema = constraint.kind is ConstraintKind.JSON_SCHEMA
+            grammar = xgr.Grammar.from_json_schema(
+                json.dumps(_prepared(json.loads(constraint.value))) if is_schema else '{"type": "object"}',
+                strict_mode=constraint.strict and is_schema,
+                any_whitespace=True,
+                max_whitespace_cnt=MAX_JSON_WHITESPACE,
+            )
             return compiler.compile_grammar(_with_json_strings(grammar))
         except json.JSONDecodeError as exc:
             raise GrammarError(f"{what} is invalid: not JSON ({exc})") from None

@@ -3,6 +3,7 @@ one is refused naming it, rather than compiled into a looser grammar whose outpu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,20 @@ def find_unsupported_keyword(schema: Any) -> str | None:
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             return f"keyword 'allOf' at {where} is supported with one schema only"
     return None
+
+
+def with_string_lengths_as_patterns(schema: Any) -> Any:
+    """A copy of the schema where `minLength`/`maxLength` (strings without a pattern or format) become the
+    pattern `^.{min,max}$`. xgrammar compiles a length into a character class that lets raw control characters
+    in (not JSON), a pattern into a JSON-string grammar that keeps them out; but a pattern's counted repetition
+    compiles several times slower, so this is the fallback where the grammar's text cannot be corrected. The
+    pattern only narrows what may be written (no escapes, no line breaks): every value it allows fits."""
+    schema = json.loads(json.dumps(schema))
+    for _, node in _subschemas(schema, ""):
+        if ("minLength" in node or "maxLength" in node) and "pattern" not in node and "format" not in node:
+            low, high = node.pop("minLength", 0), node.pop("maxLength", "")
+            node["pattern"] = f"^.{{{low},{high}}}$"
+    return schema
 
 
 def _is_integer_only(types: Any) -> bool:

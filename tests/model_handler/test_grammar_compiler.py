@@ -272,3 +272,53 @@ def test_compiles_run_at_a_lower_priority_than_the_step_loop(test_model_dir, mon
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert niceness == [min(19, own + compiler_module.COMPILE_THREAD_NICENESS)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # this thread keeps its own
+
+
+CITY_CALL = {
+    "type": "tag",
+    "begin": "<tool_call>",
+    "content": {"type": "json_schema", "json_schema": BOUNDED},
+    "end": "</tool_call>",
+}
+
+
+@pytest.mark.parametrize(
+    ("tag_format", "good", "excluded"),
+    [
+        (  # tool_choice auto: text, then calls once the model opens one; the text may not open a <think> block
+            {"type": "triggered_tags", "triggers": ["<tool_call>"], "tags": [CITY_CALL], "excludes": ["<think>"]},
+            'Checking. <tool_call>{"s": "ab"}</tool_call>',
+            '<think> <tool_call>{"s": "ab"}</tool_call>',
+        ),
+        (  # calls only, several
+            {"type": "tags_with_separator", "tags": [CITY_CALL], "separator": "\n", "at_least_one": True},
+            '<tool_call>{"s": "ab"}</tool_call>\n<tool_call>{"s": "c"}</tool_call>',
+            'x<tool_call>{"s": "ab"}</tool_call>',
+        ),
+        (  # a format whose calls open with a marker token (Mistral's [TOOL_CALLS]): only the compiler can build it
+            {
+                "type": "token_triggered_tags",
+                "trigger_tokens": ["<|im_start|>"],
+                "tags": [{**CITY_CALL, "begin": {"type": "token", "token": "<|im_start|>"}}],
+                "stop_after_first": True,
+            },
+            'Checking. <|im_start|>{"s": "ab"}</tool_call>',
+            None,
+        ),
+    ],
+)
+def test_structural_tags_keep_raw_control_characters_out_of_bounded_strings(
+    grammar_compiler, test_tokenizer, tag_format, good, excluded
+):
+    import xgrammar as xgr
+
+    constraint = Constraint(ConstraintKind.STRUCTURAL_TAG, json.dumps({"type": "structural_tag", "format": tag_format}))
+    compiled = grammar_compiler.submit(constraint).result(COMPILE_TIMEOUT_S)
+
+    def takes(text: str) -> bool:  # token by token, as generation does (the marker is one special token)
+        matcher = xgr.GrammarMatcher(compiled)
+        return all(matcher.accept_token(t) for t in test_tokenizer.encode(text, add_special_tokens=False))
+
+    assert takes(good)
+    assert not takes(good.replace('"ab"', '"a\x02"'))
+    assert excluded is None or not takes(excluded)
