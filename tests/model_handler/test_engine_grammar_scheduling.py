@@ -68,10 +68,12 @@ def test_requests_with_one_constraint_share_its_compile_but_not_their_matchers(e
     for seed in (1, 2):
         engine.add_request(sampled(f"choice{seed}", words, seed))
     wait_until_ready(engine)
-    engine.step()
+    first_outputs = engine.step()
     first, second = (engine.scheduler.requests[f"choice{seed}"] for seed in (1, 2))
     assert first.grammar is not None and second.grammar is not None and first.grammar is not second.grammar
     results = run_to_completion(engine)
+    for output in reversed(first_outputs):
+        results[output.request_id].insert(0, output)
     assert engine.grammar_compiler.num_compiles == compiles + 1
     assert engine.grammar_compiler.num_cache_hits == hits + 1
     texts = [text_of(results[f"choice{seed}"], test_tokenizer) for seed in (1, 2)]
