@@ -148,7 +148,7 @@ def test_the_step_loop_keeps_stepping_while_a_grammar_compiles(engine, test_toke
         num_steps += 1
     assert num_steps == 12  # the prefill's step and one per decode: never a step spent waiting
     assert engine.has_unfinished_requests() and not engine.has_ready_requests()  # only the compile is left
-    assert engine.stats()[1] == 1  # counted as waiting
+    assert engine.stats()[1] == 1 and engine.grammar_waitlist.num_compiling == 1  # counted as waiting
     release.set()
     results = run_to_completion(engine)
     assert re.fullmatch(slow.value, text_of(results["slow"], test_tokenizer))
