@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,8 +29,17 @@ at 4 spaces (or seven at 2). xgrammar's default is unbounded, which lets a weak 
 spaces and newlines between two JSON tokens."""
 NUM_COMPILE_THREADS = 2
 """Worker threads, so one slow grammar does not hold up every other request's."""
+COMPILE_THREAD_NICENESS = 10
+"""Added to the Linux scheduling niceness of the compile threads (and of the xgrammar threads they start): where
+the step loop keeps every core busy (a CPU engine), a compile takes the time the model's threads leave, about a
+tenth of a core each, instead of stretching the running streams' steps; where cores are idle (a GPU host) it runs
+at once."""
 MAX_CACHED_GRAMMARS = 256
 """Compiled grammars (and compile errors) kept for reuse, least recently used dropped first."""
+_LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
+"""How xgrammar 0.2.9 writes a character of a length-bounded JSON string (minLength/maxLength) in its grammar:
+raw control characters other than CR and LF get in, which JSON forbids unescaped."""
+_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\]"
 _MAX_MESSAGE_CHARS = 500
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
@@ -65,6 +76,14 @@ def xgrammar_version() -> str:
         return ""
 
 
+def _lower_thread_priority() -> None:
+    """Make the calling thread (only it: Linux keeps a niceness per thread) yield to the step loop's threads."""
+    if sys.platform == "linux":
+        thread_id = threading.get_native_id()
+        niceness = min(19, os.getpriority(os.PRIO_PROCESS, thread_id) + COMPILE_THREAD_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
+
+
 def _clean(message: str) -> str:
     """xgrammar's C++ error text without its log prefix ("[12:00:00] /project/cpp/x.cc:12: Check failed: ...")."""
     message = _LOG_PREFIX.sub("", message.strip())
@@ -76,22 +95,47 @@ def _prepared(schema: Any) -> Any:
     problem = find_unsupported_keyword(schema)
     if problem is not None:
         raise GrammarError(problem)
-    return with_string_lengths_as_patterns(schema)
+    return schema
 
 
-def _prepare_tag(node: Any) -> Any:
-    """A structural tag with each JSON-schema part prepared (`_prepared`) and its whitespace held to
-    MAX_JSON_WHITESPACE, unless the part sets its own bound."""
+def _with_json_strings(grammar: Any) -> Any:
+    """The grammar, or when it holds length-bounded JSON strings, its EBNF text with their characters held to
+    what JSON allows unescaped (the rest of the grammar, printed and parsed again, is the same)."""
+    text = str(grammar)
+    if _LOOSE_STRING_CHARACTER not in text:
+        return grammar
+    return text.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER)
+
+
+def _prepare_tag(node: Any, lengths_as_patterns: bool = False) -> Any:
+    """A structural tag with each JSON-schema part prepared (`_prepared`, and with_string_lengths_as_patterns
+    when asked) and its whitespace held to MAX_JSON_WHITESPACE, unless the part sets its own bound."""
     if isinstance(node, list):
-        return [_prepare_tag(item) for item in node]
+        return [_prepare_tag(item, lengths_as_patterns) for item in node]
     if not isinstance(node, dict):
         return node
     if node.get("type") != "json_schema":
-        return {key: _prepare_tag(value) for key, value in node.items()}
-    prepared = {**node, "json_schema": _prepared(node.get("json_schema"))}
+        return {key: _prepare_tag(value, lengths_as_patterns) for key, value in node.items()}
+    schema = _prepared(node.get("json_schema"))
+    prepared = {**node, "json_schema": with_string_lengths_as_patterns(schema) if lengths_as_patterns else schema}
     if prepared.get("max_whitespace_cnt") is None:
         prepared["max_whitespace_cnt"] = MAX_JSON_WHITESPACE
     return prepared
+
+
+def _compile_structural_tag(compiler: Any, xgr: Any, tag: Any) -> Any:
+    """xgrammar's own compile, unless the tag holds length-bounded JSON strings: then the grammar's text with
+    them corrected (`_with_json_strings`), or, for a tag with token formats (a grammar only the compiler, which
+    holds the tokenizer, can build), the lengths as patterns."""
+    tag_json = json.dumps(_prepare_tag(tag))
+    try:
+        grammar = xgr.Grammar.from_structural_tag(tag_json)
+    except Exception:  # token formats; a tag that is simply invalid fails again below, with its message
+        return compiler.compile_structural_tag(json.dumps(_prepare_tag(tag, lengths_as_patterns=True)))
+    corrected = _with_json_strings(grammar)
+    if corrected is grammar:
+        return compiler.compile_structural_tag(tag_json)
+    return compiler.compile_grammar(corrected)
 
 
 class GrammarCompiler:
@@ -137,7 +181,9 @@ class GrammarCompiler:
 
     def _worker_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(NUM_COMPILE_THREADS, thread_name_prefix="grammar-compile")
+            self._pool = ThreadPoolExecutor(
+                NUM_COMPILE_THREADS, thread_name_prefix="grammar-compile", initializer=_lower_thread_priority
+            )
         return self._pool
 
     def shutdown(self) -> None:
@@ -159,21 +205,19 @@ class GrammarCompiler:
         compiler = self._xgrammar_compiler()
         what = _WHAT[constraint.kind]
         try:
-            if constraint.kind is ConstraintKind.JSON_SCHEMA:
-                return compiler.compile_json_schema(
-                    json.dumps(_prepared(json.loads(constraint.value))),
-                    strict_mode=constraint.strict,
-                    any_whitespace=True,
-                    max_whitespace_cnt=MAX_JSON_WHITESPACE,
-                )
-            if constraint.kind is ConstraintKind.JSON_OBJECT:
-                return compiler.compile_json_schema(
-                    '{"type": "object"}', strict_mode=False, any_whitespace=True, max_whitespace_cnt=MAX_JSON_WHITESPACE
-                )
+            xgr = import_xgrammar()
             if constraint.kind is ConstraintKind.REGEX:
                 return compiler.compile_regex(constraint.value)
-            tag = _prepare_tag(json.loads(constraint.value))
-            return compiler.compile_structural_tag(json.dumps(tag))
+            if constraint.kind is ConstraintKind.STRUCTURAL_TAG:
+                return _compile_structural_tag(compiler, xgr, json.loads(constraint.value))
+            is_schema = constraint.kind is ConstraintKind.JSON_SCHEMA
+            grammar = xgr.Grammar.from_json_schema(
+                json.dumps(_prepared(json.loads(constraint.value))) if is_schema else '{"type": "object"}',
+                strict_mode=constraint.strict and is_schema,
+                any_whitespace=True,
+                max_whitespace_cnt=MAX_JSON_WHITESPACE,
+            )
+            return compiler.compile_grammar(_with_json_strings(grammar))
         except json.JSONDecodeError as exc:
             raise GrammarError(f"{what} is invalid: not JSON ({exc})") from None
         except GrammarError as exc:

@@ -28,6 +28,11 @@ class GrammarWaitlist:
         """Start (or reuse) the compile of the sequence's constraint; it waits here until that is done."""
         self._waiting[seq.request_id] = (seq, self.compiler.submit(seq.sampling_params.constraint))
 
+    @property
+    def num_compiling(self) -> int:
+        """Waiting sequences whose compile has not finished yet."""
+        return sum(not future.done() for _, future in self._waiting.values())
+
     def has_ready(self) -> bool:
         """Some waiting sequence's compile has finished (the step loop has something to do)."""
         return any(future.done() for _, future in self._waiting.values())

@@ -1,6 +1,5 @@
-"""JSON schemas made safe for xgrammar 0.2.9 before compiling: keywords it accepts but does not enforce are
-refused by name (rather than compiled into a looser grammar whose output might not validate), and length-bounded
-strings, which its grammar lets hold raw control characters (invalid JSON), are rewritten as patterns."""
+"""The JSON-schema keywords xgrammar 0.2.9 accepts but does not enforce, found before compiling: a schema using
+one is refused naming it, rather than compiled into a looser grammar whose output might not validate."""
 
 from __future__ import annotations
 
@@ -49,9 +48,10 @@ def find_unsupported_keyword(schema: Any) -> str | None:
 
 def with_string_lengths_as_patterns(schema: Any) -> Any:
     """A copy of the schema where `minLength`/`maxLength` (strings without a pattern or format) become the
-    pattern `^.{min,max}$`: xgrammar compiles patterns into JSON-string grammars that keep control characters
-    out, but lengths into a character class that lets them in. The pattern only narrows what may be written
-    (no escapes, no line breaks): every value it allows satisfies the lengths."""
+    pattern `^.{min,max}$`. xgrammar compiles a length into a character class that lets raw control characters
+    in (not JSON), a pattern into a JSON-string grammar that keeps them out; but a pattern's counted repetition
+    compiles several times slower, so this is the fallback where the grammar's text cannot be corrected. The
+    pattern only narrows what may be written (no escapes, no line breaks): every value it allows fits."""
     schema = json.loads(json.dumps(schema))
     for _, node in _subschemas(schema, ""):
         if ("minLength" in node or "maxLength" in node) and "pattern" not in node and "format" not in node:

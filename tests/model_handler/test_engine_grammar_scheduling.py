@@ -16,6 +16,7 @@ from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.grammar_matcher import RequestGrammar
 from model_handler.sampling_params import SamplingParams
 from tests.model_handler.engine_factories import (
+    COMPILE_TIMEOUT_S,
     create_engine,
     greedy,
     random_prompt,
@@ -67,10 +68,12 @@ def test_requests_with_one_constraint_share_its_compile_but_not_their_matchers(e
     for seed in (1, 2):
         engine.add_request(sampled(f"choice{seed}", words, seed))
     wait_until_ready(engine)
-    engine.step()
+    first_outputs = engine.step()
     first, second = (engine.scheduler.requests[f"choice{seed}"] for seed in (1, 2))
     assert first.grammar is not None and second.grammar is not None and first.grammar is not second.grammar
     results = run_to_completion(engine)
+    for output in reversed(first_outputs):
+        results[output.request_id].insert(0, output)
     assert engine.grammar_compiler.num_compiles == compiles + 1
     assert engine.grammar_compiler.num_cache_hits == hits + 1
     texts = [text_of(results[f"choice{seed}"], test_tokenizer) for seed in (1, 2)]
@@ -115,7 +118,7 @@ def test_matchers_stay_with_their_tokens_across_preemption(test_model_dir, test_
     for seed in range(3):
         prompt = random_prompt(20, seed=seed)
         engine.add_request(EngineRequest(f"w{seed}", prompt, SamplingParams(max_tokens=70, constraint=long_words)))
-    compiled = engine.grammar_compiler.submit(long_words).result(30)
+    compiled = engine.grammar_compiler.submit(long_words).result(COMPILE_TIMEOUT_S)
     results: dict[str, list] = {}
     num_checked = 0
     while engine.has_unfinished_requests():
@@ -145,7 +148,7 @@ def test_the_step_loop_keeps_stepping_while_a_grammar_compiles(engine, test_toke
         num_steps += 1
     assert num_steps == 12  # the prefill's step and one per decode: never a step spent waiting
     assert engine.has_unfinished_requests() and not engine.has_ready_requests()  # only the compile is left
-    assert engine.stats()[1] == 1  # counted as waiting
+    assert engine.stats()[1] == 1 and engine.grammar_waitlist.num_compiling == 1  # counted as waiting
     release.set()
     results = run_to_completion(engine)
     assert re.fullmatch(slow.value, text_of(results["slow"], test_tokenizer))

@@ -12,7 +12,7 @@ from model_handler.constraints import Constraint, ConstraintKind
 from model_handler.grammar_bitmask import apply_grammar_bitmask
 from model_handler.grammar_matcher import RequestGrammar
 from model_handler.sampler import Sampler
-from tests.model_handler.engine_factories import create_sequence
+from tests.model_handler.engine_factories import COMPILE_TIMEOUT_S, create_sequence
 
 V = 512  # the test model's vocabulary
 EOS = 2
@@ -24,7 +24,7 @@ SCHEMA = Constraint(
 
 def grammar_for(grammar_compiler, constraint: Constraint, text: str = "", tokenizer=None) -> RequestGrammar:
     """A matcher for `constraint` that has accepted `text` already."""
-    grammar = RequestGrammar(grammar_compiler.submit(constraint).result(30))
+    grammar = RequestGrammar(grammar_compiler.submit(constraint).result(COMPILE_TIMEOUT_S))
     for token_id in tokenizer.encode(text, add_special_tokens=False) if text else ():
         assert grammar.accept(token_id)
     return grammar
