@@ -57,7 +57,10 @@ class Engine:
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.model_runner = ModelRunner(config, self.model_config, tp_size=config.tensor_parallel_size)
         self.block_manager = BlockManager(
-            self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+            self.model_runner.num_kv_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            kv_window=self.model_config.kv_window,
         )
         self.scheduler = Scheduler(
             self.block_manager,
@@ -74,7 +77,9 @@ class Engine:
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; ValueError when it could never run (too long, bad ids, duplicate id)."""
         self._validate(request)
-        self.scheduler.add(Sequence(request, self.eos_token_ids))
+        rule = self.model_config.rope_length_rule
+        salt = 0 if rule is None else rule.cache_salt(len(request.prompt_token_ids))
+        self.scheduler.add(Sequence(request, self.eos_token_ids, cache_salt=salt))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' KV blocks now; each gets a finished ABORTED output from the next step()."""
@@ -208,7 +213,11 @@ class Engine:
                 f"{max_len} (MAX_TOTAL_TOKENS)"
             )
         # The last sampled token is never fed back, so its KV needs no slot.
-        num_blocks = -(-(len(prompt) + params.max_tokens - 1) // self.config.block_size)
+        block_size = self.config.block_size
+        num_blocks = -(-(len(prompt) + params.max_tokens - 1) // block_size)
+        window = self.model_config.kv_window
+        if window is not None:  # blocks before the window are freed: at most the window and a prompt chunk at once
+            num_blocks = min(num_blocks, -(-(window + self.config.max_num_prefill_tokens) // block_size) + 1)
         if num_blocks > self.block_manager.num_blocks:
             raise ValueError(
                 f"prompt + max_tokens needs {num_blocks} KV blocks but the cache holds {self.block_manager.num_blocks}"

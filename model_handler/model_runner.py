@@ -221,6 +221,12 @@ class ModelRunner:
             tables[i, : len(e.seq.block_table)] = e.seq.block_table
         slots = tables[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs  # [num_tokens]
         samples = np.fromiter((e.samples for e in entries), dtype=bool, count=num_seqs)
+        rope_lengths = None
+        if self.model_config.rope_length_rule is not None:  # longrope/dynamic: tokens rotated by their prompt's length
+            prompt_lens = np.fromiter((e.seq.num_prompt_tokens for e in entries), dtype=np.int64, count=num_seqs)
+            lengths = np.maximum(positions + 1, prompt_lens[seq_idx])  # [num_tokens]
+            if (lengths != positions + 1).any():  # else the table's decode rows are right: no tensor to send
+                rope_lengths = torch.from_numpy(lengths)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.int64),
             positions=torch.from_numpy(positions),
@@ -231,6 +237,7 @@ class ModelRunner:
             logits_indices=torch.from_numpy(cu[1:][samples] - 1),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
+            rope_lengths=rope_lengths,
         )
 
     @torch.inference_mode()
@@ -252,7 +259,13 @@ class ModelRunner:
     def run(self, inputs: StepInputs, patch: InputPatch | None = None) -> torch.Tensor:
         """The forward of a prepared batch; decides from `inputs` alone, so every rank takes the same path."""
         graphs = self.graph_runner
-        if graphs is not None and inputs.max_query_len == 1 and graphs.can_run(inputs.num_seqs):
+        # (Graphs rotate by position alone: a one-token prompt chunk of a long longrope/dynamic prompt runs eagerly.)
+        if (
+            graphs is not None
+            and inputs.max_query_len == 1
+            and inputs.rope_lengths is None
+            and graphs.can_run(inputs.num_seqs)
+        ):
             hidden = graphs.run(
                 inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables, patch
             )  # host tensors: the runner stages them itself
@@ -294,6 +307,7 @@ class ModelRunner:
             block_tables=to(inputs.block_tables),
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
+            rope_lengths=None if inputs.rope_lengths is None else to(inputs.rope_lengths),
         )
         input_ids = to(inputs.input_ids)  # [T]
         if patch is not None:

@@ -114,6 +114,7 @@ class Scheduler:
             decodes = remaining == 1
             if seq.status is not SequenceStatus.RUNNING or (budget == 0 and not decodes):
                 continue  # preempted earlier in this loop, or no prompt budget left
+            self.block_manager.drop_outside_window(seq)  # blocks no layer's window reaches any more
             num_new = 1 if decodes else min(remaining, budget)
             while not self.block_manager.can_append(seq, num_new):
                 victim = self.running[-1]
@@ -139,6 +140,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, cached, num_new)
+            self.block_manager.drop_outside_window(seq)  # a long cached prefix: its blocks before the window
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled[id(seq)] = ScheduledSequence.of(seq, num_new)

@@ -44,9 +44,11 @@ class Sequence:
         "generator",
         "stop_token_ids",
         "num_pending_tokens",
+        "cache_salt",
+        "num_dropped_blocks",
     )
 
-    def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = (), cache_salt: int = 0) -> None:
         params = request.sampling_params
         self.request_id = request.request_id
         self.token_ids: list[int] = list(request.prompt_token_ids)
@@ -69,6 +71,11 @@ class Sequence:
         )
         self.num_pending_tokens = 0
         """Trailing PLACEHOLDER_TOKENs in `token_ids` whose values the device has not handed back yet."""
+        self.cache_salt = cache_salt
+        """Starts the chain of its block hashes: what besides the tokens decides their KV (a long prompt under a
+        length-dependent rope); only blocks of equal salt are shared."""
+        self.num_dropped_blocks = 0
+        """Leading entries of `block_table` freed because no layer's window reaches them any more (now -1)."""
 
     @property
     def num_tokens(self) -> int:

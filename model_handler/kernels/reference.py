@@ -74,20 +74,20 @@ def attend(
     scale: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """SDPA, or where logits are soft-capped (SDPA cannot) the same in explicit steps, as transformers' eager path:
-    fp32 softmax of cap * tanh(q.k * scale / cap) over the unmasked keys."""
+    """SDPA, or where logits are soft-capped (SDPA cannot) the same in explicit steps, in fp32 whatever the inputs
+    (as SDPA's CPU kernels accumulate): softmax of cap * tanh(q.k * scale / cap) over the unmasked keys."""
     if softcap is None:
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     group = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)  # [..., H, S, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [..., H, M, S]
+    k, v = k.float().repeat_interleave(group, dim=-3), v.float().repeat_interleave(group, dim=-3)  # [..., H, S, D]
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [..., H, M, S]
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
 
 def paged_attention(

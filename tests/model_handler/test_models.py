@@ -133,7 +133,8 @@ def test_model_config_reads_the_essentials(tmp_path):
     assert config.max_position_embeddings == 256
 
 
-def test_sliding_window_caps_the_context(tmp_path):
+def test_a_sliding_window_no_longer_caps_the_context(tmp_path):
+    """Mistral v0.1: the window applies per layer; the context stays the model's own."""
     config = MistralConfig(
         vocab_size=64,
         hidden_size=32,
@@ -145,7 +146,9 @@ def test_sliding_window_caps_the_context(tmp_path):
         sliding_window=128,
     )
     config.save_pretrained(tmp_path)
-    assert ModelConfig.from_model_dir(tmp_path).max_position_embeddings == 128
+    model_config = ModelConfig.from_model_dir(tmp_path)
+    assert model_config.max_position_embeddings == 512
+    assert model_config.sliding_windows == (128,) and model_config.kv_window == 128
 
 
 def test_config_without_architectures_falls_back_on_model_type(tmp_path):
