@@ -68,6 +68,7 @@ class Engine:
             config.max_num_prefill_tokens,
             config.max_model_len,
             self.eos_token_ids,
+            self.model_config.rope_length_rule,
         )
         self.sampler = Sampler(self.model_runner.device, config.seed)
         self._aborted: list[RequestOutput] = []

@@ -7,7 +7,10 @@ applies to every layer (Mistral v0.1, Phi-3) unless `use_sliding_window` is fals
 to the keys p - window < k <= p. A length-dependent rope picks its frequencies, for every token of a forward, from
 the longest sequence in it (`dynamic_rope_update`); in `generate()` that is the prompt length for the prompt's
 tokens and position + 1 for each later one, so the engine gives every token `rope_length` = max(position + 1,
-prompt length): the same rotation whatever the chunking, batching or recomputation.
+base length), base length being the prompt's: the same rotation whatever the chunking, batching or recomputation.
+transformers' Phi-3 goes further: the first time a sequence passes original_max_position_embeddings, generate()
+drops its cache and recomputes every token with the long factors (`Phi3ForCausalLM.prepare_inputs_for_generation`);
+the scheduler restarts such a sequence alike, its base length then being its length at the restart.
 """
 
 from __future__ import annotations
@@ -77,13 +80,19 @@ class RopeLengthRule:
 
     kind: str
     threshold: int
+    restarts_past_threshold: bool = False
+    """A sequence whose base length is within the threshold is recomputed once it grows past it (Phi-3)."""
 
-    def cache_salt(self, num_prompt_tokens: int) -> int:
-        """What, besides its tokens, decides a block's KV: prompts past the threshold rotate their tokens differently,
-        so their blocks must not be shared with shorter prompts' (0: the plain rotation)."""
-        if num_prompt_tokens <= self.threshold:
+    def cache_salt(self, base_len: int) -> int:
+        """What, besides its tokens, decides a block's KV: tokens counted from a base length past the threshold rotate
+        differently, so their blocks must not be shared with shorter ones' (0: the plain rotation)."""
+        if base_len <= self.threshold:
             return 0
-        return 1 if self.kind == "longrope" else num_prompt_tokens
+        return 1 if self.kind == "longrope" else base_len
+
+    def needs_restart(self, base_len: int, num_tokens: int) -> bool:
+        """Whether a sequence of `num_tokens` whose KV was rotated from `base_len` must be recomputed first."""
+        return self.restarts_past_threshold and base_len <= self.threshold < num_tokens
 
 
 def rope_length_rule(hf_config: Any) -> RopeLengthRule | None:
@@ -95,7 +104,9 @@ def rope_length_rule(hf_config: Any) -> RopeLengthRule | None:
             original = params.get("original_max_position_embeddings") or getattr(
                 hf_config, "original_max_position_embeddings", None
             )
-            rules.add(RopeLengthRule("longrope", int(original or hf_config.max_position_embeddings)))
+            # transformers' Phi3ForCausalLM recomputes its cache at the switch; Llama-style classes do not.
+            restarts = getattr(hf_config, "model_type", None) == "phi3"
+            rules.add(RopeLengthRule("longrope", int(original or hf_config.max_position_embeddings), restarts))
         elif kind == "dynamic":
             rules.add(RopeLengthRule("dynamic", int(hf_config.max_position_embeddings)))
     if len(rules) > 1:

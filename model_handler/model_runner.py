@@ -222,9 +222,9 @@ class ModelRunner:
         slots = tables[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs  # [num_tokens]
         samples = np.fromiter((e.samples for e in entries), dtype=bool, count=num_seqs)
         rope_lengths = None
-        if self.model_config.rope_length_rule is not None:  # longrope/dynamic: tokens rotated by their prompt's length
-            prompt_lens = np.fromiter((e.seq.num_prompt_tokens for e in entries), dtype=np.int64, count=num_seqs)
-            lengths = np.maximum(positions + 1, prompt_lens[seq_idx])  # [num_tokens]
+        if self.model_config.rope_length_rule is not None:  # longrope/dynamic: rotations by the sequence's length
+            base_lens = np.fromiter((e.seq.rope_base_len for e in entries), dtype=np.int64, count=num_seqs)
+            lengths = np.maximum(positions + 1, base_lens[seq_idx])  # [num_tokens]
             if (lengths != positions + 1).any():  # else the table's decode rows are right: no tensor to send
                 rope_lengths = torch.from_numpy(lengths)
         return StepInputs(

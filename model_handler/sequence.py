@@ -46,6 +46,7 @@ class Sequence:
         "num_pending_tokens",
         "cache_salt",
         "num_dropped_blocks",
+        "rope_base_len",
     )
 
     def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = (), cache_salt: int = 0) -> None:
@@ -76,6 +77,9 @@ class Sequence:
         length-dependent rope); only blocks of equal salt are shared."""
         self.num_dropped_blocks = 0
         """Leading entries of `block_table` freed because no layer's window reaches them any more (now -1)."""
+        self.rope_base_len = self.num_prompt_tokens
+        """A length-dependent rope rotates token p as for a sequence of max(p + 1, rope_base_len) tokens: the
+        prompt's length, or the length at a restart (model_layout.RopeLengthRule)."""
 
     @property
     def num_tokens(self) -> int:

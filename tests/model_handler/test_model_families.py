@@ -1,6 +1,7 @@
 """The dense families beyond Llama's own (Gemma 2, Gemma 3 text, Phi-3 with longrope and partial rotary, Phi-3 and
 Mistral v0.1 with a window on every layer, Qwen2's windowed layers, a dynamic rope) against transformers' forward fed
-as generate() feeds it, over a paged cache; their config reading; what is refused at start-up and why."""
+chunk by chunk over its own cache, as generate() feeds it (Phi-3's recompute at the long-rope switch is the
+scheduler's: test_engine_model_families.py), over a paged cache; their config reading; what is refused and why."""
 
 from __future__ import annotations
 
