@@ -163,8 +163,8 @@ def drive_engine(engine, prompts: list[list[int]], params, tag: str) -> tuple[li
         if all_started:
             decode_steps.append(ended - began)
         for out in outputs:
-            if out.error:
-                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            if out.finish_reason is not None and out.finish_reason.is_failure:
+                raise RuntimeError(f"request {out.request_id} failed: {out.failure_message}")
             if out.new_token_ids and out.request_id not in ttft:
                 ttft[out.request_id] = ended - started
             tokens[out.request_id].extend(out.new_token_ids)
