@@ -7,7 +7,6 @@ classes read the full HF config for the rest.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from model_handler.model_layout import (
     rope_length_rule,
 )
 from model_handler.models import refuse_unsupported, resolve_architecture
-
-logger = logging.getLogger(__name__)
 
 
 def load_hf_config(model_dir: str | Path) -> PretrainedConfig:

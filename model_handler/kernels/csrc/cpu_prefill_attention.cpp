@@ -220,8 +220,9 @@ inline float tile_weights(float* s, int64_t lo, int64_t hi, float top) {
 // fp32 into kt [D][kLanes] or, with `pairs`, kept as bf16 pairs in ktb [D / 2][kLanes] (32-bit words). Lanes
 // past n are zero.
 template <typename T>
-void load_tile(const T* k_cache, const T* v_cache, const int32_t* table, int64_t t0, int64_t n, int64_t kvh,
-               const PrefillShape& s, bool pairs, Scratch& w) {
+__attribute__((always_inline)) inline void load_tile(const T* k_cache, const T* v_cache, const int32_t* table,
+                                                     int64_t t0, int64_t n, int64_t kvh, const PrefillShape& s,
+                                                     bool pairs, Scratch& w) {
   const int64_t D = s.head_dim;
   float* kt = w.kt.data();
   uint32_t* ktb = w.ktb.data();
@@ -250,11 +251,14 @@ void load_tile(const T* k_cache, const T* v_cache, const int32_t* table, int64_t
   }
 }
 
-// One work item: query positions [i0, i0 + nq) of one prompt, the query heads of kv head `kvh`.
-template <typename T>
-void attend_tile(const T* query, const T* k_cache, const T* v_cache, const int32_t* table, const Prompt& p,
-                 int64_t i0, int64_t nq, int64_t kvh, const PrefillShape& s, float scale, int64_t window, float cap,
-                 T* out, Scratch& w) {
+// One work item: query positions [i0, i0 + nq) of one prompt, the query heads of kv head `kvh`. The window and the
+// soft-cap are compile-time switches, so a layer with neither runs the loop it ran before they existed. Kept out of
+// line, with `load_tile` inlined into it: the other way round GCC called load_tile once per key tile (prompts 2-6%
+// slower in bf16, measured).
+template <typename T, bool kWindow, bool kSoftcap>
+__attribute__((noinline)) void attend_tile(const T* query, const T* k_cache, const T* v_cache, const int32_t* table,
+                                          const Prompt& p, int64_t i0, int64_t nq, int64_t kvh, const PrefillShape& s,
+                                          float scale, int64_t window, float cap, T* out, Scratch& w) {
   const int64_t D = s.head_dim, group = s.num_heads / s.num_kv_heads;
   const int64_t rows = nq * group, padded = (rows + kRows - 1) / kRows * kRows;
   const int64_t context = p.seq_len - p.q_len;
@@ -278,7 +282,7 @@ void attend_tile(const T* query, const T* k_cache, const T* v_cache, const int32
   const int64_t end = context + i0 + nq;  // keys the tile's last position sees
   // The first key the tile's first position sees: key tiles start there (no alignment needed: keys are read one by
   // one through the table).
-  const int64_t begin = window > 0 ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
+  const int64_t begin = kWindow ? std::max<int64_t>(0, context + i0 - window + 1) : 0;
   for (int64_t t0 = begin; t0 < end; t0 += kLanes) {
     const int64_t n = std::min(kLanes, end - t0);
     load_tile(k_cache, v_cache, table, t0, n, kvh, s, pairs, w);
@@ -291,7 +295,7 @@ void attend_tile(const T* query, const T* k_cache, const T* v_cache, const int32
         const int64_t rr = std::min(r0 + r, rows - 1);
         const int64_t pos = context + i0 + rr / group;
         hi[r] = std::clamp<int64_t>(pos + 1 - t0, 0, n);
-        lo[r] = window > 0 ? std::clamp<int64_t>(pos - window + 1 - t0, 0, n) : 0;
+        lo[r] = kWindow ? std::clamp<int64_t>(pos - window + 1 - t0, 0, n) : 0;
         any = any || lo[r] < hi[r];
       }
       if (!any) continue;  // rows at earlier positions than the tile's keys (or past their windows)
@@ -302,7 +306,7 @@ void attend_tile(const T* query, const T* k_cache, const T* v_cache, const int32
       else
 #endif
         tile_scores(w.q.data() + r0 * D, D, w.kt.data(), sc);
-      if (cap > 0.f)
+      if constexpr (kSoftcap)
         for (int64_t r = 0; r < kRows; ++r) softcap(sc[r], kLanes, cap);
       for (int64_t r = 0; r < kRows; ++r) {
         float* m = w.m.data() + r0 + r;
@@ -361,8 +365,19 @@ void prefill(const T* query, const T* k_cache, const T* v_cache, const int32_t* 
     for (int64_t i = next++; i < num_items; i = next++) {
       const Item& item = items[i];
       const Prompt& p = prompts[item.prompt];
-      attend_tile(query, k_cache, v_cache, block_tables + p.table_row * s.max_blocks, p, item.i0,
-                  std::min(kTileQ, p.q_len - item.i0), item.kvh, s, scale, window, cap, out, w);
+      const int32_t* table = block_tables + p.table_row * s.max_blocks;
+      const int64_t nq = std::min(kTileQ, p.q_len - item.i0);
+      const auto run = [&](auto tile) {
+        tile(query, k_cache, v_cache, table, p, item.i0, nq, item.kvh, s, scale, window, cap, out, w);
+      };
+      if (window > 0 && cap > 0.f)
+        run(attend_tile<T, true, true>);
+      else if (window > 0)
+        run(attend_tile<T, true, false>);
+      else if (cap > 0.f)
+        run(attend_tile<T, false, true>);
+      else
+        run(attend_tile<T, false, false>);
     }
   });
 }
