@@ -3,7 +3,7 @@
 cache, alternating call by call so a shared machine's noise hits both alike. Prints medians and ratios.
 
   python -m bench.cpu_attention                      # the default shapes, bf16 and fp32
-  python -m bench.cpu_attention --dtypes bfloat16 --out bench/results/cpu-attention.json
+  python -m bench.cpu_attention --dtypes bfloat16 --out bench/results/cpu-attention-kernels.json
 
 Shapes are the layers of the two bench models and of Llama-3-8B (32 query heads, 8 kv heads, head dim 128).
 """

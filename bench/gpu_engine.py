@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import gpu_moe
+
 FIRST_TOKENS_KEPT = 8  # per request, for the greedy agreement check between the two systems
 
 
@@ -333,6 +335,8 @@ RESULT_FILES = {
     "ours": "gpu_engine_ours.json",
     "ours_async": "gpu_engine_ours-async.json",
     "hf": "gpu_engine_hf.json",
+    "moe": "gpu_moe.json",
+    "ours_moe": "gpu_engine_moe.json",
 }
 # Our engine runs once step by step and once with async scheduling; each gets its own rows and verdicts.
 OURS_MODES = (("ours", ""), ("ours_async", " (async)"))
@@ -409,6 +413,7 @@ def correctness_checks(args: argparse.Namespace, stages: dict[str, str], data: d
                     "detail": f"wrong lengths at batch {bad}" if bad else f"{len(ours['runs'])} runs",
                 }
             )
+    checks += gpu_moe.report_checks(stages, data)
     if data.get("ours") and data.get("ours_async"):
         # Same scheduler decisions, same kernels: deferring the read of a token must not change any token.
         pairs = [
@@ -583,6 +588,7 @@ def report_main(args: argparse.Namespace) -> int:
         if record.get("engine", {}).get("cuda_graphs"):
             replays = [f"b{r['batch']} {r.get('graph_replays')}/{r.get('num_decode_steps')}" for r in record["runs"]]
             lines.append(f"ours{label} decode steps replayed as CUDA graphs: {', '.join(replays)}")
+    lines += gpu_moe.report_lines(data)
     agree = agreement(data["ours"], data["hf"])
     if agree:
         lines.append(
@@ -610,6 +616,7 @@ def report_main(args: argparse.Namespace) -> int:
         "roofline_async": rooflines.get("ours_async"),
         "agreement": agree,
         "table": format_table(data),
+        "moe": gpu_moe.report_lines(data),
         "exit_code": rc,
     }
     (args.results / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """GPU check of the Triton kernels: correctness against `reference.py`, then decode/prefill/store timings.
 
-  python bench/gpu_kernels.py --out bench/results/gpu_kernels.json      # H100/H200: checks + timings, < 90 s
+  python bench/gpu_kernels.py --out bench/results/tmp/gpu_kernels.json  # H100/H200: checks + timings, < 90 s
   python bench/gpu_kernels.py --device cpu --small                      # CPU (TRITON_INTERPRET=1): checks only
 Exits 1 when a check fails. Shapes are Llama-3-8B's (32 q heads, 8 kv heads, head_dim 128, block 16).
 """

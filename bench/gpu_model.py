@@ -1,11 +1,13 @@
 """Builds a model folder of a real architecture's shape with random bf16 weights (no download, no tokenizer).
 
-  python -m bench.gpu_model OUT_DIR [--preset llama3-8b|smoke|gemma2-9b|gemma2-smoke] [--device cuda|cpu]
+  python -m bench.gpu_model OUT_DIR [--preset llama3-8b|smoke|mixtral-4l|mixtral-smoke|gemma2-9b|gemma2-smoke]
+                                    [--device cuda|cpu]
                                     [--json build.json]
 Weights are drawn on the device and streamed straight into sharded safetensors files (one writer thread per
 shard, chunks of at most 64M elements), so a 16 GB folder never sits whole in host or device memory.
 A folder already built with the same preset and seed is reused. The benchmarks feed token ids, so there is
-no tokenizer; config.json is Llama-3.1-8B's own (llama3 rope scaling in its 4.x spelling), or Gemma-2-9B's.
+no tokenizer; config.json is Llama-3.1-8B's own (llama3 rope scaling in its 4.x spelling), Mixtral-8x7B's
+with 4 of its 32 layers (12.2 GB: fits one H100 beside a KV cache; the whole model is 93 GB), or Gemma-2-9B's.
 """
 
 from __future__ import annotations
@@ -72,6 +74,45 @@ SMOKE = {
     "bos_token_id": 1,
     "eos_token_id": [2, 3],
 }
+# Mixtral-8x7B-v0.1's config.json with 4 of its 32 layers: every layer has its full shape (8 experts of
+# 14336, top-2), so a decode step per layer moves what the real model's does.
+MIXTRAL_4L = {
+    "architectures": ["MixtralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "num_attention_heads": 32,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 4,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+MIXTRAL_SMOKE = {
+    **MIXTRAL_4L,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_local_experts": 4,
+    "vocab_size": 4096,
+    "max_position_embeddings": 4096,
+}
 # google/gemma-2-9b's config.json, verbatim apart from the dtype: sliding windows of 4096 on alternate layers,
 # attention logits soft-capped at 50 and final logits at 30, GeGLU, (1 + w) norms, tied embeddings.
 GEMMA2_9B = {
@@ -118,13 +159,20 @@ GEMMA2_SMOKE = {
     "sliding_window_size": 8,
     "vocab_size": 4096,
 }
-PRESETS = {"llama3-8b": LLAMA3_8B, "smoke": SMOKE, "gemma2-9b": GEMMA2_9B, "gemma2-smoke": GEMMA2_SMOKE}
+PRESETS = {
+    "llama3-8b": LLAMA3_8B,
+    "smoke": SMOKE,
+    "mixtral-4l": MIXTRAL_4L,
+    "mixtral-smoke": MIXTRAL_SMOKE,
+    "gemma2-9b": GEMMA2_9B,
+    "gemma2-smoke": GEMMA2_SMOKE,
+}
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 """Families whose norms scale by (1 + w): their norm weights are written as zeros (transformers' init), not ones."""
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint tensor of a Llama or Gemma 2 config, HF names, in file order."""
+    """Every checkpoint tensor of a Llama, Mixtral or Gemma 2 config, HF names, in file order."""
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     head_dim = config.get("head_dim") or h // config["num_attention_heads"]
     q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
@@ -138,12 +186,24 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (kv_out, h),
             p + "self_attn.o_proj.weight": (h, q_out),
             p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
         }
         if config["model_type"] in GEMMA_TYPES:  # norms before and after the MLP too
             shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
+        if "num_local_experts" in config:  # Mixtral: the router, then each expert's gate (w1), down (w2), up (w3)
+            moe = p + "block_sparse_moe."
+            shapes[moe + "gate.weight"] = (config["num_local_experts"], h)
+            for e in range(config["num_local_experts"]):
+                shapes |= {
+                    f"{moe}experts.{e}.w1.weight": (inter, h),
+                    f"{moe}experts.{e}.w2.weight": (h, inter),
+                    f"{moe}experts.{e}.w3.weight": (inter, h),
+                }
+        else:
+            shapes |= {
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
     shapes["model.norm.weight"] = (h,)
     # Gemma's config.json leaves tie_word_embeddings to the class default, which is True.
     if not config.get("tie_word_embeddings", config["model_type"] in GEMMA_TYPES):
@@ -260,6 +320,8 @@ def build(out_dir: Path, preset: str = "llama3-8b", device: str = "cuda", seed: 
         "device": str(dev),
         "weight_bytes": total,
         "embedding_bytes": 2 * math.prod(shapes["model.embed_tokens.weight"]),
+        # MoE: the routed experts' bytes, of which a token reads top_k / num_experts
+        "expert_bytes": 2 * sum(math.prod(shape) for name, shape in shapes.items() if ".experts." in name),
         "num_tensors": len(shapes),
         "num_shards": len(shards),
         "build_s": round(seconds, 2),

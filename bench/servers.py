@@ -74,8 +74,9 @@ def free_port() -> int:
 
 
 def model_name_for(spec: ServerSpec, model_dir: str) -> str:
-    # transformers serve with a preloaded model refuses any other name; the others accept any.
-    return model_dir if spec.name.startswith("tf-serve") else "bench"
+    # transformers serve with a preloaded model and ours refuse the names of models they do not serve; the naive
+    # server takes any.
+    return model_dir if spec.name.startswith(("tf-serve", "ours")) else "bench"
 
 
 def _command(spec: ServerSpec, model_dir: str, port: int, cb: CbSettings) -> tuple[list[str], dict[str, str]]:

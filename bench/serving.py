@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--waves", type=int, help=f"requests per point = waves x concurrency, at least {MIN_REQUESTS} (default 2)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny, 1,8 streams, 64 in/16 out, 1 round")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/serving-<date>.json)")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/tmp/serving-<date>.json)")
     parser.add_argument("--quiet-timeout", type=float, default=300.0, help="max seconds to wait for a quiet CPU")
     parser.add_argument("--no-wait-quiet", action="store_true", help="measure at once (load is still recorded)")
     parser.add_argument("--request-timeout", type=float, default=900.0)
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.concurrency) < 1 or args.rounds < 1 or args.waves < 1 or args.output_tokens < 1:
         parser.error("concurrency, rounds, waves and output tokens must be >= 1")
     if args.out is None:
-        args.out = Path("bench/results") / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        args.out = Path("bench/results/tmp") / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
     return args
 
 

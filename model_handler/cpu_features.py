@@ -16,9 +16,9 @@ def is_x86_with_onednn() -> bool:
 
 @functools.cache
 def has_native_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX tiles, where oneDNN's bf16 matmuls run in hardware (~2x
-    the fp32 FLOP/s on an AVX512-BF16 EPYC, see cpu_linear.py's docstring); elsewhere bf16 would be
-    emulated, slower than fp32. torch's probes are private, so a build without them counts as no."""
+    """True on x86 CPUs with AVX512-BF16 or AMX tiles, where oneDNN's bf16 matmuls run in hardware (faster than
+    fp32, see cpu_linear.py's docstring); elsewhere bf16 would be emulated, slower than fp32. torch's probes are
+    private, so a build without them counts as no."""
     if not is_x86_with_onednn():
         return False
     probes = (

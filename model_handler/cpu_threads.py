@@ -1,10 +1,10 @@
 """CPU settings of the engine process, applied once at start-up: torch's thread count and glibc's malloc.
 
-Threads: ENGINE_CPU_THREADS, default every CPU the process may run on. On a 2-core box under 32 HTTP streams
-2 threads beat 1 by ~15% (tiny model) and ~70% (100M) even with the HTTP worker beside the engine; 1 thread
-only wins when another process keeps a core busy all the time (OpenMP waits on a descheduled thread).
-Allocator: glibc returns freed multi-MiB blocks to the kernel and faults them in again on the next touch;
-a prefill step's activations paid ~20% of its time in page faults. Keeping them mapped avoids that.
+Threads: ENGINE_CPU_THREADS, default every CPU the process may run on: even with the HTTP worker beside the engine,
+using every core wins under load; fewer only help when another process keeps a core busy all the time (OpenMP
+waits on a descheduled thread). Allocator: glibc returns freed multi-MiB blocks to the kernel and faults them in
+again on the next touch, so a prefill step's activations paid for page faults every step; keeping them mapped
+avoids that.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
-from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
-THREADS_ENV = "ENGINE_CPU_THREADS"
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 256 << 20
@@ -33,19 +31,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def num_threads_from_env(environ: Mapping[str, str], device_type: str = "cpu") -> int | None:
-    """ENGINE_CPU_THREADS; unset: every available CPU for a CPU engine, None (torch's choice) for a GPU one.
-    ValueError naming the variable for a bad value."""
-    raw = (environ.get(THREADS_ENV) or "").strip()
-    if not raw:
-        return available_cpus() if device_type == "cpu" else None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{THREADS_ENV}={raw!r} must be a whole number of threads") from None
-    if value < 1:
-        raise ValueError(f"{THREADS_ENV}={value} must be at least 1")
-    return value
+def default_num_threads(device_type: str = "cpu") -> int | None:
+    """ENGINE_CPU_THREADS when unset: every available CPU for a CPU engine, None (torch's choice) for a GPU one."""
+    return available_cpus() if device_type == "cpu" else None
 
 
 def keep_freed_memory_mapped() -> bool:
@@ -76,5 +64,5 @@ def configure_engine_process(num_threads: int | None, device_type: str = "cpu") 
         except RuntimeError:  # the pool already started in this process
             pass
         keep_freed_memory_mapped()
-    logger.info("torch threads: %d (%s)", torch.get_num_threads(), THREADS_ENV)
+    logger.info("torch threads: %d (ENGINE_CPU_THREADS)", torch.get_num_threads())
     return torch.get_num_threads()

@@ -10,15 +10,6 @@ import torch
 import torch.distributed as dist
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str | None = None) -> None:
-    """Join the default process group (NCCL on CUDA, gloo otherwise) unless already joined."""
-    if dist.is_initialized():
-        return
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
-
-
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` across ranks in place (the row-parallel and vocab-parallel reductions)."""
     dist.all_reduce(x)

@@ -8,7 +8,7 @@ socket (`model_handler/server.py`, `serve/engine_client.py`). No torch here: the
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -65,6 +65,9 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache instead of being computed."""
     failure_message: str = ""
     """Why, when the finish reason is a failure (REJECTED, ERROR); empty otherwise."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Requests with `prompt_logprobs`: the logprobs of prompt tokens 1..n-1 (the first has none), sent once,
+    with the request's first token."""
 
     @property
     def finished(self) -> bool:
@@ -105,6 +108,9 @@ class EngineInfo:
     dtype: str
     device: str
     max_model_len: int
+    """Prompt + generated tokens of one request (MAX_TOTAL_TOKENS, or sized from the KV cache and the model)."""
+    max_input_tokens: int
+    """Longest prompt (MAX_INPUT_TOKENS, or max_model_len - 1)."""
     block_size: int
     num_kv_blocks: int
     kv_cache_bytes: int
@@ -116,6 +122,16 @@ class EngineInfo:
     cuda_graphs: bool
     prefix_caching: bool
     tensor_parallel_size: int = 1
+    grammar_backend: str = ""
+    """What compiles output constraints ("xgrammar 0.2.9"); empty when the engine's image lacks it, and then
+    every constrained request is REJECTED."""
+    max_position_embeddings: int = 0
+    """The model's own context limit; max_model_len is at most this."""
+    context_limited_by: str = ""
+    """What set max_model_len: "model", "kv_cache" (MAX_TOTAL_TOKENS unset) or "MAX_TOTAL_TOKENS"."""
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    """The model's own `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty` (generation_config.json,
+    GENERATION_CONFIG), for requests that leave them unset; empty when it has none."""
 
 
 @dataclass(slots=True)
@@ -168,6 +184,10 @@ class EngineClient(Protocol):
 
     def submit(self, request: EngineRequest) -> OutputStream: ...
 
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        """End every request in flight: each stream raises an error of `make_error()` where its outputs are read,
+        and the engine aborts them (the server is stopping)."""
+
 
 @runtime_checkable
 class StepEngine(Protocol):
@@ -183,6 +203,12 @@ class StepEngine(Protocol):
     def step(self) -> list[RequestOutput]: ...
 
     def has_unfinished_requests(self) -> bool: ...
+
+    def has_ready_requests(self) -> bool:
+        """`step()` has work now; False while the only unfinished requests wait for their grammar to compile."""
+
+    def set_wakeup(self, wakeup: Callable[[], None]) -> None:
+        """Have `wakeup` called, from another thread, when a request that was not ready becomes ready."""
 
     def stats(self) -> tuple[int, int, int]:
         """(num_running, num_waiting, num_free_blocks)."""

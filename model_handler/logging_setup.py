@@ -11,22 +11,13 @@ from collections.abc import Mapping
 
 from pythonjsonlogger.json import JsonFormatter
 
-_LEVEL_VARIABLES = ("SAGEMAKER_CONTAINER_LOG_LEVEL", "LOG_LEVEL")
+from model_handler import envs
 
 
 def parse_log_level(environ: Mapping[str, str]) -> int:
-    """A numeric level ("20") or a name ("info", "WARNING"); ValueError naming the variable otherwise."""
-    for name in _LEVEL_VARIABLES:
-        raw = environ.get(name, "").strip()
-        if not raw:
-            continue
-        if raw.isdigit():
-            return int(raw)
-        level = logging.getLevelName(raw.upper())
-        if isinstance(level, int):
-            return level
-        raise ValueError(f"{name}={raw!r} is not a log level (use a number like 20 or a name like INFO)")
-    return logging.INFO
+    """SAGEMAKER_CONTAINER_LOG_LEVEL, else LOG_LEVEL, else INFO; ValueError naming the variable when bad."""
+    name = envs.first_set(environ, "SAGEMAKER_CONTAINER_LOG_LEVEL", "LOG_LEVEL") or "LOG_LEVEL"
+    return envs.get(environ, name)
 
 
 def configure_logging(environ: Mapping[str, str], process: str | None = None) -> None:

@@ -7,7 +7,7 @@ classes read the full HF config for the rest.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
@@ -75,6 +75,8 @@ class ModelConfig:
     """Set when every layer has a window: KV blocks wholly outside it are freed (the largest window)."""
     rope_length_rule: RopeLengthRule | None = None
     """How a length-dependent rope (longrope, dynamic) picks its frequencies; None for a fixed one."""
+    hf_config: PretrainedConfig | None = field(default=None, repr=False, compare=False)
+    """The whole config.json as transformers reads it, for the model classes (None when built by hand)."""
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -109,4 +111,5 @@ class ModelConfig:
             sliding_windows=windows,
             kv_window=kv_window(windows),
             rope_length_rule=rope_length_rule(hf_config),
+            hf_config=hf_config,
         )

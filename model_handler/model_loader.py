@@ -10,7 +10,9 @@ import torch
 
 from model_handler.kernels import AttentionBackend
 from model_handler.model_config import ModelConfig, load_hf_config
-from model_handler.models import CausalLM, get_model_class
+from model_handler.models import get_model_class
+from model_handler.models.causal_lm import CausalLM
+from model_handler.startup_progress import ByteProgress
 from model_handler.weights import load_weights
 
 
@@ -32,20 +34,25 @@ def load_model(
     attention_backend: AttentionBackend,
     tp_rank: int = 0,
     tp_size: int = 1,
+    model_config: ModelConfig | None = None,
+    progress: ByteProgress | None = None,
 ) -> CausalLM:
     """Build the registered class for the folder's architecture and fill it from its safetensors.
 
     Parameters are created directly on `device` in `dtype` (no CPU copy of the whole model first);
-    `tp_rank`/`tp_size` select this rank's shard of every parallel layer.
+    `tp_rank`/`tp_size` select this rank's shard of every parallel layer. `model_config`: the folder's config
+    when the caller has read it already; `progress` counts the checkpoint's bytes as they are read.
     """
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} is outside 0..{tp_size - 1}")
     if not dtype.is_floating_point:
         raise ValueError(f"model dtype must be a floating point type, got {dtype}")
-    hf_config = load_hf_config(model_dir)
-    config = ModelConfig.from_hf_config(hf_config, model_dir)
+    config = model_config if model_config is not None and model_config.hf_config is not None else None
+    if config is None:
+        config = ModelConfig.from_hf_config(load_hf_config(model_dir), model_dir)
+    hf_config = config.hf_config
     model_class = get_model_class(config.architecture)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(hf_config, config, attention_backend, tp_rank=tp_rank, tp_size=tp_size)
-    load_weights(model, model_dir)
+    load_weights(model, model_dir, progress)
     return model.eval()

@@ -1,4 +1,5 @@
-"""Batched token choice: penalties, min_tokens, temperature, top-k/top-p, seeds, logprobs.
+"""Batched token choice: penalties, min_tokens, logit bias, grammar masks, temperature, top-k/top-p/min-p/typical,
+seeds, logprobs.
 
 One `.tolist()` of the chosen ids is the only host sync (plus one for logprobs when a row asks for them);
 `choose` stops before it, so async scheduling can read the ids a step later. Small per-row parameter tensors
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 
 from model_handler.engine_protocol import TokenLogprob
+from model_handler.grammar_bitmask import apply_grammar_bitmask
 from model_handler.host_to_device import to_device
+from model_handler.logits_processors import apply_logit_bias, apply_min_p, apply_typical_p
 from model_handler.sequence import Sequence
 
 
@@ -106,13 +109,20 @@ class Sampler:
     def choose(self, logits: torch.Tensor, seqs: SequenceOf[Sequence]) -> torch.Tensor:
         """The chosen token ids [num_seqs] int64, left on the logits' device (no host sync)."""
         params = [s.sampling_params for s in seqs]
+        # A constrained row's grammar holds back its stop tokens itself (apply_grammar_bitmask), as far as the
+        # grammar lets the output go on.
         suppress = [
-            (i, t) for i, s in enumerate(seqs) if s.num_output_tokens < params[i].min_tokens for t in s.stop_token_ids
+            (i, t)
+            for i, s in enumerate(seqs)
+            if s.num_output_tokens < params[i].min_tokens and s.grammar is None
+            for t in s.stop_token_ids
         ]
         has_penalty = any(
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params
         )
-        if not suppress and not has_penalty and all(p.is_greedy for p in params):
+        has_bias = any(p.logit_bias for p in params)
+        has_grammar = any(s.grammar is not None for s in seqs)
+        if not suppress and not has_penalty and not has_bias and not has_grammar and all(p.is_greedy for p in params):
             return _argmax_rows(logits)  # the common greedy path: one op
 
         logits = logits.float().clone()  # [N, V]
@@ -121,6 +131,10 @@ class Sampler:
             logits[rows, cols] = float("-inf")
         if has_penalty:
             logits = self._apply_penalties(logits, seqs)
+        if has_bias:
+            apply_logit_bias(logits, params)
+        if has_grammar:
+            apply_grammar_bitmask(logits, seqs)  # last before sampling: after penalties and logit bias
         chosen = _argmax_rows(logits)  # [N], greedy rows keep this
         sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sample_rows:
@@ -152,13 +166,18 @@ class Sampler:
         return logits - freq[:, None] * out_counts - pres[:, None] * (out_counts > 0).to(logits.dtype)
 
     def _sample(self, logits: torch.Tensor, seqs: SequenceOf[Sequence], rows: list[int]) -> torch.Tensor:
-        """Temperature, top-k, top-p, then the exponential race; returns a token per row (greedy rows unused)."""
+        """Temperature, top-k, top-p, min-p, typical, then the exponential race; returns a token per row (greedy
+        rows unused)."""
         params = [s.sampling_params for s in seqs]
         device = logits.device
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=logits.dtype)
         logits = logits / to_device(temps, device)[:, None]  # [N, V]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             logits = self._top_k_top_p(logits, params)
+        if any(p.min_p > 0.0 for p in params):
+            logits = apply_min_p(logits, params)
+        if any(p.typical_p < 1.0 for p in params):
+            logits = apply_typical_p(logits, params)
         probs = torch.softmax(logits, dim=-1)  # [N, V]
         # Exponential(1) noise as -log(U): the same distribution as exponential_(), 4x cheaper on CPU.
         noise = torch.empty_like(probs)  # [N, V]
@@ -227,3 +246,14 @@ class Sampler:
             k = params[i].logprobs
             result[i] = TokenLogprob(chosen_list[i], chosen_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
         return SamplerOutput(chosen_list, result)
+
+
+def warm_up(logits: torch.Tensor) -> None:
+    """Sample every row of `logits` the costliest way (top-k/top-p sorts and penalty counts over the whole
+    vocabulary), so the engine sizes its KV cache with the sampler's temporaries counted."""
+    from model_handler.engine_protocol import EngineRequest
+    from model_handler.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1, max_tokens=1)
+    rows = [Sequence(EngineRequest(f"warmup-{i}", [0], params)) for i in range(logits.shape[0])]
+    Sampler(logits.device)(logits, rows)

@@ -24,6 +24,13 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k."""
+    min_p: float = 0.0
+    """vLLM's min-p: tokens less likely than min_p x the most likely one are dropped; 0 is off."""
+    typical_p: float = 1.0
+    """Locally typical sampling (TGI, transformers): keep the tokens whose information is closest to the
+    distribution's entropy, up to this much probability mass; 1.0 is off."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to these token ids' logits after the penalties (OpenAI's logit_bias, each in [-100, 100])."""
     seed: int | None = None
     """Per-request seed: the same seed, prompt and settings give the same tokens."""
     repetition_penalty: float = 1.0
@@ -37,6 +44,9 @@ class SamplingParams:
     """Extra token ids that end the request (the model's EOS ids are added by the engine)."""
     logprobs: int | None = None
     """None: no logprobs; 0: the chosen token's logprob; k > 0: also the k most likely alternatives."""
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: the logprob of every prompt token after the first (and its k most likely
+    alternatives), computed from the prompt's own logits (TGI's decoder_input_details, OpenAI's echo)."""
     constraint: Constraint | None = None
     """The output must match this (JSON schema, regex, tool calls); None leaves it free."""
 

@@ -6,6 +6,10 @@ so a long prompt is split over several steps while the others keep decoding in t
 number of decodes running never shrinks how much prompt a step computes. When
 KV blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to
 the front of the waiting queue, to be recomputed from its tokens later.
+
+A request that asks for prompt logprobs needs the logits of its prompt positions: it never reads the prefix cache
+(a cached block has KV but no logits, so it is recomputed, as vLLM does), and the prompt rows a step reads are
+capped at max_num_seqs, so a step's logits never outgrow what the start-up warm-up measured by much.
 """
 
 from __future__ import annotations
@@ -28,11 +32,21 @@ class ScheduledSequence:
     """Tokens computed this step: token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]."""
     samples: bool
     """True when this step reaches the end of the sequence's tokens, so its last logits are sampled."""
+    prompt_logits_start: int = 0
+    """Requests with prompt logprobs: the first position of this chunk whose logits are read for them."""
+    num_prompt_logit_rows: int = 0
+    """How many positions from `prompt_logits_start` on; each one's logits score the prompt token after it."""
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        return cls(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
+        entry = cls(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
+        if seq.needs_prompt_logits:
+            # Positions scored before a preemption are recomputed for their KV only.
+            entry.prompt_logits_start = max(start, len(seq.prompt_logprobs))
+            end = min(start + num_new_tokens, seq.num_prompt_tokens - 1)
+            entry.num_prompt_logit_rows = max(0, end - entry.prompt_logits_start)
+        return entry
 
 
 @dataclass(slots=True)
@@ -46,8 +60,8 @@ class SchedulerOutput:
         return not self.scheduled
 
     @property
-    def is_decode_only(self) -> bool:
-        return self.num_batched_tokens == len(self.scheduled)
+    def num_prompt_logit_rows(self) -> int:
+        return sum(entry.num_prompt_logit_rows for entry in self.scheduled)
 
 
 class Scheduler:
@@ -72,6 +86,8 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
         """Running total, for metrics and tests."""
+        self.max_prompt_logit_rows = max_num_seqs
+        """Prompt positions whose logits one step reads for prompt logprobs (as many as the rows that sample)."""
 
     @property
     def num_unfinished(self) -> int:
@@ -104,6 +120,7 @@ class Scheduler:
         budget = self.max_num_prefill_tokens  # prompt tokens; decodes come on top of it
         scheduled: dict[int, ScheduledSequence] = {}  # id(seq) -> entry, in scheduling order
         charged: dict[int, int] = {}  # id(seq) -> prompt tokens of the budget its entry took
+        rows_left = self.max_prompt_logit_rows
         # Decodes first (one token each), then running prefill chunks, oldest first within each group. A
         # sequence whose pending token is its last (async scheduling) only waits for that token to be read.
         order = [
@@ -124,10 +141,16 @@ class Scheduler:
                 continue
             self.block_manager.drop_outside_window(seq)  # blocks no layer's window reaches any more
             num_new = 1 if decodes else min(remaining, budget)
+            if not decodes and seq.needs_prompt_logits:
+                num_new = self._fit_prompt_logit_rows(seq, num_new, rows_left)
+                if num_new == 0:
+                    continue
             while not self.block_manager.can_append(seq, num_new):
                 victim = self.running[-1]
-                if scheduled.pop(id(victim), None) is not None:
+                popped = scheduled.pop(id(victim), None)
+                if popped is not None:
                     budget += charged.pop(id(victim), 0)
+                    rows_left += popped.num_prompt_logit_rows
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -135,27 +158,41 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.block_manager.may_append(seq, num_new)
-            scheduled[id(seq)] = ScheduledSequence.of(seq, num_new)
+            scheduled[id(seq)] = entry = ScheduledSequence.of(seq, num_new)
+            rows_left -= entry.num_prompt_logit_rows
             if not decodes:
                 charged[id(seq)] = num_new
                 budget -= num_new
         # New requests join only when nothing had to be preempted: otherwise they would thrash.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.block_manager.match_prefix(seq)
+            needs_logits = seq.needs_prompt_logits
+            cached = [] if needs_logits else self.block_manager.match_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
-            if not self.block_manager.can_allocate(seq, cached, num_new):
+            if needs_logits:
+                num_new = self._fit_prompt_logit_rows(seq, num_new, rows_left)
+            if num_new == 0 or not self.block_manager.can_allocate(seq, cached, num_new):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, cached, num_new)
             self.block_manager.drop_outside_window(seq)  # a long cached prefix: its blocks before the window
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled[id(seq)] = ScheduledSequence.of(seq, num_new)
+            scheduled[id(seq)] = entry = ScheduledSequence.of(seq, num_new)
+            rows_left -= entry.num_prompt_logit_rows
             budget -= num_new
         out.scheduled = list(scheduled.values())
         out.num_batched_tokens = sum(entry.num_new_tokens for entry in out.scheduled)
         return out
+
+    @staticmethod
+    def _fit_prompt_logit_rows(seq: Sequence, num_new: int, rows_left: int) -> int:
+        """The most of `num_new` next tokens of `seq` whose prompt logit rows fit in `rows_left` (0: none)."""
+        start = seq.num_computed_tokens
+        first = max(start, len(seq.prompt_logprobs))
+        if min(start + num_new, seq.num_prompt_tokens - 1) - first <= rows_left:
+            return num_new
+        return first - start + rows_left
 
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
         """Advance progress, append each sampling sequence's token (in order) and finish the done ones.

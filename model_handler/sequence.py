@@ -5,11 +5,13 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from model_handler.engine_protocol import EngineRequest, FinishReason
+from model_handler.engine_protocol import EngineRequest, FinishReason, TokenLogprob
 from model_handler.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
+
+    from model_handler.grammar_matcher import RequestGrammar
 
 
 PLACEHOLDER_TOKEN = -1
@@ -44,6 +46,10 @@ class Sequence:
         "generator",
         "stop_token_ids",
         "num_pending_tokens",
+        "grammar",
+        "failure_message",
+        "prompt_logprobs",
+        "num_prompt_logprobs_sent",
         "cache_salt",
         "num_dropped_blocks",
         "rope_base_len",
@@ -72,6 +78,14 @@ class Sequence:
         )
         self.num_pending_tokens = 0
         """Trailing PLACEHOLDER_TOKENs in `token_ids` whose values the device has not handed back yet."""
+        self.grammar: RequestGrammar | None = None
+        """The matcher of the request's constraint, set when its grammar has compiled; it advances with every
+        appended token (constrained requests never run ahead with placeholders)."""
+        self.failure_message = ""
+        """Why, when `finish_reason` is ERROR."""
+        self.prompt_logprobs: list[TokenLogprob] = []
+        """Logprobs of prompt tokens 1, 2, ... as their rows are computed (requests with `prompt_logprobs`)."""
+        self.num_prompt_logprobs_sent = 0
         self.cache_salt = cache_salt
         """Starts the chain of its block hashes: what besides the tokens decides their KV (a long prompt under a
         length-dependent rope); only blocks of equal salt are shared."""
@@ -101,9 +115,29 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """It asked for prompt logprobs and some prompt tokens (all but the first have one) still lack theirs."""
+        return (
+            self.sampling_params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        )
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt logprobs not sent yet (None when the request did not ask or none are new)."""
+        if self.sampling_params.prompt_logprobs is None or self.num_prompt_logprobs_sent == len(self.prompt_logprobs):
+            return None
+        new = self.prompt_logprobs[self.num_prompt_logprobs_sent :]
+        self.num_prompt_logprobs_sent = len(self.prompt_logprobs)
+        return new
+
     def append_token(self, token_id: int, max_model_len: int, eos_token_ids: frozenset[int]) -> bool:
         """Add a sampled token; return True (and set `finish_reason`) when the request is done."""
         self.token_ids.append(token_id)
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            # The mask makes this unreachable unless a row had no finite logit left to sample from.
+            self.finish_reason = FinishReason.ERROR
+            self.failure_message = f"token {token_id} was sampled against the request's grammar"
+            return True
         return self._check_finish(token_id, self.num_tokens, max_model_len, eos_token_ids)
 
     def append_placeholder(self) -> None:
@@ -134,6 +168,10 @@ class Sequence:
         if token_id in self.stop_token_ids and num_output >= params.min_tokens:
             is_eos = token_id in eos_token_ids and not params.ignore_eos
             self.finish_reason = FinishReason.EOS if is_eos else FinishReason.STOP_TOKEN
+        elif self.grammar is not None and self.grammar.is_terminated:
+            # The grammar accepted one of its stop tokens (the model's EOS ids), which it allows only once the
+            # output is complete: an end of text, even before min_tokens or with ignore_eos.
+            self.finish_reason = FinishReason.EOS
         elif num_output >= params.max_tokens or num_tokens >= max_model_len:
             self.finish_reason = FinishReason.LENGTH
         return self.finish_reason is not None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import pickle
 import queue
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 import psutil
 import zmq
 
+from model_handler import envs
 from model_handler.engine_protocol import (
     AbortRequests,
     EngineInfo,
@@ -49,13 +49,17 @@ class WorkerGone:
     worker_pid: int
 
 
+@dataclass(slots=True)
+class Wakeup:
+    """The engine's note to the step loop, from a compile thread: a request it held back is ready to step."""
+
+
 class EngineIO:
     """Socket side of the engine process; runs in its own thread and talks to the step loop through queues."""
 
     def __init__(self, context: zmq.Context, address: str) -> None:
         self.inbox: queue.Queue[tuple[bytes, Any]] = queue.Queue()
         self._context = context
-        self._address = address
         self._workers: set[bytes] = set()
         self._worker_pids: dict[bytes, int] = {}
         self._gone: set[bytes] = set()  # workers found dead: what they sent before dying is dropped
@@ -154,14 +158,17 @@ class EngineServer:
         self._owners: dict[str, bytes] = {}
         self._stop = threading.Event()
         self._info: EngineInfo = engine.info()
+        # Requests held back while their grammar compiles do not keep the loop busy: it sleeps on the inbox,
+        # and the compile's end puts a Wakeup there.
+        engine.set_wakeup(lambda: io.inbox.put((b"", Wakeup())))
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
         while not self._stop.is_set():
-            self._admit(block=not self.engine.has_unfinished_requests())
-            if self.engine.has_unfinished_requests():
+            self._admit(block=not self.engine.has_ready_requests())
+            if self.engine.has_ready_requests():
                 self._step()
             self._publish_status()
 
@@ -191,7 +198,9 @@ class EngineServer:
             elif isinstance(message, WorkerGone):
                 ids = [rid for rid, owner in self._owners.items() if owner == identity]
                 self._abort(ids)
-                logger.warning(
+                # A worker that stops in order has ended its requests already; one that died may have left some.
+                logger.log(
+                    logging.WARNING if ids else logging.INFO,
                     "HTTP worker gone; its requests aborted",
                     extra={"worker_pid": message.worker_pid, "aborted": len(ids)},
                 )
@@ -254,22 +263,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from model_handler.logging_setup import configure_logging
 
-    configure_logging(os.environ, process="engine")
+    configure_logging(envs.process_environ(), process="engine")
     context = zmq.Context()
     io = EngineIO(context, args.address)
     io.start()
 
     try:
+        from model_handler.model_source import check_a_model_is_given_on_sagemaker
+
+        check_a_model_is_given_on_sagemaker(envs.process_environ())  # before torch's import: fail within seconds
         import torch
 
         from model_handler.config import EngineConfig
         from model_handler.cpu_threads import configure_engine_process
         from model_handler.engine import Engine
+        from model_handler.startup_progress import StartupPhases
 
-        config = EngineConfig.from_env(os.environ)
-        configure_engine_process(config.cpu_threads, torch.device(config.device).type)
         started = time.monotonic()
-        engine = Engine(config)
+        phases = StartupPhases()  # each phase logs its duration; the ready line sums them up
+        config = EngineConfig.from_env(envs.process_environ(), phases=phases)
+        configure_engine_process(config.cpu_threads, torch.device(config.device).type)
+        engine = Engine(config, phases)
     except Exception as exc:  # tell the workers why, then exit non-zero so the launcher stops the container
         logger.error("engine failed to start", extra={"error": str(exc), "traceback": traceback.format_exc()})
         io.set_status(Heartbeat(ready=False, error=f"engine failed to start: {exc}"))
@@ -288,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             "num_kv_blocks": info.num_kv_blocks,
             "kv_cache_bytes": info.kv_cache_bytes,
             "attention_backend": info.attention_backend,
-            "load_seconds": round(time.monotonic() - started, 2),
+            "max_total_tokens": info.max_model_len,
+            "max_input_tokens": info.max_input_tokens,
+            "max_total_tokens_limited_by": info.context_limited_by,
+            "startup_seconds": round(time.monotonic() - started, 2),
+            "phase_seconds": phases.summary(),
         },
     )
 

@@ -41,7 +41,7 @@ class StepInputs:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    logits_indices: torch.Tensor  # [num_sampling] int64: the last new token of each sampling sequence
+    logits_indices: torch.Tensor  # [num_rows] int64, ascending: rows that sample, and prompt-logprob rows
     max_query_len: int
     max_seq_len: int
     rope_lengths: torch.Tensor | None = None  # [num_tokens] int64 (AttentionMetadata.rope_lengths), or None

@@ -1,5 +1,6 @@
 """Builds, with no download, a small Llama-architecture HF model folder: random weights, a byte-level BPE
-tokenizer trained on the Python reference text that CPython ships (`pydoc_data.topics`), a ChatML template.
+tokenizer trained on the Python reference text that CPython ships (`pydoc_data.topics`), and a tool-aware chat
+template of one of the formats in `tiny_chat_formats.py` (Hermes/ChatML by default, or Llama 3.1 JSON).
 
 Torch-free (numpy + tokenizers), so the HTTP side and the launcher can resolve the default model cheaply.
 `python -m model_handler.tiny_model [--preset NAME] [OUT]` prints the folder it built (or found cached).
@@ -20,18 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 2  # bump when the folder layout or contents change, so caches rebuild
-CACHE_ENV = "TINY_MODEL_CACHE"
-DEFAULT_CACHE_ROOT = Path("~/.cache/sagemaker-llm")
+from model_handler import envs
+from model_handler.tiny_chat_formats import CHAT_FORMATS, HERMES, TinyChatFormat
 
-BOS_TOKEN, IM_START, EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
-SPECIAL_TOKENS = [BOS_TOKEN, IM_START, EOS_TOKEN, PAD_TOKEN]  # ids 0..3
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+FORMAT_VERSION = 3  # bump when the folder layout or contents change, so caches rebuild
+SPECIAL_TOKENS = list(HERMES.special_tokens)  # ids 0..3 of the default (hermes) format
+BOS_TOKEN, IM_START, EOS_TOKEN, PAD_TOKEN = SPECIAL_TOKENS
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,10 +43,13 @@ class TinyModelSpec:
     # tied embedding, so the model echoes its input token and greedy text repeats one token forever; ~1.6/sqrt(hidden)
     # lets the layers dominate, so greedy text varies at nearly every step.
     init_std: float = 0.1
+    chat_format: str = HERMES.name
+    """A key of `tiny_chat_formats.CHAT_FORMATS`: the tokens and chat template the folder gets."""
 
 
 PRESETS: dict[str, TinyModelSpec] = {
     "tiny": TinyModelSpec(),  # 3.8M parameters: tests and the embedded default
+    "tiny-llama3-json": TinyModelSpec(chat_format="llama3_json"),  # the same size with Llama 3.1's tool format
     "llama-100m": TinyModelSpec(  # 110M parameters: the CPU benchmark model
         vocab_size=8192,
         hidden_size=768,
@@ -64,7 +62,7 @@ PRESETS: dict[str, TinyModelSpec] = {
 }
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, chat_format: TinyChatFormat):
     import pydoc_data.topics
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -74,13 +72,17 @@ def _train_tokenizer(vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*chat_format.special_tokens, *chat_format.plain_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: exact round trips
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tokenizer
+    # The trainer makes every listed token special; the plain markers decode as text, as Qwen's do.
+    data = json.loads(tokenizer.to_str())
+    for added in data["added_tokens"]:
+        added["special"] = added["content"] not in chat_format.plain_tokens
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -88,8 +90,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _write_tokenizer(out: Path, spec: TinyModelSpec) -> None:
-    _train_tokenizer(spec.vocab_size).save(str(out / "tokenizer.json"))
-    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    chat_format = CHAT_FORMATS[spec.chat_format]
+    _train_tokenizer(spec.vocab_size, chat_format).save(str(out / "tokenizer.json"))
+    special = {
+        "bos_token": chat_format.bos_token,
+        "eos_token": chat_format.eos_tokens[0],
+        "pad_token": chat_format.pad_token,
+    }
     # "PreTrainedTokenizerFast" loads in transformers 4.x and 5.x (5.x's own name, TokenizersBackend, only in 5.x);
     # the template sits in both places older and newer readers look.
     _write_json(
@@ -100,15 +107,18 @@ def _write_tokenizer(out: Path, spec: TinyModelSpec) -> None:
             "unk_token": None,
             "model_max_length": spec.max_position_embeddings,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": chat_format.template,
         },
     )
     _write_json(out / "special_tokens_map.json", special)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "chat_template.jinja").write_text(chat_format.template)
 
 
 def _write_configs(out: Path, spec: TinyModelSpec) -> None:
-    bos_id, eos_id, pad_id = (SPECIAL_TOKENS.index(token) for token in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN))
+    chat_format = CHAT_FORMATS[spec.chat_format]
+    bos_id, pad_id = (chat_format.special_tokens.index(t) for t in (chat_format.bos_token, chat_format.pad_token))
+    eos_ids = [chat_format.special_tokens.index(token) for token in chat_format.eos_tokens]
+    eos_id = eos_ids[0]
     rope_theta = 10000.0
     _write_json(
         out / "config.json",
@@ -139,7 +149,8 @@ def _write_configs(out: Path, spec: TinyModelSpec) -> None:
             "dtype": "float32",
         },
     )
-    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
+    generation["pad_token_id"] = pad_id
     _write_json(out / "generation_config.json", generation)
 
 
@@ -182,6 +193,7 @@ def build_tiny_model(
     max_position_embeddings: int = 2048,
     seed: int = 0,
     init_std: float = 0.1,
+    chat_format: str = HERMES.name,
 ) -> Path:
     """Write a complete model folder into `out_dir` (created if needed) and return its path."""
     spec = TinyModelSpec(
@@ -194,6 +206,7 @@ def build_tiny_model(
         max_position_embeddings,
         seed,
         init_std,
+        chat_format,
     )
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(
@@ -202,6 +215,8 @@ def build_tiny_model(
         )
     if not init_std > 0:
         raise ValueError(f"init_std ({init_std}) must be positive")
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat_format {chat_format!r}; known: {', '.join(CHAT_FORMATS)}")
     if vocab_size < 300:
         raise ValueError(f"vocab_size ({vocab_size}) must hold the 256 byte tokens and the special tokens")
     out = Path(out_dir)
@@ -212,18 +227,16 @@ def build_tiny_model(
     return out
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
-
-
 def model_dir_name(preset: str, spec: TinyModelSpec) -> str:
-    """`<preset>-<hash of the parameters and FORMAT_VERSION>`: any change gives a fresh folder."""
-    key = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    """`<preset>-<hash of the parameters, the chat format's tokens and template, and FORMAT_VERSION>`: any change
+    gives a fresh folder (a folder cached before a template change is never served again)."""
+    chat_format = dataclasses.asdict(CHAT_FORMATS[spec.chat_format])
+    key = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(spec), "chat": chat_format}, sort_keys=True)
     return f"{preset}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def default_model_dir(preset: str = "tiny") -> Path:
-    """The cached folder of a preset, built on first use.
+def default_model_dir(preset: str = "tiny", cache: str | None = None) -> Path:
+    """The cached folder of a preset under `cache` (default: TINY_MODEL_CACHE), built on first use.
 
     The build goes to a temporary sibling that is renamed into place, so concurrent callers (pytest
     workers, engine and tests) never see half a folder; when two build at once, the first rename wins.
@@ -231,7 +244,7 @@ def default_model_dir(preset: str = "tiny") -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny model preset {preset!r}; known: {', '.join(PRESETS)}")
     spec = PRESETS[preset]
-    root = cache_root()
+    root = Path(cache or envs.TINY_MODEL_CACHE).expanduser()
     final = root / model_dir_name(preset, spec)
     if final.is_dir():
         return final

@@ -1,5 +1,5 @@
-"""Tensor-parallel ranks 1..N-1: the worker process's entry point, and `TPWorkers`, rank 0's handle that
-starts them, watches them and stops them.
+"""Tensor-parallel ranks 1..N-1: `TPWorkers`, rank 0's handle that starts them, watches them and stops them
+(their entry point, `model_runner.run_tp_rank`, is passed in).
 
 A worker that dies (killed, out of memory, a failed load) takes the engine process down with exit code 1,
 and so does a step that fails on rank 0: the launcher then stops the container and SageMaker replaces it,
@@ -11,15 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import NoReturn
 
-import torch
 import torch.multiprocessing as mp
 
 from model_handler.config import EngineConfig
@@ -47,14 +45,15 @@ def check_shardable(model_config: ModelConfig, tp_size: int) -> None:
 class TPWorkers:
     """Ranks 1..tp_size-1 as spawned processes, and a thread that fails the engine loudly if one dies."""
 
-    def __init__(self, config: EngineConfig, tp_size: int) -> None:
+    def __init__(self, config: EngineConfig, tp_size: int, rank_main: Callable[..., None]) -> None:
+        """Start `rank_main(rank, tp_size, config, init_method, parent_pid)` in a process per rank 1..N-1."""
         self.tp_size = tp_size
         self.init_method, self.rendezvous_dir = new_init_method()
         self._stopping = threading.Event()
         context = mp.get_context("spawn")
         self.processes = [
             context.Process(
-                target=worker_main,
+                target=rank_main,
                 args=(rank, tp_size, config, self.init_method, os.getpid()),
                 name=f"tp-rank-{rank}",
                 daemon=True,  # also ended by multiprocessing when the engine exits normally
@@ -118,26 +117,9 @@ class TPWorkers:
             process.join(timeout=STOP_TIMEOUT_S)
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int) -> None:
     """A worker outlives its engine only by a moment: a killed engine never sends the stop message."""
     while True:
         time.sleep(_PARENT_POLL_S)
         if os.getppid() != parent_pid:
             os._exit(WORKER_DIED_EXIT_CODE)
-
-
-def worker_main(rank: int, tp_size: int, config: EngineConfig, init_method: str, parent_pid: int) -> None:
-    """Rank `rank`: load its shard, size and allocate its KV cache, then run every step rank 0 sends."""
-    from model_handler.logging_setup import configure_logging
-    from model_handler.model_runner import ModelRunner
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the engine, which stops us
-    configure_logging(os.environ, process=f"engine-rank{rank}")
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
-    if not config.device.startswith("cuda"):
-        # CPU ranks share the cores; without this each would start one thread per core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
-    model_config = ModelConfig.from_model_dir(Path(config.model_dir))
-    runner = ModelRunner(config, model_config, tp_rank=rank, tp_size=tp_size, tp_init_method=init_method)
-    runner.serve_steps()
-    logger.info("tensor-parallel worker stopped", extra={"rank": rank})

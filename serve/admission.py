@@ -22,9 +22,6 @@ from contextlib import contextmanager
 
 import psutil
 
-ADMISSION_FILE_ENV = "SERVE_ADMISSION_FILE"
-"""Set by the launcher for gunicorn: the table's path."""
-
 _ROW = struct.Struct("=qq")  # pid, requests in flight
 
 

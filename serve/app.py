@@ -14,7 +14,7 @@ import uuid
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
-from serve import routes, routes_openai, routes_sagemaker, routes_tgi
+from serve import routes, routes_docs, routes_openai, routes_sagemaker, routes_tgi
 from serve.context import current_dialect, error_response
 from serve.errors import ApiError, Dialect, ErrorKind
 from serve.logging_setup import RequestRecord, log_request
@@ -30,6 +30,7 @@ _FAILURE_KIND = {
     ErrorKind.GENERATION: "generation",
     ErrorKind.INTERNAL: "generation",
     ErrorKind.NOT_READY: "generation",
+    ErrorKind.CLIENT_GONE: "client_gone",
 }
 
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings, engine_client=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.payload_limit
     state = ServeState(settings, engine_client)
     app.extensions["serve"] = state
-    for module in (routes, routes_openai, routes_tgi, routes_sagemaker):
+    for module in (routes, routes_openai, routes_tgi, routes_sagemaker, routes_docs):
         app.register_blueprint(module.blueprint)
 
     @app.before_request
@@ -95,6 +96,11 @@ def create_app(settings: Settings, engine_client=None) -> Flask:
         return error_response(ApiError(ErrorKind.INTERNAL, f"{type(error).__name__}: {error}"), current_dialect())
 
     return app
+
+
+def serve_state(app: Flask) -> ServeState:
+    """The worker's state behind an app made by `create_app` (the gunicorn worker stops it on SIGTERM)."""
+    return app.extensions["serve"]
 
 
 def _authorized(header: str, api_key: str) -> bool:

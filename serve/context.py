@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import gevent
 from flask import Response, current_app, g, request
+from werkzeug.exceptions import ClientDisconnected
 
+from serve.connections import close_after_reply, waiting_for_body
 from serve.errors import ApiError, Dialect, ErrorKind
 from serve.logging_setup import RequestRecord
 from serve.state import ServeState
@@ -36,13 +39,28 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _TOO_DEEP = "recursion limit exceeded: the JSON nests too deeply"
 
 
-def read_json() -> object:
-    """The decoded body, whatever its Content-Type says (SageMaker and curl users send all kinds).
+def is_json_media_type(content_type: str | None) -> bool:
+    """No Content-Type at all, `application/json` or a `+json` type (parameters such as charset aside)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type in ("", "application/json") or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def read_json(any_media_type: bool = False) -> object:
+    """The decoded body. Its Content-Type must say JSON or be absent (TGI's axum answers 415 otherwise: a form
+    post such as `curl -d` without a header must not pass as JSON); `/invocations` takes any (SageMaker clients
+    send all kinds).
 
     Rejected as unparsable, like serde (TGI) does: invalid UTF-8, a lone surrogate escape (a string no
     tokenizer or UTF-8 reply can hold), nesting deeper than the parser's recursion limit.
     """
-    data = request.get_data(cache=True)
+    if not any_media_type and not is_json_media_type(request.headers.get("Content-Type")):
+        raise ApiError(
+            ErrorKind.UNSUPPORTED_MEDIA,
+            f"Expected request with `Content-Type: application/json`, got {request.headers['Content-Type']!r}",
+        )
+    data = read_body()
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -57,6 +75,34 @@ def read_json() -> object:
         except RecursionError:
             raise ApiError(ErrorKind.BAD_JSON, _TOO_DEEP) from None
     return body
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+def read_body() -> bytes:
+    """The whole request body, or an error before anything is parsed or queued: 408 when it does not arrive
+    within REQUEST_READ_TIMEOUT, 400 when the client closed the connection before sending all of it (shorter
+    than its Content-Length, or a chunked body cut off). Meanwhile the connection counts as waiting on its
+    client, so a worker full of them closes the oldest to take new connections (serve/connections.py)."""
+    timeout_s = current_state().settings.request_read_timeout_s
+    try:
+        with waiting_for_body(request.environ), gevent.Timeout(timeout_s, _BodyTimeout):
+            data = request.get_data(cache=True)
+    except _BodyTimeout:
+        close_after_reply(request.environ)
+        message = f"the request body did not arrive within REQUEST_READ_TIMEOUT ({timeout_s:g} s)"
+        raise ApiError(ErrorKind.REQUEST_TIMEOUT, message) from None
+    except ClientDisconnected:  # werkzeug's word for the server's reader failing on a cut chunked body
+        close_after_reply(request.environ)
+        raise ApiError(ErrorKind.INCOMPLETE_BODY, "the connection closed before the chunked body ended") from None
+    expected = request.content_length
+    if expected is not None and len(data) != expected:
+        close_after_reply(request.environ)
+        message = f"Content-Length says {expected} bytes but the connection closed after {len(data)}"
+        raise ApiError(ErrorKind.INCOMPLETE_BODY, message)
+    return data
 
 
 def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

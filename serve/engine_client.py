@@ -2,22 +2,23 @@
 
 Everything here is cooperative (gevent + zmq.green), so a greenlet waiting for tokens never blocks the hub.
 A reader greenlet routes each step's outputs to the waiting requests; heartbeats from the engine say whether
-it is ready, and their absence says it is gone.
+it is ready. The engine is gone when its end of the socket closes (a ZeroMQ socket monitor sees it at once:
+the process exited, whatever killed it) or, failing that, when its heartbeats stop.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import pickle
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gevent
 import gevent.queue
 import zmq.green as zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from model_handler.engine_protocol import (
     AbortRequests,
@@ -91,7 +92,11 @@ def _can_merge(first: RequestOutput, second: RequestOutput) -> bool:
 
 
 def _merged(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """`first` then `second` as one output (the prompt counts come with the first output of a request)."""
+    """`first` then `second` as one output (the prompt counts and prompt logprobs come with the first output of a
+    request). Every field of RequestOutput is combined here: tests/serve/test_engine_client.py checks that."""
+    prompt_logprobs = None
+    if first.prompt_logprobs is not None or second.prompt_logprobs is not None:
+        prompt_logprobs = (first.prompt_logprobs or []) + (second.prompt_logprobs or [])
     return RequestOutput(
         request_id=first.request_id,
         new_token_ids=first.new_token_ids + second.new_token_ids,
@@ -100,6 +105,7 @@ def _merged(first: RequestOutput, second: RequestOutput) -> RequestOutput:
         num_prompt_tokens=first.num_prompt_tokens or second.num_prompt_tokens,
         num_cached_tokens=first.num_cached_tokens if first.num_prompt_tokens else second.num_cached_tokens,
         failure_message=second.failure_message,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -114,16 +120,18 @@ class SocketEngineClient:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.IDENTITY, f"w{os.getpid()}-{uuid.uuid4().hex[:8]}".encode())
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(address)
         self._streams: dict[str, RequestStream] = {}
         self._last_heartbeat: Heartbeat | None = None
         self._last_seen = 0.0
         self._info: EngineInfo | None = None
-        self._ids = itertools.count()
         self._closed = False
+        self._gone = False
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._socket.connect(address)
         self._send(Hello(worker_pid=os.getpid()))
         self._reader = gevent.spawn(self._read_loop)
         self._watchdog = gevent.spawn(self._watch_heartbeats)
+        self._connection_watch = gevent.spawn(self._watch_connection)
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -132,6 +140,9 @@ class SocketEngineClient:
         return hb is not None and hb.ready and self.is_alive()
 
     def is_alive(self) -> bool:
+        """Heartbeats come, and the engine's end of the socket has not closed (for good: it never reopens)."""
+        if self._gone:
+            return False
         return self._last_seen > 0 and time.monotonic() - self._last_seen < self._heartbeat_timeout_s
 
     @property
@@ -157,9 +168,6 @@ class SocketEngineClient:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def new_request_id(self) -> str:
-        return f"{os.getpid()}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-
     def submit(self, request: EngineRequest) -> RequestStream:
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
@@ -172,10 +180,19 @@ class SocketEngineClient:
         if self._streams.pop(request_id, None) is not None:
             self._send(AbortRequests([request_id]))
 
+    def fail_in_flight(self, make_error: Callable[[], Exception]) -> None:
+        """End every request in flight with an error of `make_error` (raised in the greenlet reading it) and
+        abort them in the engine."""
+        if self._streams:
+            self._send(AbortRequests(list(self._streams)))
+        self._fail_streams(make_error)
+
     def close(self) -> None:
         self._closed = True
-        self._reader.kill(block=False)
-        self._watchdog.kill(block=False)
+        for greenlet in (self._reader, self._watchdog, self._connection_watch):
+            greenlet.kill(block=False)
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
         self._context.term()
 
@@ -215,11 +232,31 @@ class SocketEngineClient:
             return False
 
     def _watch_heartbeats(self) -> None:
-        """Fail every waiting request once the engine has been silent too long, instead of hanging them."""
+        """Fail every waiting request once the engine has been silent too long, instead of hanging them (an
+        engine that is alive but stuck: its socket stays open)."""
         while not self._closed:
             gevent.sleep(1.0)
             if self._streams and self._last_seen and not self.is_alive() and not self._messages_waiting():
                 logger.error("engine stopped sending heartbeats; failing in-flight requests")
-                streams, self._streams = self._streams, {}
-                for stream in streams.values():
-                    stream._put(EngineDeadError("the engine process stopped responding"))
+                self._fail_streams(lambda: EngineDeadError("the engine process stopped responding"))
+
+    def _watch_connection(self) -> None:
+        """The engine closes its socket only when its process ends, and only the launcher ends it after the HTTP
+        workers have stopped: a disconnect while we run means the engine died. Fail everything at once instead
+        of after the heartbeat timeout; health says 503 from now on."""
+        while not self._closed:
+            try:
+                event = recv_monitor_message(self._monitor)
+            except zmq.ZMQError:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._gone = True
+                logger.error(
+                    "the engine process is gone; failing in-flight requests", extra={"in_flight": len(self._streams)}
+                )
+                self._fail_streams(lambda: EngineDeadError("the engine process exited"))
+
+    def _fail_streams(self, make_error: Callable[[], Exception]) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._put(make_error())

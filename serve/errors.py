@@ -7,7 +7,6 @@ codes, or OpenAI's `{"error": {"message", "type", "param", "code"}}` with OpenAI
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 
 
@@ -19,6 +18,9 @@ class Dialect(enum.Enum):
 class ErrorKind(enum.Enum):
     VALIDATION = "validation"
     BAD_JSON = "bad_json"
+    INCOMPLETE_BODY = "incomplete_body"
+    REQUEST_TIMEOUT = "request_timeout"
+    CLIENT_GONE = "client_gone"
     DESERIALIZE = "deserialize"
     CONTEXT_LENGTH = "context_length"
     UNSUPPORTED = "unsupported"
@@ -28,6 +30,7 @@ class ErrorKind(enum.Enum):
     UNAUTHORIZED = "unauthorized"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA = "unsupported_media"
+    UNKNOWN_MODEL = "unknown_model"
     NOT_READY = "not_ready"
     GENERATION = "generation"
     NOT_FOUND = "not_found"
@@ -51,6 +54,12 @@ _STYLES: dict[ErrorKind, _Style] = {
     ErrorKind.BAD_JSON: _Style(
         400, "validation", "Failed to parse the request body as JSON: ", 400, "invalid_request_error", "invalid_json"
     ),
+    ErrorKind.INCOMPLETE_BODY: _Style(
+        400, "validation", "Incomplete request body: ", 400, "invalid_request_error", "incomplete_body"
+    ),
+    ErrorKind.REQUEST_TIMEOUT: _Style(408, "validation", "", 408, "invalid_request_error", "request_timeout"),
+    # nginx's "client closed request": written to no one, but it is the status the request log shows.
+    ErrorKind.CLIENT_GONE: _Style(499, "client_closed", "", 499, "invalid_request_error", "client_closed_request"),
     ErrorKind.DESERIALIZE: _Style(
         422, "validation", "Failed to deserialize the JSON body into the target type: ", 400, "invalid_request_error"
     ),
@@ -70,6 +79,9 @@ _STYLES: dict[ErrorKind, _Style] = {
         413, "payload_too_large", "", 413, "invalid_request_error", "payload_too_large"
     ),
     ErrorKind.UNSUPPORTED_MEDIA: _Style(415, "validation", "", 415, "invalid_request_error", "unsupported_media_type"),
+    ErrorKind.UNKNOWN_MODEL: _Style(
+        422, "validation", "Input validation error: ", 400, "invalid_request_error", "model_not_found"
+    ),
     ErrorKind.NOT_READY: _Style(503, "unhealthy", "", 503, "service_unavailable_error", "model_not_ready"),
     ErrorKind.GENERATION: _Style(
         424, "generation", "Request failed during generation: ", 500, "server_error", "generation_failed"
@@ -110,9 +122,6 @@ class ApiError(Exception):
 
     def body(self, dialect: Dialect) -> dict:
         return self.tgi_body() if dialect is Dialect.TGI else self.openai_body()
-
-    def json_bytes(self, dialect: Dialect) -> bytes:
-        return json.dumps(self.body(dialect), ensure_ascii=False).encode()
 
 
 def validation(message: str, param: str | None = None) -> ApiError:

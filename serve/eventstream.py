@@ -6,7 +6,6 @@ their CRC32), string headers, the raw payload and a CRC32 of the whole message (
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
@@ -42,16 +41,6 @@ def encode_message(headers: Iterable[tuple[str, str]], payload: bytes) -> bytes:
 def payload_part(payload: bytes) -> bytes:
     """A `PayloadPart` event carrying these bytes (botocore yields them as `PayloadPart.Bytes`)."""
     return encode_message(_PAYLOAD_PART_HEADERS, payload)
-
-
-def model_stream_error(message: str, error_code: str = "ModelError") -> bytes:
-    """A `ModelStreamError` exception event (botocore raises it from the stream)."""
-    headers = (
-        (":exception-type", "ModelStreamError"),
-        (":content-type", "application/json"),
-        (":message-type", "exception"),
-    )
-    return encode_message(headers, json.dumps({"Message": message, "ErrorCode": error_code}).encode())
 
 
 def frame_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:

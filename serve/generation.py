@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import gevent
 import gevent.queue
 
-from model_handler.engine_protocol import FinishReason, OutputStream, RequestOutput
+from model_handler.engine_protocol import FinishReason, OutputStream, RequestOutput, TokenLogprob
 from serve.detokenizer import IncrementalDetokenizer
 from serve.engine_client import EngineDeadError
 from serve.errors import ApiError, ErrorKind
@@ -86,6 +86,7 @@ class Generation:
         include_stop: bool,
         num_prompt_tokens: int,
         seed: int | None = None,
+        visible_ids: dict[int, str] | None = None,
     ) -> None:
         self.index = index
         self.stream = stream
@@ -93,13 +94,15 @@ class Generation:
         self.num_prompt_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
         self.tokens: list[GeneratedToken] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
+        """Prompt tokens 1..n-1's logprobs, when the request asked for them (they come with the first token)."""
         self.finish: Finish | None = None
-        self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._tokenizer = tokenizer
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, visible_ids)
         self._matcher = StopStringMatcher(stops, include_stop)
+        self._include_stop = include_stop
 
     @property
     def text(self) -> str:
@@ -140,11 +143,16 @@ class Generation:
             self.num_cached_tokens = output.num_cached_tokens
         if output.new_token_ids and self.first_token_at is None:
             self.first_token_at = now
+        if output.prompt_logprobs:
+            self.prompt_logprobs += output.prompt_logprobs
         logprobs = output.new_logprobs or []
         released: list[str] = []
         new_tokens: list[GeneratedToken] = []
+        # A stop token id (vLLM's stop_token_ids) ends the text before it unless stops are kept (as vLLM's).
+        drop_last = output.finish_reason is FinishReason.STOP_TOKEN and not self._include_stop
         for position, token_id in enumerate(output.new_token_ids):
-            piece = self._detokenizer.add(token_id)
+            is_dropped = drop_last and position == len(output.new_token_ids) - 1
+            piece = "" if is_dropped else self._detokenizer.add(token_id)
             special = self._tokenizer.is_special(token_id)
             token = GeneratedToken(token_id, self._tokenizer.token_text(token_id) if special else piece, special)
             if position < len(logprobs):

@@ -42,6 +42,8 @@ class RequestRecord:
     error_kind: str | None = None
     stream: bool = False
     is_generation: bool = False
+    client: dict = field(default_factory=dict)
+    """What the client says about itself (OpenAI's `user`, `safety_identifier`, `metadata`, ...)."""
 
     def fields(self) -> dict:
         end = self.finished_at or time.monotonic()
@@ -66,6 +68,8 @@ class RequestRecord:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.client:
+            out["client"] = self.client
         return out
 
 

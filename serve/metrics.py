@@ -10,12 +10,11 @@ summed gauges and declared `counter` in the exposition.
 
 from __future__ import annotations
 
-import os
-
 import prometheus_client
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, multiprocess
 
-MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from model_handler import envs
+
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -32,7 +31,7 @@ class Metrics:
     def __init__(self) -> None:
         prometheus_client.disable_created_metrics()
         # prometheus-client chose its value storage when it was imported, from this same variable.
-        self.multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_ENV) or None
+        self.multiprocess_dir = envs.PROMETHEUS_MULTIPROC_DIR
         self.registry = CollectorRegistry(auto_describe=True)
         self._counters = {
             name: Gauge(
@@ -102,5 +101,5 @@ class Metrics:
 
 def mark_worker_dead(pid: int) -> None:
     """Drop a gone worker's live gauges (its in-flight count); its counters and histograms still sum."""
-    if os.environ.get(MULTIPROCESS_DIR_ENV):
+    if envs.PROMETHEUS_MULTIPROC_DIR:
         multiprocess.mark_process_dead(pid)

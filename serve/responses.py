@@ -11,6 +11,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from model_handler.engine_protocol import TokenLogprob
+from serve.chat_output import ChoiceOutput
+from serve.detokenizer import IncrementalDetokenizer
 from serve.generation import GeneratedToken, Generation
 from serve.tokenizer import TextTokenizer
 
@@ -59,9 +62,10 @@ class OpenAIReply:
         }
 
 
-def usage(generations: list[Generation], num_prompt_tokens: int | None = None) -> dict:
-    """Token counts; the prompt counts once per distinct prompt, however many choices share it."""
-    completion = sum(g.num_generated for g in generations)
+def usage(generations: list[Generation], num_prompt_tokens: int | None = None, generated: bool = True) -> dict:
+    """Token counts; the prompt counts once per distinct prompt, however many choices share it. `generated`
+    False: the generated tokens are not part of the reply (an echo with max_tokens 0) and count as none."""
+    completion = sum(g.num_generated for g in generations) if generated else 0
     if num_prompt_tokens is None:
         num_prompt_tokens = generations[0].num_prompt_tokens if generations else 0
     cached = max((g.num_cached_tokens for g in generations), default=0)
@@ -96,17 +100,22 @@ def chat_logprobs(tokenizer: TextTokenizer, tokens: list[GeneratedToken]) -> dic
 
 
 def chat_completion(
-    reply: OpenAIReply, generations: list[Generation], tokenizer: TextTokenizer, logprobs: bool
+    reply: OpenAIReply,
+    generations: list[Generation],
+    tokenizer: TextTokenizer,
+    logprobs: bool,
+    outputs: list[ChoiceOutput],
 ) -> dict:
+    """The whole reply; `outputs[i]` is choice i's text parsed into content, reasoning and tool calls."""
     body = reply.envelope("chat.completion")
     body["choices"] = [
         {
             "index": g.index,
-            "message": {"role": "assistant", "content": g.text, "refusal": None},
+            "message": output.message(),
             "logprobs": chat_logprobs(tokenizer, g.tokens) if logprobs else None,
-            "finish_reason": g.finish.openai if g.finish else "stop",
+            "finish_reason": output.finish_reason(g.finish.openai if g.finish else "stop"),
         }
-        for g in generations
+        for g, output in zip(generations, outputs, strict=True)
     ]
     body["usage"] = usage(generations)
     return body
@@ -119,10 +128,15 @@ def chat_chunk(
     finish_reason: str | None = None,
     logprobs: dict | None = None,
     include_usage: bool = False,
+    usage_so_far: dict | None = None,
 ) -> dict:
+    """A chunk; its `usage` is null when the stream ends with a usage chunk, or the usage so far (vLLM's
+    continuous_usage_stats)."""
     body = reply.envelope("chat.completion.chunk")
     body["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
-    if include_usage:
+    if usage_so_far is not None:
+        body["usage"] = usage_so_far
+    elif include_usage:
         body["usage"] = None
     return body
 
@@ -132,6 +146,27 @@ def usage_chunk(reply: OpenAIReply, object_type: str, usage_body: dict) -> dict:
     body["choices"] = []
     body["usage"] = usage_body
     return body
+
+
+def prompt_completion_logprobs(tokenizer: TextTokenizer, prompt_ids: list[int], logprobs: list[TokenLogprob]) -> dict:
+    """Legacy completions' logprobs of an echoed prompt: the first token has none (null), as OpenAI and vLLM."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    detokenizer = IncrementalDetokenizer(tokenizer)  # offsets index the prompt's text as decoded
+    offset = 0
+    for position, token_id in enumerate(prompt_ids):
+        scored = logprobs[position - 1] if 0 < position <= len(logprobs) else None
+        out["tokens"].append(tokenizer.token_text(token_id))
+        out["token_logprobs"].append(None if scored is None else _logprob(scored.logprob))
+        out["top_logprobs"].append(
+            None if scored is None else {tokenizer.token_text(i): _logprob(lp) for i, lp in scored.top}
+        )
+        out["text_offset"].append(offset)
+        offset += len(detokenizer.add(token_id))
+    return out
+
+
+def join_completion_logprobs(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
 
 
 def completion_logprobs(tokenizer: TextTokenizer, tokens: list[GeneratedToken], text_offset: int) -> dict:
@@ -159,10 +194,14 @@ def completion(reply: OpenAIReply, choices: list[dict], usage_body: dict) -> dic
     return body
 
 
-def completion_chunk(reply: OpenAIReply, choice: dict, include_usage: bool = False) -> dict:
+def completion_chunk(
+    reply: OpenAIReply, choice: dict, include_usage: bool = False, usage_so_far: dict | None = None
+) -> dict:
     body = reply.envelope("text_completion")
     body["choices"] = [choice]
-    if include_usage:
+    if usage_so_far is not None:
+        body["usage"] = usage_so_far
+    elif include_usage:
         body["usage"] = None
     return body
 
@@ -186,13 +225,28 @@ def tgi_top_tokens(tokenizer: TextTokenizer, token: GeneratedToken) -> list[dict
     ]
 
 
-def tgi_sequence_details(tokenizer: TextTokenizer, generation: Generation, top_n_tokens: int) -> dict:
-    """The fields a TGI `Details` and a `BestOfSequence` share."""
+def tgi_prefill(tokenizer: TextTokenizer, prompt_ids: list[int], logprobs: list[TokenLogprob]) -> list[dict]:
+    """TGI's `prefill` (decoder_input_details): each prompt token's id, text and logprob, the first one's null."""
+    return [
+        {
+            "id": token_id,
+            "text": tokenizer.decode([token_id], skip_special_tokens=False),
+            "logprob": logprobs[position - 1].logprob if 0 < position <= len(logprobs) else None,
+        }
+        for position, token_id in enumerate(prompt_ids)
+    ]
+
+
+def tgi_sequence_details(
+    tokenizer: TextTokenizer, generation: Generation, top_n_tokens: int, prompt_ids: list[int] | None = None
+) -> dict:
+    """The fields a TGI `Details` and a `BestOfSequence` share; `prompt_ids` given: the prefill too."""
+    prefill = [] if prompt_ids is None else tgi_prefill(tokenizer, prompt_ids, generation.prompt_logprobs)
     details = {
         "finish_reason": generation.finish.tgi if generation.finish else "length",
         "generated_tokens": generation.num_generated,
         "seed": generation.seed,
-        "prefill": [],
+        "prefill": prefill,
         "tokens": [tgi_token(t) for t in generation.tokens],
     }
     if top_n_tokens:
@@ -207,14 +261,17 @@ def tgi_generate_response(
     prefix: str,
     details: bool,
     top_n_tokens: int,
+    prompt_ids: list[int] | None = None,
 ) -> dict:
-    """`GenerateResponse`: the text (after `prefix`, the prompt when return_full_text) and optional details."""
+    """`GenerateResponse`: the text (after `prefix`, the prompt when return_full_text) and optional details
+    (with the prompt's `prefill` when `prompt_ids` are given: decoder_input_details)."""
     body: dict = {"generated_text": prefix + best.text}
     if details:
-        body["details"] = tgi_sequence_details(tokenizer, best, top_n_tokens)
+        body["details"] = tgi_sequence_details(tokenizer, best, top_n_tokens, prompt_ids)
         if others:
             body["details"]["best_of_sequences"] = [
-                {"generated_text": prefix + g.text, **tgi_sequence_details(tokenizer, g, top_n_tokens)} for g in others
+                {"generated_text": prefix + g.text, **tgi_sequence_details(tokenizer, g, top_n_tokens, prompt_ids)}
+                for g in others
             ]
     return body
 

@@ -1,19 +1,27 @@
-"""The small routes: health (`/ping`, `/health`, `GET /`), `/info`, `/v1/models`, `/metrics`, `/tokenize`.
+"""The small routes: health (`/ping`, `/health`, `GET /`), `/info`, `/v1/models`, `/metrics`, `/tokenize`,
+`/chat_tokenize`.
 
 Health answers from the last engine heartbeat only, so it is instant even while the engine is busy or gone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import gevent
 from flask import Blueprint, Response
 
+from serve.chat_plan import plan_chat
 from serve.context import current_state, json_response, read_json, set_dialect
 from serve.errors import UNHEALTHY_BODY, ApiError, Dialect, ErrorKind
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serve.request_checks import refuse_non_text_parts
 from serve.responses import SERVER_VERSION
-from serve.schemas import parse_body
+from serve.schemas import parse_body, resolve_max_new_tokens
 from serve.schemas_openai import ChatCompletionRequest
 from serve.schemas_tgi import GenerateRequest
+from serve.streaming import dumps
+from serve.tokenizer import token_spans
 
 blueprint = Blueprint("basic", __name__)
 
@@ -25,10 +33,17 @@ PUBLIC_ENDPOINTS = frozenset(
         "basic.info",
         "basic.models",
         "basic.metrics",
-        "basic.chat_tokenize",
+        "docs.openapi_document",
+        "docs.docs_page",
+        "docs.docs_asset",
     }
 )
-"""Routes TGI serves without `API_KEY`; every other route needs the bearer token when it is set."""
+"""Routes served without `API_KEY`; every other route (`/tokenize` and `/chat_tokenize` too) needs the bearer token
+when it is set."""
+
+OFFLOAD_TOKENS = 2_000
+"""A tokenize reply of at least this many tokens is built in a native thread: the per-token work and the JSON
+then share the GIL with the hub instead of holding it throughout."""
 
 
 def _health() -> Response:
@@ -92,6 +107,8 @@ def _engine_section(info) -> dict:
         "prefix_caching": info.prefix_caching,
         "tensor_parallel_size": info.tensor_parallel_size,
         "max_model_len": info.max_model_len,
+        "max_total_tokens_limited_by": info.context_limited_by,
+        "model_max_position_embeddings": info.max_position_embeddings,
         "max_batch_size": info.max_num_seqs,
         "max_batch_prefill_tokens": info.max_num_prefill_tokens,
         "kv_cache_block_size": info.block_size,
@@ -122,23 +139,42 @@ def metrics() -> Response:
 
 @blueprint.post("/tokenize")
 def tokenize() -> Response:
-    """TGI's `/tokenize`: `[{"id", "text", "start", "stop"}]` for a generate body's `inputs`."""
+    """TGI's `/tokenize`: `[{"id", "text", "start", "stop"}]` for a generate body's `inputs` (after `truncate`),
+    held to the prompt limits of `/generate`."""
     req = parse_body(GenerateRequest, read_json(), Dialect.TGI)
-    tokenizer = current_state().tokenizer()
-    tokens = tokenizer.encode_with_offsets(req.inputs, add_special_tokens=req.add_special_tokens)
-    return json_response([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in tokens])
+    req.check_truncate(current_state().limits().max_input_tokens)
+    return _tokenized(req.inputs, req.add_special_tokens, req.parameters.truncate, lambda tokens: tokens)
 
 
 @blueprint.post("/chat_tokenize")
 def chat_tokenize() -> Response:
-    """TGI's `/chat_tokenize`: the rendered chat prompt and its tokens."""
+    """TGI's `/chat_tokenize`: the rendered chat prompt and its tokens, held to the prompt limits of a chat."""
     req = parse_body(ChatCompletionRequest, read_json(), Dialect.TGI)
-    tokenizer = current_state().tokenizer()
-    text = tokenizer.apply_chat_template(req.template_messages())
-    tokens = tokenizer.encode_with_offsets(text, add_special_tokens=False)
-    return json_response(
-        {
-            "tokenize_response": [{"id": i, "text": t, "start": start, "stop": stop} for i, t, start, stop in tokens],
-            "templated_text": text,
-        }
-    )
+    state = current_state()
+    req.check(state.settings)
+    refuse_non_text_parts(req.messages, state.model_name())
+    text = plan_chat(req, state.tokenizer(), state.tool_support()).prompt
+    return _tokenized(text, False, None, lambda tokens: {"tokenize_response": tokens, "templated_text": text})
+
+
+def _tokenized(
+    text: str, add_special_tokens: bool, truncate: int | None, reply: Callable[[list[dict]], object]
+) -> Response:
+    """The tokens of `text` as the route's JSON reply. A prompt longer than MAX_INPUT_TOKENS (after `truncate`)
+    is refused as generation refuses it, before any per-token work, so the reply holds at most that many tokens.
+    A long text is encoded, and a long reply built, in gevent's native thread pool (the hub keeps serving the
+    worker's streams meanwhile)."""
+    state = current_state()
+    tokenizer, limits = state.tokenizer(), state.limits()
+    encoding = tokenizer.encoding(text, add_special_tokens)
+    first = max(0, len(encoding) - truncate) if truncate else 0
+    resolve_max_new_tokens(len(encoding) - first, None, limits, Dialect.TGI)
+
+    def body() -> bytes:
+        spans = token_spans(text, encoding, first)
+        return dumps(
+            reply([{"id": i, "text": t, "start": start, "stop": stop} for i, t, start, stop in spans])
+        ).encode()
+
+    data = body() if len(encoding) - first < OFFLOAD_TOKENS else gevent.get_hub().threadpool.apply(body)
+    return Response(data, content_type="application/json")

@@ -26,7 +26,7 @@ PRODUCTION_VARIANT = "AllTraffic"
 
 @blueprint.post("/invocations")
 def invocations() -> Response:
-    return dispatch(read_json())
+    return dispatch(read_json(any_media_type=True))
 
 
 @blueprint.post("/endpoints/<endpoint_name>/invocations")
@@ -60,7 +60,7 @@ def invoke_endpoint_with_response_stream(endpoint_name: str) -> Response:
 def _run_container() -> Response:
     """What the container's /invocations would answer, errors included, as a response object."""
     try:
-        return dispatch(read_json())
+        return dispatch(read_json(any_media_type=True))
     except ApiError as exc:
         return error_response(exc)
     except Exception as exc:

@@ -9,7 +9,7 @@ import enum
 import time
 from collections.abc import Iterator
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from serve import responses
 from serve.context import current_record, current_state, json_response, read_json, set_dialect
@@ -55,6 +55,8 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
     record.stream = streaming
     req.check(state.settings, streaming)
     params = req.parameters
+    served = state.served_model()
+    served.check_adapter(params.adapter_id)
     tokenizer, limits = state.tokenizer(), state.limits()
     req.check_truncate(limits.max_input_tokens)
     prompt_ids = tokenizer.encode(req.inputs, add_special_tokens=req.add_special_tokens)
@@ -62,7 +64,11 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         prompt_ids = prompt_ids[-params.truncate :]
     record.prompt_tokens = len(prompt_ids)
     max_new = resolve_max_new_tokens(len(prompt_ids), params.max_new_tokens, limits, Dialect.TGI)
-    specs = [SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed), seed) for seed in req.seeds()]
+    constraint = req.constraint()
+    specs = [
+        SequenceSpec(prompt_ids, req.to_sampling_params(max_new, seed, served, constraint), seed)
+        for seed in req.seeds()
+    ]
     # TGI prepends the prompt on `/` and `/invocations` unless told otherwise (text-generation models).
     full_text = params.return_full_text if params.return_full_text is not None else mode is GenerateMode.COMPAT
     prefix = req.inputs if full_text else ""
@@ -72,12 +78,13 @@ def handle_generate(body: object, mode: GenerateMode) -> Response:
         events = _generate_stream(job, tokenizer, prefix, params.details, top_n)
         return sse_response(guarded_events(job, events, Dialect.TGI), job.close, _headers(state))
     try:
-        job.collect()
+        job.collect(request.environ)
     finally:
         job.close()
     best = max(job.generations, key=lambda g: g.mean_logprob) if len(job.generations) > 1 else job.generations[0]
     others = [g for g in job.generations if g is not best]
-    body_out = responses.tgi_generate_response(tokenizer, best, others, prefix, params.details, top_n)
+    prefill_ids = prompt_ids if params.decoder_input_details else None
+    body_out = responses.tgi_generate_response(tokenizer, best, others, prefix, req.wants_details, top_n, prefill_ids)
     headers = {**_headers(state), **_timing_headers(job, best, len(req.inputs))}
     return json_response([body_out] if mode is GenerateMode.COMPAT else body_out, headers=headers)
 

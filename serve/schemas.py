@@ -17,7 +17,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def parse_body(model: type[M], body: object, dialect: Dialect) -> M:
-    """Validate a decoded JSON body; wrong or missing fields become a 4xx in the route's dialect."""
+    """Validate a decoded JSON body; wrong, missing or unknown fields become a 4xx in the route's dialect."""
     if not isinstance(body, dict):
         raise ApiError(ErrorKind.DESERIALIZE, f"expected a JSON object, got {type(body).__name__}")
     try:
@@ -46,9 +46,13 @@ def _from_pydantic(exc: ValidationError, dialect: Dialect) -> ApiError:
     if dialect is Dialect.TGI:
         if error["type"] == "missing":
             return ApiError(ErrorKind.DESERIALIZE, f"missing field `{loc}`", loc)
+        if error["type"] == "extra_forbidden":
+            return ApiError(ErrorKind.DESERIALIZE, f"unknown field `{loc}`", loc)
         return ApiError(ErrorKind.DESERIALIZE, f"{loc}: {error['msg']}", loc)
     if error["type"] == "missing":
         return ApiError(ErrorKind.DESERIALIZE, f"Missing required parameter: '{loc}'.", loc)
+    if error["type"] == "extra_forbidden":  # OpenAI's own wording
+        return ApiError(ErrorKind.DESERIALIZE, f"Unrecognized request argument supplied: {loc}", loc)
     return ApiError(ErrorKind.DESERIALIZE, f"Invalid value for '{loc}': {error['msg']}.", loc)
 
 

@@ -1,6 +1,7 @@
 """TGI request bodies (`/generate`, `/generate_stream`, `/`, TGI-shaped `/invocations`) and TGI's checks.
 
-Messages are TGI's own (router/src/validation.rs), so clients that match on them keep working.
+Messages are TGI's own (router/src/validation.rs), so clients that match on them keep working. How each field is
+used or refused is declared in `field_uses.py`.
 """
 
 from __future__ import annotations
@@ -10,15 +11,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from model_handler.constraints import Constraint
 from model_handler.sampling_params import SamplingParams
 from serve.errors import unsupported, validation
+from serve.schemas_tools import Grammar
+from serve.served_model import ServedModel
 from serve.settings import Settings
+from serve.structural_tags import build_constraint
 
 _SEED_LIMIT = 1 << 63
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body: a field it does not know is refused, naming it (a misspelt `max_new_token` must not quietly
+    give a different answer)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class GenerateParameters(_Body):
@@ -39,7 +47,7 @@ class GenerateParameters(_Body):
     decoder_input_details: StrictBool = False
     seed: StrictInt | None = None
     top_n_tokens: StrictInt | None = None
-    grammar: dict[str, Any] | None = None
+    grammar: Grammar | None = None
     adapter_id: StrictStr | None = None
 
     @field_validator("stop", mode="before")
@@ -119,15 +127,10 @@ class GenerateRequest(_Body):
             raise validation(
                 f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {top_n}", "top_n_tokens"
             )
-        if p.decoder_input_details:
-            if streaming:
-                raise validation("`decoder_input_details` == true is not supported when streaming tokens")
-            raise unsupported(
-                "`decoder_input_details` == true is not supported: this server does not compute prompt logprobs",
-                "decoder_input_details",
-            )
-        if p.grammar is not None:
-            raise unsupported("grammar is not supported", "grammar")
+        if p.decoder_input_details and streaming:
+            raise validation("`decoder_input_details` == true is not supported when streaming tokens")
+        if p.watermark:
+            raise unsupported("`watermark` == true is not supported: this server does not watermark", "watermark")
         if self.inputs == "":
             raise validation("`inputs` cannot be empty", "inputs")
 
@@ -147,16 +150,41 @@ class GenerateRequest(_Body):
             return [p.seed]
         return [random.randrange(_SEED_LIMIT) for _ in range(p.num_sequences)]
 
-    def to_sampling_params(self, max_new_tokens: int, seed: int | None) -> SamplingParams:
+    def constraint(self) -> Constraint | None:
+        """`parameters.grammar` as the engine's constraint (the whole output matches it)."""
+        grammar = self.parameters.grammar
+        if grammar is None:
+            return None
+        return build_constraint(grammar.answer_format("grammar"), None)
+
+    @property
+    def wants_details(self) -> bool:
+        """TGI replies with `details` when asked for them or for the prompt's (decoder_input_details)."""
+        return self.parameters.details or self.parameters.decoder_input_details
+
+    def to_sampling_params(
+        self, max_new_tokens: int, seed: int | None, served: ServedModel, constraint: Constraint | None = None
+    ) -> SamplingParams:
         p = self.parameters
+        # The model's generation_config.json fills what a sampling request leaves unset; a greedy one stays greedy
+        # (TGI's do_sample=false), so its tokens are what TGI gives.
+        defaults = served.sampling_defaults if p.is_sampling else {}
         return SamplingParams(
+            constraint=constraint,
             max_tokens=max_new_tokens,
-            temperature=(p.temperature if p.temperature is not None else 1.0) if p.is_sampling else 0.0,
-            top_p=p.top_p if p.top_p is not None else 1.0,
-            top_k=p.top_k or 0,
+            temperature=(p.temperature if p.temperature is not None else defaults.get("temperature", 1.0))
+            if p.is_sampling
+            else 0.0,
+            top_p=p.top_p if p.top_p is not None else defaults.get("top_p", 1.0),
+            top_k=p.top_k or int(defaults.get("top_k", 0)),
+            min_p=defaults.get("min_p", 0.0),
+            typical_p=p.typical_p if p.typical_p is not None else 1.0,
             seed=None if seed is None else seed % _SEED_LIMIT,
-            repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+            repetition_penalty=(
+                p.repetition_penalty if p.repetition_penalty is not None else defaults.get("repetition_penalty", 1.0)
+            ),
             frequency_penalty=p.frequency_penalty or 0.0,
             # TGI always reports each token's logprob (stream events and details carry it).
             logprobs=p.top_n_tokens or 0,
+            prompt_logprobs=0 if p.decoder_input_details else None,
         )

@@ -1,7 +1,7 @@
 """Settings of the HTTP side, read once from the environment by `Settings.from_env` (a pure function).
 
-TGI's and SageMaker's variable names; a bad value raises ValueError naming the variable. Limits that depend on
-the model (max input/total tokens) are resolved against the engine's context length by `token_limits`.
+The variables are declared in `model_handler/envs.py`. Limits that depend on the model (the longest prompt,
+prompt + generation) are the engine's: they reach the workers in `EngineInfo` (see `TokenLimits.of`).
 """
 
 from __future__ import annotations
@@ -10,14 +10,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from model_handler import envs
+from model_handler.engine_protocol import EngineInfo
 from model_handler.logging_setup import parse_log_level
-from serve.admission import ADMISSION_FILE_ENV
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-# SageMaker always passes these (two of them empty); they are accepted and ignored.
-IGNORED_VARIABLES = ("SAGEMAKER_PROGRAM", "SAGEMAKER_SUBMIT_DIRECTORY", "SAGEMAKER_REGION")
-DEFAULT_PORT = 8080
 
 
 @dataclass(slots=True, frozen=True)
@@ -27,114 +22,64 @@ class TokenLimits:
     max_input_tokens: int
     max_total_tokens: int
 
+    @classmethod
+    def of(cls, info: EngineInfo) -> TokenLimits:
+        return cls(max_input_tokens=info.max_input_tokens, max_total_tokens=info.max_model_len)
+
 
 @dataclass(slots=True, frozen=True)
 class Settings:
     """Everything the HTTP workers and the launcher read from the environment."""
 
     host: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
+    port: int = envs.BY_NAME["PORT"].default
     num_workers: int = 1
     messages_api_enabled: bool | None = None
     """True: /invocations takes OpenAI chat bodies only; False: TGI bodies only; None: decided by shape."""
-    max_input_tokens: int | None = None
-    max_total_tokens: int | None = None
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_best_of: int = 2
-    max_client_batch_size: int = 4
-    max_concurrent_requests: int = 128
+    max_stop_sequences: int = envs.BY_NAME["MAX_STOP_SEQUENCES"].default
+    max_top_n_tokens: int = envs.BY_NAME["MAX_TOP_N_TOKENS"].default
+    max_best_of: int = envs.BY_NAME["MAX_BEST_OF"].default
+    max_client_batch_size: int = envs.BY_NAME["MAX_CLIENT_BATCH_SIZE"].default
+    max_concurrent_requests: int = envs.BY_NAME["MAX_CONCURRENT_REQUESTS"].default
     api_key: str | None = None
-    payload_limit: int = 2_000_000
+    payload_limit: int = envs.BY_NAME["PAYLOAD_LIMIT"].default
     cors_allow_origins: tuple[str, ...] = ()
     served_model_name: str | None = None
     engine_address: str | None = None
     admission_file: str | None = None
     log_level: int = logging.INFO
-    compute_type: str = "gpu+optimized"
+    compute_type: str = envs.BY_NAME["COMPUTE_TYPE"].default
+    tool_call_parser: str = envs.BY_NAME["TOOL_CALL_PARSER"].default
+    """How tool calls are written and parsed: `auto` (detected from the chat template) or a format's name."""
+    request_read_timeout_s: int = envs.BY_NAME["REQUEST_READ_TIMEOUT"].default
+    worker_connections: int = envs.BY_NAME["WORKER_CONNECTIONS"].default
+    shutdown_grace_s: int = envs.BY_NAME["SHUTDOWN_GRACE_PERIOD"].default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        env = _Env(environ)
-        if env.raw("MAX_INPUT_TOKENS") is not None and env.raw("MAX_INPUT_LENGTH") is not None:
-            raise ValueError("MAX_INPUT_TOKENS and MAX_INPUT_LENGTH are aliases: set only one of them")
-        input_name = "MAX_INPUT_TOKENS" if env.raw("MAX_INPUT_TOKENS") is not None else "MAX_INPUT_LENGTH"
-        max_input = env.int(input_name, None, minimum=1)
-        max_total = env.int("MAX_TOTAL_TOKENS", None, minimum=2)
-        if max_input is not None and max_total is not None and max_input >= max_total:
-            raise ValueError(
-                f"{input_name}={max_input} must be smaller than MAX_TOTAL_TOKENS={max_total} "
-                "(the prompt needs room for at least one new token)"
-            )
-        port_name = "SAGEMAKER_BIND_TO_PORT" if env.raw("SAGEMAKER_BIND_TO_PORT") is not None else "PORT"
-        origins = env.raw("CORS_ALLOW_ORIGIN")
+        def get(name: str):
+            return envs.get(environ, name)
+
+        port_name = envs.first_set(environ, "SAGEMAKER_BIND_TO_PORT", "PORT") or "PORT"
         return cls(
-            port=env.int(port_name, DEFAULT_PORT, minimum=1, maximum=65535),
-            num_workers=env.int("WEB_CONCURRENCY", 1, minimum=1),
-            messages_api_enabled=env.bool("MESSAGES_API_ENABLED"),
-            max_input_tokens=max_input,
-            max_total_tokens=max_total,
-            max_stop_sequences=env.int("MAX_STOP_SEQUENCES", 4, minimum=0),
-            max_top_n_tokens=env.int("MAX_TOP_N_TOKENS", 5, minimum=0),
-            max_best_of=env.int("MAX_BEST_OF", 2, minimum=1),
-            max_client_batch_size=env.int("MAX_CLIENT_BATCH_SIZE", 4, minimum=1),
-            max_concurrent_requests=env.int("MAX_CONCURRENT_REQUESTS", 128, minimum=1),
-            api_key=env.raw("API_KEY"),
-            payload_limit=env.int("PAYLOAD_LIMIT", 2_000_000, minimum=1),
-            cors_allow_origins=tuple(o.strip() for o in origins.split(",") if o.strip()) if origins else (),
-            served_model_name=env.raw("SERVED_MODEL_NAME"),
-            engine_address=env.raw("ENGINE_ADDRESS"),
-            admission_file=env.raw(ADMISSION_FILE_ENV),
+            port=get(port_name),
+            num_workers=get("WEB_CONCURRENCY") or 1,
+            messages_api_enabled=get("MESSAGES_API_ENABLED"),
+            max_stop_sequences=get("MAX_STOP_SEQUENCES"),
+            max_top_n_tokens=get("MAX_TOP_N_TOKENS"),
+            max_best_of=get("MAX_BEST_OF"),
+            max_client_batch_size=get("MAX_CLIENT_BATCH_SIZE"),
+            max_concurrent_requests=get("MAX_CONCURRENT_REQUESTS"),
+            api_key=get("API_KEY"),
+            payload_limit=get("PAYLOAD_LIMIT"),
+            cors_allow_origins=get("CORS_ALLOW_ORIGIN"),
+            served_model_name=get("SERVED_MODEL_NAME"),
+            engine_address=get("ENGINE_ADDRESS"),
+            admission_file=get("SERVE_ADMISSION_FILE"),
             log_level=parse_log_level(environ),
-            compute_type=env.raw("COMPUTE_TYPE") or "gpu+optimized",
+            compute_type=get("COMPUTE_TYPE"),
+            tool_call_parser=get("TOOL_CALL_PARSER"),
+            request_read_timeout_s=get("REQUEST_READ_TIMEOUT"),
+            worker_connections=get("WORKER_CONNECTIONS"),
+            shutdown_grace_s=get("SHUTDOWN_GRACE_PERIOD"),
         )
-
-    def token_limits(self, max_model_len: int) -> TokenLimits:
-        """The limits for a model with this context length; unset ones default to it (TGI's rule)."""
-        total = self.max_total_tokens if self.max_total_tokens is not None else max_model_len
-        if total > max_model_len:
-            raise ValueError(f"MAX_TOTAL_TOKENS={total} is larger than the engine's context length {max_model_len}")
-        max_input = self.max_input_tokens if self.max_input_tokens is not None else total - 1
-        if max_input >= total:
-            raise ValueError(
-                f"MAX_INPUT_TOKENS={max_input} must be smaller than the total token limit {total} "
-                "(MAX_TOTAL_TOKENS or the engine's context length)"
-            )
-        return TokenLimits(max_input_tokens=max_input, max_total_tokens=total)
-
-
-class _Env:
-    """Typed reads of one environment mapping; an empty value counts as unset (SageMaker sends some empty)."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def raw(self, name: str) -> str | None:
-        value = self._environ.get(name)
-        if value is None or not value.strip():
-            return None
-        return value.strip()
-
-    def int(self, name: str, default: int | None, minimum: int | None = None, maximum: int | None = None):
-        raw = self.raw(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r} is not an integer") from None
-        if minimum is not None and value < minimum:
-            raise ValueError(f"{name}={value} must be >= {minimum}")
-        if maximum is not None and value > maximum:
-            raise ValueError(f"{name}={value} must be <= {maximum}")
-        return value
-
-    def bool(self, name: str) -> bool | None:
-        raw = self.raw(name)
-        if raw is None:
-            return None
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
-        raise ValueError(f"{name}={raw!r} is not a boolean (use true or false)")

@@ -42,6 +42,11 @@ def guarded_events(job: Job, events: Iterator[bytes], dialect: Dialect) -> Itera
     """
     try:
         yield from events
+    except GeneratorExit:  # the server closed the body unfinished: the client left (a write to it failed)
+        job.abandoned = True
+        if job.record.error_kind is None:
+            job.record.error, job.record.error_kind = "the client left mid-stream", ErrorKind.CLIENT_GONE.value
+        raise
     except ApiError as error:
         yield from _error_events(job, error, dialect)
     except Exception as exc:

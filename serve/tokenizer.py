@@ -35,6 +35,33 @@ def _bytes_to_unicode() -> dict[int, str]:
 _UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
 
 
+def token_spans(text: str, encoding: Any, first: int = 0) -> list[tuple[int, str, int, int]]:
+    """(id, text, start, stop) of an Encoding of `text`'s tokens from index `first` on; start and stop are UTF-8
+    byte offsets into `text`, as TGI's /tokenize gives them."""
+    ids, offsets = encoding.ids[first:], encoding.offsets[first:]
+    if not ids:
+        return []
+    # Character offsets to byte offsets by counting only the bytes between one offset and the next
+    # (re-encoding every prefix was quadratic: 12 s for a 1 MB input). Offsets mostly grow; they step
+    # back a little where several tokens share a character (byte-level pieces of one code point).
+    position = offsets[0][0]
+    byte_position = len(text[:position].encode())
+
+    def to_bytes(offset: int) -> int:
+        nonlocal position, byte_position
+        if offset >= position:
+            byte_position += len(text[position:offset].encode())
+        else:
+            byte_position -= len(text[offset:position].encode())
+        position = offset
+        return byte_position
+
+    return [
+        (token_id, text[start:stop], to_bytes(start), to_bytes(stop))
+        for token_id, (start, stop) in zip(ids, offsets, strict=True)
+    ]
+
+
 class TextTokenizer:
     """Wraps a transformers fast tokenizer; the Rust `tokenizers.Tokenizer` does the per-token work."""
 
@@ -70,9 +97,9 @@ class TextTokenizer:
     # ---- text -> ids ------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._encoding(text, add_special_tokens).ids
+        return self.encoding(text, add_special_tokens).ids
 
-    def _encoding(self, text: str, add_special_tokens: bool) -> Any:
+    def encoding(self, text: str, add_special_tokens: bool) -> Any:
         """The Rust tokenizer's Encoding; a long text is encoded in gevent's native thread pool.
 
         `Tokenizer.encode` holds the GIL throughout (0.5 s for 1 MB of text: every stream of this worker would
@@ -86,40 +113,42 @@ class TextTokenizer:
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, str, int, int]]:
         """(id, text, start, stop) per token; offsets are UTF-8 byte offsets into `text`, as TGI's /tokenize."""
-        encoding = self._encoding(text, add_special_tokens)
-        out = []
-        # Character offsets to byte offsets by counting only the bytes between one offset and the next
-        # (re-encoding every prefix was quadratic: 12 s for a 1 MB input). Offsets mostly grow; they step
-        # back a little where several tokens share a character (byte-level pieces of one code point).
-        position, byte_position = 0, 0
+        return token_spans(text, self.encoding(text, add_special_tokens))
 
-        def to_bytes(offset: int) -> int:
-            nonlocal position, byte_position
-            if offset >= position:
-                byte_position += len(text[position:offset].encode())
-            else:
-                byte_position -= len(text[offset:position].encode())
-            position = offset
-            return byte_position
-
-        for token_id, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True):
-            out.append((token_id, text[start:stop], to_bytes(start), to_bytes(stop)))
-        return out
-
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for a conversation; a last assistant message is continued, not closed (TGI)."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The prompt text for a conversation; a last assistant message is continued, not closed (TGI).
+        `tools` and `template_kwargs` (e.g. `enable_thinking`) reach the template as its variables."""
         continue_final = bool(messages) and messages[-1].get("role") == "assistant"
         try:
             return self.hf.apply_chat_template(
                 messages,
+                tools=tools,
                 tokenize=False,
                 add_generation_prompt=not continue_final,
                 continue_final_message=continue_final,
+                **(template_kwargs or {}),
             )
         except Exception as exc:  # jinja2 errors, raise_exception(), no template at all
             if getattr(self.hf, "chat_template", None) is None:
                 raise ApiError(ErrorKind.TEMPLATE, "template not found") from exc
             raise ApiError(ErrorKind.TEMPLATE, str(exc) or type(exc).__name__) from exc
+
+    @property
+    def chat_template_source(self) -> str:
+        """The chat template's text (every named template, joined), for telling model families apart."""
+        template = getattr(self.hf, "chat_template", None)
+        if isinstance(template, dict):
+            return "\n".join(str(t) for t in template.values())
+        return template or ""
+
+    def token_id(self, content: str) -> int | None:
+        """The id of a token by its exact content (an added or special token such as `[TOOL_CALLS]`), or None."""
+        return self.backend.token_to_id(content)
 
     # ---- ids -> text ------------------------------------------------------------------------------
 

@@ -2,9 +2,8 @@
 
 Why levels rather than `-march=native`: the serving image carries the kernels prebuilt (`cpu_prebuilt`), so the
 code it runs must be compiled for levels, not for the build host; a first-use build on a machine with a compiler
-(`cpu_native`) picks the same level by default, so tests run the code the image ships. It is also faster here:
-on a Zen 4 EPYC with GCC 12 the prefill kernel built for x86-64-v4 + AVX512-BF16 took 12-15% less time than the
-`-march=native` build (512-token prompt, 100M layer: 2.50-2.65 vs 2.89-3.35 ms), decode alike.
+(`cpu_native`) picks the same level by default, so tests run the code the image ships. On the Zen 4 machines
+measured it was also faster than the `-march=native` build (bench/results/README.md has the figures).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -23,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from model_handler.kernels import cpu_levels, cpu_native
+from model_handler import envs
+from model_handler.kernels import cpu_build, cpu_levels
 from model_handler.kernels.cpu_levels import CpuLevel
 
 logger = logging.getLogger(__name__)
 
-PREBUILT_DIR_ENV = "CPU_KERNELS_PREBUILT_DIR"
-"""A folder written by `python -m model_handler.kernels.cpu_prebuilt`; unset: nothing prebuilt is looked for."""
 MANIFEST = "manifest.json"
 
 
@@ -39,7 +37,7 @@ def prebuild(out_dir: Path, names: list[str] | None = None) -> list[str]:
     from setuptools import Distribution
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    cpu_native.put_ninja_on_path()
+    cpu_build.put_ninja_on_path()
     levels = cpu_levels.levels_for(platform.machine())
     chosen = [level for level in levels if names is None or level.name in names]
     if names is not None and len(chosen) != len(names):
@@ -47,12 +45,12 @@ def prebuild(out_dir: Path, names: list[str] | None = None) -> list[str]:
         raise ValueError(f"unknown levels {unknown}; this machine has {[level.name for level in levels]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     for level in chosen:
-        module = f"{cpu_native.OP_NAMESPACE}_{level.name.replace('-', '_')}"
+        module = f"{cpu_build.OP_NAMESPACE}_{level.name.replace('-', '_')}"
         extension = CppExtension(
             module,
-            [str(source) for source in cpu_native.SOURCES],
+            [str(source) for source in cpu_build.SOURCES],
             # -g0: no debug info (0.3 MB a library, not 7.5)
-            extra_compile_args=[*cpu_native.base_cflags(), *level.target_flags, "-g0"],
+            extra_compile_args=[*cpu_build.base_cflags(), *level.target_flags, "-g0"],
             py_limited_api=True,  # the kernels use only the dispatcher: no libtorch_python, no Python headers
         )
         distribution = Distribution(
@@ -67,7 +65,7 @@ def prebuild(out_dir: Path, names: list[str] | None = None) -> list[str]:
         logger.info("built the CPU kernels for %s", level.name)
     manifest = {
         "torch": torch.__version__,
-        "sources": cpu_native.source_digest(),
+        "sources": cpu_build.source_digest(),
         "machine": platform.machine(),
         "levels": [level.name for level in chosen],
     }
@@ -76,7 +74,9 @@ def prebuild(out_dir: Path, names: list[str] | None = None) -> list[str]:
 
 
 def folder() -> Path | None:
-    value = os.environ.get(PREBUILT_DIR_ENV, "").strip()
+    """CPU_KERNELS_PREBUILT_DIR: a folder written by `python -m model_handler.kernels.cpu_prebuilt`; unset:
+    nothing prebuilt is looked for."""
+    value = envs.CPU_KERNELS_PREBUILT_DIR
     return Path(value) if value else None
 
 
@@ -110,7 +110,7 @@ def _choose(where: Path) -> CpuLevel | str:
         return f"no readable {MANIFEST} ({exc})"
     if manifest.get("torch") != torch.__version__:
         return f"built for torch {manifest.get('torch')}, this is {torch.__version__}"
-    if manifest.get("sources") != cpu_native.source_digest():
+    if manifest.get("sources") != cpu_build.source_digest():
         return "built from other kernel sources"
     level = cpu_levels.best_level(list(manifest.get("levels", [])), cpu_levels.cpu_flags(), platform.machine())
     if level is None:

@@ -1,8 +1,8 @@
 """Fused Triton kernels for a decoder layer's elementwise work: residual add + RMSNorm, SiLU-and-mul, rotary.
 
-Why: at batch 1 on an H200 an 8B Llama decode step spends ~1 ms of its ~5 ms GPU time in the small torch
-ops between the matmuls (RMSNorm and its residual add, the three ops of the rotary, SiLU then multiply),
-each a separate launch of a few microseconds (bench/gpu_profile.py). One launch each here. Every kernel
+Why: at batch 1 a decode step spends a fair share of its GPU time in the small torch ops between the matmuls
+(RMSNorm and its residual add, the three ops of the rotary, SiLU then multiply), each a separate launch of a few
+microseconds (`bench/gpu_profile.py` shows them). One launch each here. Every kernel
 computes in fp32 and rounds once on store; `reference`-style torch versions live in the layers and are
 what these are tested against (tests/model_handler/kernels/test_triton_fused.py, under TRITON_INTERPRET=1).
 """

@@ -1,7 +1,7 @@
 """One-row linear layers (batch-1 decode) as a Triton matrix-vector kernel that streams the weight once.
 
-Why: at one row a linear layer is a pure read of its weight, and on an H100 cuBLAS's GEMM tiles reach only
-2.4-2.9 TB/s there, with a split-K reduce kernel after the 4096-wide outputs (bench/results/gpu-h100-*/,
+Why: at one row a linear layer is a pure read of its weight, and cuBLAS's GEMM tiles fall well short of the
+memory bandwidth there, with a split-K reduce kernel after the 4096-wide outputs (bench/results/gpu-h100/,
 profile-*.json). This kernel gives each program BLOCK_N whole weight rows, reads them in BLOCK_K-wide
 coalesced chunks and reduces in fp32 once at the end. Which config (or cuBLAS) runs for a weight shape is
 measured on the device (`layers/gpu_linear.py`); here is only the kernel and its configs.

@@ -1,12 +1,10 @@
 """Linear layers on x86 CPUs through oneDNN with the weight pre-packed once, instead of MKL's sgemm.
 
-fp32: at serving batch sizes (1-64 rows) sgemm re-packs the weight on every call; oneDNN's packed matmul is
-1.3-1.6x faster for the 100M model's shapes on an AVX-512 EPYC (bench/engine_step.py). Tiny products stay
-on F.linear, whose per-call setup is lower. bf16 (on CPUs with native bf16 only, see cpu_features): the
-packed kernel was as fast or faster at 19 of 20 shapes measured, 1-512 rows x 128x256 to 768x6144 weights
-(1.0-1.1x at 512 rows, 1.4-2.9x at one row; slower only at 8 x 128x256, a product too small to matter), and
-runs at ~2x the fp32 FLOP/s. The packed copy is made on first use and doubles the CPU memory of those
-weights; a changed weight (new storage or an in-place write) is packed again.
+fp32: at serving batch sizes (a few to a few dozen rows) sgemm re-packs the weight on every call, which oneDNN's
+packed matmul does once (`bench/engine_step.py` compares the two). Tiny products stay on F.linear, whose per-call
+setup is lower. bf16 (on CPUs with native bf16 only, see cpu_features): the packed kernel is as fast or faster at
+every product size that matters, and bf16 runs well above the fp32 rate. The packed copy is made on first use and
+doubles the CPU memory of those weights; a changed weight (new storage or an in-place write) is packed again.
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ import torch.nn.functional as F
 from model_handler.cpu_features import has_native_bf16, is_x86_with_onednn
 
 MIN_WORK = {torch.float32: 1 << 20, torch.bfloat16: 0}
-"""Per dtype, rows x weight elements below which F.linear is as fast (fp32 measured: 1 x 256x1280 ties,
-8 x 256x512 ties; bf16: none)."""
+"""Per dtype, rows x weight elements below which F.linear is as fast as the packed kernel (none in bf16)."""
 enabled = True
 """False keeps every CPU linear on F.linear (benchmarks flip it to compare)."""
 

@@ -148,12 +148,24 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs are summed with one all-reduce."""
+    """Input features split across ranks; partial outputs are summed with one all-reduce.
+
+    With `reduce_results=False` each rank returns its partial sum (the bias on rank 0 only), for a caller that
+    adds several of them before one all-reduce of its own (a MoE block's shared expert and routed experts).
+    """
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, *, tp_rank: int = 0, tp_size: int = 1
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__(divide(input_size, tp_size, "input size"), output_size, bias, tp_rank, tp_size)
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 2:
@@ -164,5 +176,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return linear(x, self.weight, self.bias, self.packed_weight)
+        if not self.reduce_results:
+            return linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed_weight)
         y = all_reduce(linear(x, self.weight, None, self.packed_weight))
         return y if self.bias is None else y + self.bias

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from transformers import PretrainedConfig
 
-from model_handler.layers.rotary import cos_sin_rows, rope_inv_freq
+from model_handler.layers.rope_tables import cos_sin_rows, rope_inv_freq
 from model_handler.model_layout import rope_length_rule, rope_parameter_sets, rope_type_of
 
 

@@ -1,17 +1,10 @@
 """Architecture registry: HF `architectures` name -> our model class (imported lazily, so naming a model
-does not import torch)."""
+does not import torch). What every model class offers the engine: `causal_lm.CausalLM`."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    import torch
-
-    from model_handler.layers.attention_metadata import AttentionMetadata
-    from model_handler.model_config import ModelConfig
 
 # architecture name -> (module, class); one module per family
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -19,6 +12,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("model_handler.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("model_handler.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("model_handler.models.llama", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("model_handler.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("model_handler.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("model_handler.models.qwen_moe", "Qwen3MoeForCausalLM"),
     "Gemma2ForCausalLM": ("model_handler.models.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("model_handler.models.gemma", "Gemma3ForCausalLM"),
     "Phi3ForCausalLM": ("model_handler.models.phi3", "Phi3ForCausalLM"),
@@ -29,6 +25,9 @@ _BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
@@ -84,21 +83,3 @@ def get_model_class(architecture: str) -> type:
         )
     module_name, class_name = _REGISTRY[architecture]
     return getattr(importlib.import_module(module_name), class_name)
-
-
-class CausalLM(Protocol):
-    """What the engine relies on from every registered model class."""
-
-    config: ModelConfig
-    num_kv_heads_per_rank: int
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T] int64
-        positions: torch.Tensor,  # [T] int64
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        attn_metadata: AttentionMetadata,
-        output_rows: torch.Tensor | None = None,  # [N] int64: return only these rows' hidden states
-    ) -> torch.Tensor: ...  # [T, hidden], or [N, hidden] with output_rows
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, vocab] float32

@@ -7,7 +7,9 @@ tells `weights.py` how the HF tensors fill them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -125,13 +127,17 @@ class LlamaMLP(nn.Module):
         tp: ParallelSpec,
         fused: FusedKernels | None,
         act_fn: nn.Module | None = None,
+        *,
+        reduce_results: bool = True,  # False: each rank's partial sum (a MoE block's shared expert)
     ) -> None:
         """`act_fn`: the gated activation over [gate | up] (default SiLU; Gemma's GeGLU passes its own)."""
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size, [intermediate_size, intermediate_size], bias, **tp.kwargs
         )
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, **tp.kwargs)
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias, reduce_results=reduce_results, **tp.kwargs
+        )
         self.act_fn = SiluAndMul(fused) if act_fn is None else act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,11 +152,14 @@ class LlamaDecoderLayer(nn.Module):
         spec: FamilySpec,
         backend: AttentionBackend,
         tp: ParallelSpec,
+        mlp: nn.Module | None = None,  # the family's own (a sparse MoE block); None: the dense LlamaMLP
         sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(hf_config, config, spec, backend, tp, sliding_window)
-        self.mlp = LlamaMLP(config.hidden_size, hf_config.intermediate_size, spec.mlp_bias, tp, backend.fused)
+        if mlp is None:
+            mlp = LlamaMLP(config.hidden_size, hf_config.intermediate_size, spec.mlp_bias, tp, backend.fused)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps, backend.fused)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps, backend.fused)
 
@@ -180,6 +189,7 @@ class LlamaModel(nn.Module):
         spec: FamilySpec,
         backend: AttentionBackend,
         tp: ParallelSpec,
+        make_mlp: Callable[[int], nn.Module | None] | None = None,  # layer index -> its MLP (None: dense)
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp.kwargs)
@@ -188,7 +198,8 @@ class LlamaModel(nn.Module):
         )
         windows = config.sliding_windows or (None,) * config.num_layers
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, config, spec, backend, tp, windows[i]) for i in range(config.num_layers)
+            LlamaDecoderLayer(hf_config, config, spec, backend, tp, make_mlp(i) if make_mlp else None, windows[i])
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps, backend.fused)
 
@@ -240,7 +251,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         tp = ParallelSpec(tp_rank, tp_size)
-        self.model = LlamaModel(hf_config, config, self.family_spec(hf_config), attention_backend, tp)
+        make_mlp = partial(self.make_mlp, hf_config, config, attention_backend, tp)
+        self.model = LlamaModel(hf_config, config, self.family_spec(hf_config), attention_backend, tp, make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp.kwargs)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -255,6 +267,17 @@ class LlamaForCausalLM(nn.Module):
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             qk_norm=False,
         )
+
+    def make_mlp(
+        self,
+        hf_config: PretrainedConfig,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        tp: ParallelSpec,
+        layer_idx: int,
+    ) -> nn.Module | None:
+        """Layer `layer_idx`'s MLP; None gives the dense LlamaMLP. MoE families return their sparse block."""
+        return None
 
     def forward(
         self,

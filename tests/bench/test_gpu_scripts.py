@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_engine, gpu_model
+from bench import gpu_engine, gpu_model, gpu_moe
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
@@ -32,7 +32,16 @@ def test_script_parses_and_explains_itself():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False).returncode == 0
     done = run_script("--help")
     assert done.returncode == 0
-    for word in ("--cpu-smoke", "pytest -q -m gpu", "gpu_kernels.py", "generate_batch", "gpu_check.json", "--case"):
+    words = (
+        "--cpu-smoke",
+        "pytest -q -m gpu",
+        "gpu_kernels.py",
+        "generate_batch",
+        "gpu_check.json",
+        "--skip-moe",
+        "--case",
+    )
+    for word in words:
         assert word in done.stdout
 
 
@@ -93,6 +102,45 @@ def test_llama3_8b_plan_matches_the_published_size():
     assert num_params == 8_030_261_248  # Meta-Llama-3.1-8B
     shards = gpu_model.plan_shards(shapes, 2 << 30)
     assert [n for s in shards for n in s] == list(shapes) and len(shards) == 8
+
+
+def test_mixtral_plan_is_mixtral_8x7b_cut_to_four_layers():
+    shapes = gpu_model.tensor_shapes({**gpu_model.MIXTRAL_4L, "num_hidden_layers": 32})
+    num_params = sum(int.__mul__(*s) if len(s) == 2 else s[0] for s in shapes.values())
+    assert num_params == 46_702_792_704  # Mixtral-8x7B-v0.1
+    four = gpu_model.tensor_shapes(gpu_model.MIXTRAL_4L)
+    assert {n for n in four if ".layers.4." in n} == set()
+    assert four["model.layers.3.block_sparse_moe.experts.7.w2.weight"] == (4096, 14336)
+    assert four["model.layers.0.block_sparse_moe.gate.weight"] == (8, 4096)
+    assert not any(".mlp." in n for n in four)
+
+
+def test_mixtral_folder_loads_as_our_moe_model(tmp_path):
+    import torch
+
+    from model_handler.kernels import TorchReferenceBackend
+    from model_handler.layers.moe import SparseMoeBlock
+    from model_handler.model_loader import load_model
+
+    record = gpu_model.build(tmp_path, "mixtral-smoke", "cpu")
+    assert record["expert_bytes"] == 2 * 2 * 4 * 3 * 128 * 256  # 2 layers x 4 experts x 3 projections, bf16
+    model = load_model(
+        tmp_path, dtype=torch.float32, device=torch.device("cpu"), attention_backend=TorchReferenceBackend()
+    )
+    assert all(isinstance(layer.mlp, SparseMoeBlock) for layer in model.model.layers)
+
+
+def test_moe_check_fails_when_the_fused_kernel_is_wrong(tmp_path, monkeypatch):
+    from model_handler.kernels import triton_moe
+
+    gpu_model.build(tmp_path / "m", "mixtral-smoke", "cpu")
+    fused = triton_moe.fused_experts
+    monkeypatch.setattr(triton_moe, "fused_experts", lambda *a, **k: fused(*a, **k) * 1.01)
+    argv = [str(tmp_path / "m"), "--device", "cpu", "--dtype", "float32", "--batch-sizes", "4", "--out"]
+    assert gpu_moe.main([*argv, str(tmp_path / "moe.json")]) == 1
+    record = json.loads((tmp_path / "moe.json").read_text())
+    assert [c["passed"] for c in record["checks"]] == [False, False]  # the layer, and the model through it
+    assert record["checks"][0]["relative_error"] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_baseline_work_is_capped_only_when_it_would_pass_the_deadline():
@@ -237,6 +285,65 @@ def test_report_exit_status_separates_wrong_results_from_failed_stages(tmp_path)
     assert report(tmp_path, "build=0", "pytest=0", "ours=0")[0] == 1
 
 
+def write_moe_results(folder: Path, *, passed: bool = True, step_ms: float = 2.0) -> None:
+    """gpu_moe.json and gpu_engine_moe.json as a GPU run writes them (a 4-layer Mixtral-shaped model)."""
+    model = {"weight_bytes": 12_200_000_000, "expert_bytes": 11_274_289_152, "embedding_bytes": 262_144_000}
+    moe = {
+        "passed": passed,
+        "num_layers": 4,
+        "experts": {"num_experts": 8, "top_k": 2},
+        "model": model,
+        "checks": [
+            {"name": "layer experts, 1 tokens", "passed": True, "relative_error": 0.004},
+            {"name": "model logits", "passed": passed, "relative_error": 0.01 if passed else 0.3},
+        ],
+        "layer_timings": [
+            {
+                "tokens": 1,
+                "experts_used": "2/8",
+                "fused_ms": 0.25,
+                "torch_loop_ms": 0.9,
+                "speedup": 3.6,
+                "fused_weight_gbs": 2818.6,
+            }
+        ],
+    }
+    run = {
+        "batch": 1,
+        "num_requests": 1,
+        "output_tok_s": 480.0,
+        "decode_ms_step_median": step_ms,
+        "exact_lengths": True,
+        "graph_replays": 127,
+        "num_decode_steps": 127,
+    }
+    (folder / "gpu_moe.json").write_text(json.dumps(moe))
+    (folder / "gpu_engine_moe.json").write_text(json.dumps({"hbm_datasheet_gbs": 3350, "runs": [run]}))
+
+
+def test_report_adds_the_moe_check_and_its_rates(tmp_path, capsys):
+    write_results(tmp_path, step_ms=6.0, ours_rates={1: 160.0}, hf_rates={1: 30.0})
+    write_moe_results(tmp_path)
+    rc, summary = report(tmp_path, "build=0", "kernels=0", "ours=0", "moe=0", "moe-ours=0", "hf=0")
+    assert rc == 0 and summary["stages"]["moe"] == "0"
+    checks = {c["name"]: c for c in summary["checks"]}
+    moe_check = checks["MoE: fused Triton experts vs the torch path (bench/gpu_moe.py)"]
+    assert moe_check["ok"] and moe_check["detail"] == "2/2 checks pass, worst relative error 0.01"
+    assert checks["ours (MoE): every request got exactly --output-tokens"]["ok"]
+    # One token reads the non-expert weights but one embedding row, and 2 of the 8 experts:
+    # 12.2 GB - 0.75 * 11.27 GB - 0.26 GB = 3.48 GB per 2 ms step = 1741 GB/s = 52.0% of 3350.
+    assert "ours (MoE) batch 1: 3.48 GB of weights read per step -> 1741 GB/s = 52.0%" in capsys.readouterr().out
+    assert any("fused 0.25 ms, torch loop 0.9 ms (3.6x)" in line for line in summary["moe"])
+
+
+def test_report_fails_when_the_moe_kernel_disagrees(tmp_path):
+    write_results(tmp_path, step_ms=6.0, ours_rates={1: 160.0}, hf_rates={1: 30.0})
+    write_moe_results(tmp_path, passed=False)
+    rc, summary = report(tmp_path, "build=0", "kernels=0", "ours=0", "moe=1", "moe-ours=0", "hf=0")
+    moe_check = next(c for c in summary["checks"] if c["name"].startswith("MoE"))
+    assert rc == 1 and not moe_check["ok"] and moe_check["detail"].endswith("failed: model logits")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check-out")
@@ -252,10 +359,12 @@ def test_cpu_smoke_runs_every_stage_and_reports(smoke):
         "gpu_check.json",
         "gpu_check.log",
         "gpu_engine_hf.json",
+        "gpu_engine_moe.json",
         "gpu_engine_ours-async.json",
         "gpu_engine_ours.json",
         "gpu_kernels.json",
         "gpu_model.json",
+        "gpu_moe.json",
         "profile-async.json",
         "profile-sync.json",
     ]
@@ -266,9 +375,27 @@ def test_cpu_smoke_runs_every_stage_and_reports(smoke):
     assert "read_tokens_and_update" in profiles["async"]["runs"][0]["host_phases_ms_median"]
     assert [r["batch"] for r in profiles["async"]["runs"]] == [1, 4]
     summary = json.loads((out / "gpu_check.json").read_text())
-    assert summary["stages"] == {"build": "0", "pytest": "0", "kernels": "0", "ours": "0", "ours-async": "0", "hf": "0"}
-    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 5
+    assert summary["stages"] == {
+        "build": "0",
+        "pytest": "0",
+        "kernels": "0",
+        "ours": "0",
+        "ours-async": "0",
+        "moe": "0",
+        "moe-ours": "0",
+        "hf": "0",
+    }
+    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 7
     assert "gpu_check: exit 0" in (out / "gpu_check.log").read_text()
+
+
+def test_cpu_smoke_checks_the_fused_moe_and_runs_the_engine_on_the_moe_model(smoke):
+    _, out = smoke
+    moe = json.loads((out / "gpu_moe.json").read_text())
+    assert moe["passed"] and moe["experts"] == {"num_experts": 4, "top_k": 2} and moe["model"]["expert_bytes"] > 0
+    assert [c["name"] for c in moe["checks"]][:2] == ["layer experts, 1 tokens", "layer experts, 16 tokens"]
+    engine = json.loads((out / "gpu_engine_moe.json").read_text())
+    assert [r["batch"] for r in engine["runs"]] == [1, 4] and all(r["exact_lengths"] for r in engine["runs"])
 
 
 def test_cpu_smoke_both_systems_generate_the_same_greedy_tokens(smoke):

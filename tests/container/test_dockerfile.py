@@ -177,12 +177,10 @@ def test_a_cpu_image_prebuilds_the_cpu_kernels_and_keeps_no_compiler(instruction
     """The runtime image has no compiler, so the C++ CPU kernels are compiled at build time (CPU torch only) into
     the folder the engine reads ($CPU_KERNELS_PREBUILT_DIR), and a compiler installed for that is purged in the
     same RUN (a later step could not shrink the layer)."""
-    from model_handler.kernels import cpu_prebuilt
-
-    folder = final_env(instructions)[cpu_prebuilt.PREBUILT_DIR_ENV]
+    folder = final_env(instructions)["CPU_KERNELS_PREBUILT_DIR"]
     assert folder.startswith("/opt/")
     run = next(args for args in of(instructions, "RUN") if "model_handler.kernels.cpu_prebuilt" in args)
-    assert f'python -m model_handler.kernels.cpu_prebuilt "${cpu_prebuilt.PREBUILT_DIR_ENV}"' in run
+    assert f'python -m model_handler.kernels.cpu_prebuilt "${"CPU_KERNELS_PREBUILT_DIR"}"' in run
     assert "apt-get install" in run and "apt-get purge" in run and "apt-get clean" in run
     cuda_check = shlex.split(run.split("python -c ", 1)[1])[0]
     is_cuda_torch = subprocess.run([sys.executable, "-c", cuda_check]).returncode == 0

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import gevent
 import pytest
 
+from model_handler.constraints import Constraint, ConstraintKind
 from model_handler.engine_protocol import EngineRequest, FinishReason
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import EngineDeadError, SocketEngineClient
@@ -39,7 +43,7 @@ def client(engine):
 
 
 def _request(client: SocketEngineClient, prompt: list[int], **params) -> EngineRequest:
-    return EngineRequest(client.new_request_id(), prompt, SamplingParams(**params))
+    return EngineRequest(uuid.uuid4().hex, prompt, SamplingParams(**params))
 
 
 def _collect(client: SocketEngineClient, request: EngineRequest) -> tuple[list[int], FinishReason | None]:
@@ -92,7 +96,30 @@ def test_request_that_cannot_fit_fails_alone(client):
     assert len(ok) == 3
 
 
-def test_engine_death_fails_waiting_requests():
+def test_engine_death_fails_waiting_requests_at_once():
+    """The engine process killed: its end of the socket closes, and the client fails what is in flight then, not
+    after the heartbeat timeout (10 s here)."""
+    handle = start_engine()
+    client = SocketEngineClient(handle.address)
+    try:
+        assert client.wait_ready(30)
+        stream = client.submit(_request(client, [1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True))
+        iterator = iter(stream)
+        next(iterator)
+        handle.process.kill()
+        killed = time.monotonic()
+        with pytest.raises(EngineDeadError, match="the engine process exited"), gevent.Timeout(5):
+            for _ in iterator:
+                pass
+        assert time.monotonic() - killed < 5 and not client.is_ready() and not client.is_alive()
+    finally:
+        client.close()
+        handle.stop()
+
+
+def test_a_stuck_engine_fails_waiting_requests_after_the_heartbeat_timeout():
+    """An engine that is alive but sends nothing (stopped here): its socket stays open, the heartbeats' silence
+    says it is gone."""
     handle = start_engine()
     client = SocketEngineClient(handle.address, heartbeat_timeout_s=2.0)
     try:
@@ -100,12 +127,13 @@ def test_engine_death_fails_waiting_requests():
         stream = client.submit(_request(client, [1, 2, 3], max_tokens=2000, temperature=0.0, ignore_eos=True))
         iterator = iter(stream)
         next(iterator)
-        handle.process.kill()
-        with pytest.raises(EngineDeadError):
+        handle.process.send_signal(signal.SIGSTOP)
+        with pytest.raises(EngineDeadError, match="stopped responding"), gevent.Timeout(30):
             for _ in iterator:
                 pass
         assert not client.is_ready()
     finally:
+        handle.process.send_signal(signal.SIGCONT)
         client.close()
         handle.stop()
 
@@ -149,7 +177,7 @@ def test_a_worker_that_was_busy_does_not_declare_the_engine_dead(engine):
 
 
 _DOOMED_WORKER = """
-import sys, time
+import sys, time, uuid
 from model_handler.engine_protocol import EngineRequest
 from model_handler.sampling_params import SamplingParams
 from serve.engine_client import SocketEngineClient
@@ -157,7 +185,7 @@ from serve.engine_client import SocketEngineClient
 client = SocketEngineClient(sys.argv[1])
 assert client.wait_ready(30)
 params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
-streams = [client.submit(EngineRequest(client.new_request_id(), [1, 2, 3, 4 + i], params)) for i in range(8)]
+streams = [client.submit(EngineRequest(uuid.uuid4().hex, [1, 2, 3, 4 + i], params)) for i in range(8)]
 for stream in streams:
     next(iter(stream))
 print("generating", flush=True)
@@ -195,3 +223,21 @@ def test_the_requests_of_a_worker_that_died_are_aborted(engine):
         assert "HTTP worker gone" in engine.log_path.read_text()
     finally:
         watcher.close()
+
+
+def test_constrained_requests_cross_the_seam(client):
+    """A constraint that compiles (in the engine, off its step loop) shapes the output; one that does not comes
+    back REJECTED before any token, with what is wrong with it, for the HTTP side's 400."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(client.info.model_dir)
+    regex = Constraint(ConstraintKind.REGEX, r"(yes|no), [a-z]{2,6}")
+    outputs = list(client.submit(_request(client, [1, 5, 9, 33], max_tokens=30, temperature=0.0, constraint=regex)))
+    token_ids = [t for output in outputs for t in output.new_token_ids]
+    assert outputs[-1].finish_reason == FinishReason.EOS and token_ids[-1] in client.info.eos_token_ids
+    assert re.fullmatch(regex.value, tokenizer.decode(token_ids[:-1]))
+    bad = Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "strin"}')
+    [refused] = list(client.submit(_request(client, [1, 5, 9, 33], max_tokens=30, constraint=bad)))
+    assert refused.finish_reason == FinishReason.REJECTED and refused.new_token_ids == []
+    assert refused.failure_message == 'the JSON schema is invalid: Unsupported type "strin"'
+    assert client.info.grammar_backend == "xgrammar 0.2.9"

@@ -1,4 +1,4 @@
-"""container/serve as SageMaker runs it: configuration errors, SIGTERM drains, a dead child stops the rest."""
+"""container/serve as SageMaker runs it: configuration errors, SIGTERM drains, /ping and the logs under load."""
 
 from __future__ import annotations
 
@@ -36,10 +36,11 @@ def test_bad_configuration_stops_startup_naming_the_variable(name, value):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(workers):
     """SageMaker stops a container with SIGTERM: requests in flight (on every worker: two is the GPU default)
-    finish whole, then the server exits 0."""
-    server = start_server({"WEB_CONCURRENCY": str(workers)})
+    finish whole within the grace period, then the server exits 0 (tests/integration/test_shutdown.py has the
+    requests that outlive it)."""
+    server = start_server({"WEB_CONCURRENCY": str(workers), "SHUTDOWN_GRACE_PERIOD": "150"})
     body = json.dumps(
-        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1000, "ignore_eos": True}
+        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 100, "ignore_eos": True}
     ).encode()
     results: list[dict] = []
 
@@ -47,7 +48,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(workers):
         request = urllib.request.Request(
             f"{server.url}/v1/chat/completions", body, {"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=60) as reply:
+        with urllib.request.urlopen(request, timeout=170) as reply:
             results.append({"status": reply.status, "body": json.loads(reply.read())})
 
     callers = [threading.Thread(target=call) for _ in range(2 * workers)]
@@ -57,25 +58,10 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(workers):
     assert not results, "the requests must still be in flight when SIGTERM comes"
     server.process.send_signal(signal.SIGTERM)
     for caller in callers:
-        caller.join(timeout=40)
-    assert server.process.wait(timeout=40) == 0
+        caller.join(timeout=170)
+    assert server.process.wait(timeout=180) == 0
     assert len(results) == 2 * workers
-    assert all(r["status"] == 200 and r["body"]["usage"]["completion_tokens"] == 1000 for r in results)
-
-
-def test_engine_death_stops_the_server_with_an_error_code():
-    server = start_server()
-    try:
-        engine_pids = subprocess.run(
-            ["pgrep", "-f", "-s", str(os.getpgid(server.process.pid)), "model_handler.server"],
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        assert engine_pids, "engine process not found"
-        os.kill(int(engine_pids[0]), signal.SIGKILL)
-        assert server.process.wait(timeout=40) != 0
-    finally:
-        server.stop()
+    assert all(r["status"] == 200 and r["body"]["usage"]["completion_tokens"] == 100 for r in results)
 
 
 def test_busy_server_answers_ping_takes_sagemaker_headers_and_logs_json_lines():
@@ -92,7 +78,7 @@ def test_busy_server_answers_ping_takes_sagemaker_headers_and_logs_json_lines():
             request = urllib.request.Request(
                 f"{server.url}/v1/chat/completions", long_body, {"Content-Type": "application/json"}
             )
-            with urllib.request.urlopen(request, timeout=120) as reply:
+            with urllib.request.urlopen(request, timeout=170) as reply:
                 reply.read()
             finished.set()
 

@@ -1,4 +1,5 @@
-"""Engine-test fixtures: the small test model folder, transformers' copy of it, and the KV-block check."""
+"""Engine-test fixtures: the small test model folder, transformers' copy of it, its tokenizer and grammar
+compiler, and the KV-block check."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ def hf_model(test_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(test_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def test_tokenizer(test_model_dir):
+    """The test model's own tokenizer, to read constrained outputs as text."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(test_model_dir)
+
+
+@pytest.fixture(scope="session")
+def grammar_compiler(test_model_dir):
+    """A grammar compiler over the test model's tokenizer (vocabulary 512, EOS id 2), as its engine builds it."""
+    from model_handler.grammar_compiler import GrammarCompiler
+
+    compiler = GrammarCompiler(test_model_dir, 512, [2])
+    yield compiler
+    compiler.shutdown()
 
 
 @pytest.fixture(autouse=True)

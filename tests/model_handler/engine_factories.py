@@ -106,12 +106,24 @@ def create_engine(model_dir, device: str = "cpu", **env: str):
     return Engine(EngineConfig.from_env(environ, device=device))
 
 
+def wait_until_ready(engine, timeout_s: float = 60.0) -> None:
+    """Wait while the only unfinished requests wait for their grammar to compile (the engine server sleeps)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not engine.has_ready_requests():
+        if time.monotonic() > deadline:
+            raise AssertionError("no request became ready to step")
+        time.sleep(0.001)
+
+
 def run_to_completion(engine, max_steps: int = 10_000) -> dict[str, list]:
     """Step until idle; every request's outputs, in order."""
     outputs: dict[str, list] = {}
     for _ in range(max_steps):
         if not engine.has_unfinished_requests():
             return outputs
+        wait_until_ready(engine)
         for out in engine.step():
             outputs.setdefault(out.request_id, []).append(out)
     raise AssertionError("engine did not finish")

@@ -47,7 +47,7 @@ def test_cpu_defaults(model_dir):
     assert config.model_dir == model_dir and config.model_id == str(model_dir)
     assert config.dtype == auto_cpu_dtype(has_native_bf16())
     assert config.torch_dtype is DTYPES[config.dtype]
-    assert config.max_model_len == 512  # the model's own limit, below the default cap
+    assert config.max_model_len is None  # sized by the engine once the KV cache is (test_context_limits.py)
     assert config.max_num_prefill_tokens == 512
     assert config.max_num_seqs == 64
     assert config.block_size == 16
@@ -114,10 +114,28 @@ def test_every_variable_is_read(model_dir):
     assert (small.max_num_prefill_tokens, small.max_num_seqs, small.max_step_tokens) == (16, 32, 47)
 
 
+def test_token_limits_are_read_as_given_and_checked_against_the_model_before_loading(model_dir):
+    """Unset limits stay unset here: the engine sizes them from the KV cache (test_context_limits.py)."""
+    config = from_env(model_dir)
+    assert (config.max_model_len, config.max_input_tokens) == (None, None)
+    config = from_env(model_dir, MAX_TOTAL_TOKENS="300")
+    assert (config.max_model_len, config.max_input_tokens) == (300, None)
+    config = from_env(model_dir, MAX_INPUT_TOKENS="100")
+    assert (config.max_model_len, config.max_input_tokens) == (None, 100)
+    assert from_env(model_dir, MAX_INPUT_LENGTH="100").max_input_tokens == 100  # TGI's older name
+    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS and MAX_INPUT_LENGTH"):
+        from_env(model_dir, MAX_INPUT_LENGTH="100", MAX_INPUT_TOKENS="100")
+    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS=300 must be smaller"):
+        from_env(model_dir, MAX_INPUT_TOKENS="300", MAX_TOTAL_TOKENS="300")
+    with pytest.raises(ValueError, match="MAX_INPUT_LENGTH=600 must be smaller than the total token limit 512"):
+        from_env(model_dir, MAX_INPUT_LENGTH="600")  # the model's limit: known before anything loads
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
         ("MAX_TOTAL_TOKENS", "many"),
+        ("MAX_INPUT_TOKENS", "ten"),
         ("MAX_TOTAL_TOKENS", "4096"),  # above max_position_embeddings
         ("MAX_BATCH_PREFILL_TOKENS", "0"),
         ("MAX_BATCH_SIZE", "-1"),
@@ -163,7 +181,7 @@ def test_sagemaker_model_dir_is_used_when_it_holds_a_model(model_dir, tmp_path):
     other = tmp_path / "other"
     LlamaConfig(max_position_embeddings=64, num_hidden_layers=1).save_pretrained(other)
     config = EngineConfig.from_env({"SM_MODEL_DIR": str(model_dir), "HF_MODEL_ID": str(other)}, device="cpu")
-    assert config.model_dir == other and config.max_model_len == 64
+    assert config.model_dir == other and config.model().max_position_embeddings == 64
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
@@ -179,7 +197,36 @@ def test_hub_id_offline_is_a_clear_error_without_network(tmp_path):
         EngineConfig.from_env(environ, device="cpu")
 
 
-def test_embedded_tiny_model_is_the_last_resort(tiny_model_dir, tmp_path):
-    config = EngineConfig.from_env({"SM_MODEL_DIR": str(tmp_path)}, device="cpu")  # an empty /opt/ml/model
-    assert config.model_dir == tiny_model_dir
-    assert config.max_model_len == 2048
+def test_embedded_tiny_model_is_the_last_resort_outside_sagemaker(tiny_model_dir, tmp_path, caplog):
+    """`make serve` and a bare `docker run IMAGE serve`: the demo model, and the log says so. A developer on
+    SageMaker Studio (other SAGEMAKER_* names set) is not taken for an endpoint."""
+    environ = {
+        "SM_MODEL_DIR": str(tmp_path),
+        "TINY_MODEL_CACHE": str(tiny_model_dir.parent),
+        "SAGEMAKER_SPACE_NAME": "studio",
+        "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+    }
+    with caplog.at_level("WARNING", logger="model_handler.model_source"):
+        config = EngineConfig.from_env(environ, device="cpu")  # an empty /opt/ml/model
+    assert config.model_dir == tiny_model_dir and config.model_id == "tiny-llama"
+    assert config.model().max_position_embeddings == 2048
+    assert "embedded tiny demo model" in caplog.text and "set HF_MODEL_ID" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["SAGEMAKER_PROGRAM", "SAGEMAKER_SUBMIT_DIRECTORY", "SAGEMAKER_REGION"])
+def test_no_model_on_sagemaker_stops_startup_naming_both_ways_to_give_one(tmp_path, name):
+    """What the SageMaker SDK sends (two of them empty) marks an endpoint: never the demo model there."""
+    environ = {"SM_MODEL_DIR": str(tmp_path), name: "", "SAGEMAKER_CONTAINER_LOG_LEVEL": "20"}
+    with pytest.raises(ValueError, match=rf"no model to serve.*{name} is set.*HF_MODEL_ID.*{tmp_path}") as caught:
+        EngineConfig.from_env(environ, device="cpu")
+    assert "HF_TOKEN" in str(caught.value) and "model_data" in str(caught.value)
+
+
+def test_sagemaker_evidence_reads_the_sdk_variables_and_the_model_mount(tmp_path):
+    from model_handler.model_source import sagemaker_evidence
+
+    assert sagemaker_evidence({}, tmp_path) is None
+    assert sagemaker_evidence({"SAGEMAKER_REGION": "us-east-1"}, tmp_path).startswith("SAGEMAKER_REGION is set")
+    # Some mount point every Linux machine has stands in for the volume SageMaker mounts at /opt/ml/model.
+    mount = next(p for p in (Path("/proc"), Path("/sys"), Path("/dev")) if p.is_mount())
+    assert "is a mount point" in sagemaker_evidence({}, mount)

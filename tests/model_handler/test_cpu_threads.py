@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from model_handler import cpu_threads
+from model_handler import cpu_threads, envs
 
 
 @pytest.fixture
@@ -18,16 +18,14 @@ def restore_threads():
 
 
 def test_default_is_every_available_cpu_on_cpu_and_torchs_choice_on_gpu():
-    assert cpu_threads.num_threads_from_env({}) == cpu_threads.available_cpus() >= 1
-    assert cpu_threads.num_threads_from_env({"ENGINE_CPU_THREADS": " "}) == cpu_threads.available_cpus()
-    assert cpu_threads.num_threads_from_env({}, device_type="cuda") is None
-    assert cpu_threads.num_threads_from_env({"ENGINE_CPU_THREADS": "3"}, device_type="cuda") == 3
+    assert cpu_threads.default_num_threads("cpu") == cpu_threads.available_cpus() >= 1
+    assert cpu_threads.default_num_threads("cuda") is None
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_bad_thread_count_names_the_variable(value):
     with pytest.raises(ValueError, match="ENGINE_CPU_THREADS"):
-        cpu_threads.num_threads_from_env({"ENGINE_CPU_THREADS": value})
+        envs.get({"ENGINE_CPU_THREADS": value}, "ENGINE_CPU_THREADS")
 
 
 def test_configure_sets_torch_threads_on_cpu(restore_threads):

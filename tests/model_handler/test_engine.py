@@ -244,8 +244,25 @@ def test_requests_that_can_never_run_are_rejected(engine, prompts):
 
 
 def test_request_larger_than_the_cache_is_rejected(small_cache_engine):
-    with pytest.raises(ValueError, match="KV blocks"):
+    """MAX_TOTAL_TOKENS unset: the context is what the 12 blocks hold, so a longer request is refused as too long."""
+    info = small_cache_engine.info()
+    assert (info.max_model_len, info.max_input_tokens, info.context_limited_by) == (96, 95, "kv_cache")
+    with pytest.raises(ValueError, match=r"exceeds the model length 96 \(MAX_TOTAL_TOKENS, limited by kv_cache\)"):
         small_cache_engine.add_request(greedy("huge", [5] * 200, 10))
+
+
+def test_explicit_limits_beyond_the_cache_stop_startup_with_the_numbers(test_model_dir):
+    with pytest.raises(
+        ValueError,
+        match=r"MAX_TOTAL_TOKENS=200 does not fit the KV cache: one request that long needs 25 blocks of 8 tokens, "
+        r"the cache holds 12 \(96 tokens; KV_CACHE_CPU_BYTES=96.0 KiB at 8.0 KiB a block\)",
+    ):
+        create_engine(test_model_dir, KV_CACHE_CPU_BYTES="96KiB", MAX_TOTAL_TOKENS="200")
+    with pytest.raises(ValueError, match=r"MAX_INPUT_TOKENS=100 must be smaller than the total token limit 96"):
+        create_engine(test_model_dir, KV_CACHE_CPU_BYTES="96KiB", MAX_INPUT_TOKENS="100")
+    engine = create_engine(test_model_dir, KV_CACHE_CPU_BYTES="96KiB", MAX_TOTAL_TOKENS="97", MAX_INPUT_TOKENS="50")
+    info = engine.info()  # 97 tokens fit 12 blocks of 8: the last sampled token needs no KV slot
+    assert (info.max_model_len, info.max_input_tokens, info.context_limited_by) == (97, 50, "MAX_TOTAL_TOKENS")
 
 
 def test_info_and_stats(engine, test_model_dir):
@@ -258,6 +275,8 @@ def test_info_and_stats(engine, test_model_dir):
     assert info.block_size == 8 and info.num_kv_blocks == 512
     assert info.kv_cache_bytes == 4 << 20
     assert info.max_model_len == 512 and not info.cuda_graphs and info.prefix_caching
+    # MAX_TOTAL_TOKENS unset: the model's 512 positions, since the cache holds more (4096 tokens).
+    assert (info.max_input_tokens, info.max_position_embeddings, info.context_limited_by) == (511, 512, "model")
     assert info.eos_token_ids == [2]
     assert engine.stats() == (0, 0, 512)
     engine.add_request(greedy("s", [5] * 20, 2))

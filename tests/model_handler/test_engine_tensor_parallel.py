@@ -108,7 +108,8 @@ def _serve_one(address: str, request: EngineRequest, timeout_s: float = 60.0) ->
                 continue
             assert isinstance(message, OutputBatch)
             for output in message.outputs:
-                assert output.request_id == request.request_id and output.error is None, output
+                assert output.request_id == request.request_id, output
+                assert output.finish_reason is None or not output.finish_reason.is_failure, output
                 tokens += output.new_token_ids
                 if output.finished:
                     return tokens

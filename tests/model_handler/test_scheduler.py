@@ -33,7 +33,7 @@ def test_prompts_prefill_then_decode_one_token_per_step():
     assert sampled == [a, b]
     out, _ = run_step(scheduler)
     assert num_new_tokens(out) == {a.request_id: 1, b.request_id: 1}
-    assert out.is_decode_only
+    assert out.num_batched_tokens == len(out.scheduled)  # decodes only
     run_step(scheduler)
     assert a.is_finished and b.is_finished
     assert a.finish_reason is FinishReason.LENGTH
@@ -50,7 +50,7 @@ def test_request_arriving_while_others_decode_joins_the_next_step():
     out, sampled = run_step(scheduler)
     # One mixed step: two decodes and the newcomer's whole prompt.
     assert num_new_tokens(out) == {a.request_id: 1, b.request_id: 1, c.request_id: 9}
-    assert not out.is_decode_only
+    assert out.num_batched_tokens > len(out.scheduled)
     assert sampled == [a, b, c]
     assert c.num_output_tokens == 1 and a.num_output_tokens == 3
 
@@ -84,7 +84,7 @@ def test_many_decodes_never_shrink_the_prompt_budget():
     out, _ = run_step(scheduler)
     new = num_new_tokens(out)
     assert all(new[s.request_id] == 1 for s in decoding)  # six decodes: more than the budget itself
-    assert new[prompt.request_id] == 4 and out.num_batched_tokens == 10 and not out.is_decode_only
+    assert new[prompt.request_id] == 4 and out.num_batched_tokens == 10 and out.num_batched_tokens > len(out.scheduled)
 
 
 def test_budget_smaller_than_a_prompt_with_nothing_else_running():

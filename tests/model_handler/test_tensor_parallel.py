@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, Qwen3Config
 
-from model_handler.distributed import init_tensor_parallel
 from model_handler.kernels import TorchReferenceBackend
 from model_handler.model_loader import load_model
 from tests.model_handler.model_factories import PagedBatches, make_kv_caches, save_random_model
@@ -56,7 +56,7 @@ def run_steps(model) -> list[torch.Tensor]:
 
 def _rank_main(rank: int, model_dirs: list[str], init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    init_tensor_parallel(rank, TP_SIZE, f"file://{init_file}", backend="gloo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP_SIZE)
     try:
         for name in model_dirs:
             model = load_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from model_handler import tiny_model
+from model_handler import tiny_chat_formats, tiny_model
 from model_handler.model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,7 +103,7 @@ def test_model_config_of_the_tiny_model(tiny_model_dir):
 
 
 def test_cache_is_reused_on_the_second_call(tmp_path, monkeypatch):
-    monkeypatch.setenv(tiny_model.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("TINY_MODEL_CACHE", str(tmp_path))
     monkeypatch.setitem(tiny_model.PRESETS, "small", tiny_model.TinyModelSpec(**SMALL))
     first = tiny_model.default_model_dir("small")
     assert first.parent == tmp_path and (first / "model.safetensors").is_file()
@@ -124,8 +125,60 @@ def test_cache_key_changes_with_the_parameters():
     assert tiny_model.model_dir_name("small", spec) == tiny_model.model_dir_name("small", same)
 
 
+def test_cache_key_changes_with_the_chat_format_and_its_template(monkeypatch):
+    """A folder cached before a template change is never served again: the template is part of the key."""
+    spec = tiny_model.TinyModelSpec(**SMALL)
+    before = tiny_model.model_dir_name("small", spec)
+    llama = tiny_model.TinyModelSpec(**SMALL, chat_format="llama3_json")
+    assert tiny_model.model_dir_name("small", llama) != before
+    edited = dataclasses.replace(tiny_chat_formats.HERMES, template=tiny_chat_formats.HERMES.template + " ")
+    monkeypatch.setitem(tiny_chat_formats.CHAT_FORMATS, "hermes", edited)
+    assert tiny_model.model_dir_name("small", spec) != before
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+CALL_HISTORY = [
+    {"role": "user", "content": "go", "name": "ann"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+    },
+    {"role": "tool", "tool_call_id": "1", "content": "done"},
+]
+
+
+def test_hermes_template_renders_tools_calls_results_names_and_thinking(tiny_model_dir):
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    text = tokenizer.apply_chat_template(CALL_HISTORY, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n# Tools\n") and json.dumps(TOOLS[0]) in text
+    assert "<|im_start|>user name=ann\ngo<|im_end|>" in text
+    assert '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>' in text
+    assert "<|im_start|>user\n<tool_response>\ndone\n</tool_response><|im_end|>" in text
+    render = tokenizer.apply_chat_template
+    assert render(MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=True) == CHATML + "<think>\n"
+    closed = render(MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert closed == CHATML + "<think>\n\n</think>\n\n"
+    for marker in ("<tool_call>", "</tool_call>", "<think>", "</think>"):  # one token each, shown as text
+        (token_id,) = tokenizer.encode(marker, add_special_tokens=False)
+        assert token_id < 8 and tokenizer.decode([token_id], skip_special_tokens=True) == marker
+
+
+def test_llama3_json_template_and_tokens(tmp_path):
+    out = tiny_model.build_tiny_model(tmp_path / "m", **SMALL, chat_format="llama3_json")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    text = tokenizer.apply_chat_template(CALL_HISTORY, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython")
+    assert '{"name": "f", "parameters": {"x": 1}}<|eot_id|>' in text
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\ndone<|eot_id|>" in text
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    config = ModelConfig.from_model_dir(out)
+    assert config.eos_token_ids == tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"])
+    assert tokenizer.eos_token == "<|eot_id|>" and tokenizer.convert_tokens_to_ids("<|python_tag|>") < 8
+
+
 def test_concurrent_builds_all_see_one_complete_folder(tmp_path):
-    env = {**os.environ, tiny_model.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "TINY_MODEL_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "model_handler.tiny_model"],

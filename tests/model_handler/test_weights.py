@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from model_handler.kernels import TorchReferenceBackend
 from model_handler.model_loader import load_model
-from model_handler.weights import checkpoint_files
+from model_handler.startup_progress import ByteProgress
+from model_handler.weights import checkpoint_bytes, checkpoint_files
 from tests.model_handler.model_factories import family_config, save_random_model
 
 
@@ -18,6 +20,27 @@ def load_fp32(model_dir):
     return load_model(
         model_dir, dtype=torch.float32, device=torch.device("cpu"), attention_backend=TorchReferenceBackend()
     )
+
+
+def test_loading_reports_bytes_done_of_the_checkpoint_on_disk(tmp_path, caplog):
+    """The weight loading's progress (a start-up phase): every file's bytes, headers included, counted once."""
+    hf_model = save_random_model(family_config("qwen2"), tmp_path / "single")
+    hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    total = checkpoint_bytes(tmp_path / "sharded")
+    assert total == sum(path.stat().st_size for path in checkpoint_files(tmp_path / "sharded"))
+    with caplog.at_level(logging.INFO, logger="model_handler.startup"):
+        progress = ByteProgress("load", "loading weights", total, interval_s=0.0)
+        load_model(
+            tmp_path / "sharded",
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            attention_backend=TorchReferenceBackend(),
+            progress=progress,
+        )
+        assert progress.bytes_done == total  # before close(), which would set it anyway
+        progress.close()
+    done = [r.bytes_done for r in caplog.records if getattr(r, "phase", None) == "load"]
+    assert done[0] == 0 and done[-1] == total and len(done) > 3 and done == sorted(done)
 
 
 def rewrite_checkpoint(model_dir, edit) -> None:

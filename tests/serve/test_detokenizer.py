@@ -45,3 +45,13 @@ def test_unfinished_character_at_the_end_is_flushed_as_replacement(tokenizer):
     detok = IncrementalDetokenizer(tokenizer)
     assert "".join(detok.add(i) for i in ids) == "x"
     assert detok.flush() == tokenizer.decode(ids)[1:] != ""
+
+
+def test_special_tokens_asked_for_show_their_text(tokenizer):
+    """A tool-call marker that is a special token (Mistral's [TOOL_CALLS]) must reach the reply's parser."""
+    start = tokenizer.hf.convert_tokens_to_ids("<|im_start|>")
+    ids = tokenizer.encode("a😀", add_special_tokens=False)[:-1] + [start] + tokenizer.encode("b c", False)
+    detok = IncrementalDetokenizer(tokenizer, {start: "<|im_start|>"})
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == "a\ufffd<|im_start|>b c"  # a character cut by the marker is shown as cut
+    assert pieces[len(ids) - 3] == "\ufffd<|im_start|>"

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import botocore.session
-import pytest
 from botocore.eventstream import EventStream, EventStreamBuffer
-from botocore.exceptions import EventStreamError
 from botocore.parsers import EventStreamJSONParser
 
-from serve.eventstream import frame_chunks, model_stream_error, payload_part
+from serve.eventstream import frame_chunks, payload_part
 
 
 def test_payload_parts_decode_with_botocore_buffer():
@@ -39,14 +37,6 @@ def test_botocore_event_stream_yields_payload_parts():
     raw = payload_part(b"data: one\n\n") + payload_part(b"data: two\n\n")
     events = list(_sagemaker_stream(raw))
     assert events == [{"PayloadPart": {"Bytes": b"data: one\n\n"}}, {"PayloadPart": {"Bytes": b"data: two\n\n"}}]
-
-
-def test_model_stream_error_is_raised_by_botocore():
-    raw = payload_part(b"data: one\n\n") + model_stream_error("boom")
-    stream = iter(_sagemaker_stream(raw))
-    assert next(stream) == {"PayloadPart": {"Bytes": b"data: one\n\n"}}
-    with pytest.raises(EventStreamError, match="ModelStreamError"):
-        next(stream)
 
 
 def test_empty_chunks_are_not_framed():

@@ -56,9 +56,15 @@ def test_stop_spanning_tokens_is_excluded_in_both_modes(live_client, live_engine
     learned = client.post(CHAT, json=body).get_json()
     text = _content(learned)
     pieces = [entry["token"] for entry in learned["choices"][0]["logprobs"]["content"]]
-    assert "".join(pieces) == text and all(len(p) >= 2 for p in pieces[2:5]), pieces
-    # From the middle of token 2 to the middle of token 4, so no single token holds it.
-    stop = pieces[2][-1:] + pieces[3] + pieces[4][:1]
+    # Three whole tokens of two characters or more, each a whole text (no part of a character), from the start.
+    first = next(
+        i
+        for i in range(1, len(pieces) - 2)
+        if all(len(p) >= 2 and "\ufffd" not in p for p in pieces[i : i + 3])
+        and text.startswith("".join(pieces[: i + 3]))
+    )
+    # From the middle of the first to the middle of the third, so no single token holds it.
+    stop = pieces[first][-1:] + pieces[first + 1] + pieces[first + 2][:1]
     expected = text[: text.index(stop)]
     body = {"messages": MESSAGES, "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stop": [stop]}
     reply = client.post(CHAT, json=body).get_json()
@@ -107,7 +113,8 @@ def test_logprobs_with_bytes_validate(live_client):
     validate(reply, "CreateChatCompletionResponse")
     content = reply["choices"][0]["logprobs"]["content"]
     assert len(content) == 5
-    assert b"".join(bytes(entry["bytes"]) for entry in content).decode() == _content(reply)
+    # The bytes are exact even where a token holds part of a character (the text shows U+FFFD there).
+    assert b"".join(bytes(entry["bytes"]) for entry in content).decode(errors="replace") == _content(reply)
     for entry in content:
         assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
         assert entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][1]["logprob"]
@@ -159,7 +166,7 @@ def test_client_disconnect_aborts_the_engine_request(live_client, live_engine_cl
 
 def test_engine_death_mid_generation_fails_the_requests_and_health(make_client):
     handle = start_engine()
-    engine = SocketEngineClient(handle.address, heartbeat_timeout_s=2.0)
+    engine = SocketEngineClient(handle.address)  # the heartbeats' 10 s: the closed socket must tell first
     try:
         assert engine.wait_ready(30)
         client = make_client(engine)
@@ -171,15 +178,15 @@ def test_engine_death_mid_generation_fails_the_requests_and_health(make_client):
         next(stream), next(stream)  # the role chunk, then a token: the engine is generating
         assert engine.num_in_flight == 3
         handle.process.kill()
-        with gevent.Timeout(30):  # the heartbeat watchdog must end the stream, not a hang
+        with gevent.Timeout(5):  # the engine's end of the socket closed: no wait for the heartbeat timeout
             rest = b"".join(stream).decode()
         reply.close()
         frames = [f.removeprefix("data: ") for f in rest.split("\n\n") if f]
-        assert frames[-1] == "[DONE]" and "stopped responding" in frames[-2]
+        assert frames[-1] == "[DONE]" and "the engine process exited" in frames[-2]
         validate(json.loads(frames[-2]), "ErrorResponse")
-        gevent.joinall([collecting, tgi], timeout=30, raise_error=True)
+        gevent.joinall([collecting, tgi], timeout=5, raise_error=True)
         assert collecting.value.status_code == 500
-        assert "stopped responding" in collecting.value.get_json()["error"]["message"]
+        assert "the engine process exited" in collecting.value.get_json()["error"]["message"]
         assert tgi.value.status_code == 424 and tgi.value.get_json()["error_type"] == "generation"
         assert client.get("/ping").status_code == 503  # SageMaker replaces an instance whose engine is gone
         assert client.post(CHAT, json={"messages": MESSAGES}).status_code == 503

@@ -12,9 +12,10 @@ import json
 from tests.serve.helpers import sse_frames
 
 EOS = 2
-EOS_INPUTS, EOS_TEXT = "Except is", "ub containedbosebreakvirtualatch"
+EOS_INPUTS, EOS_TEXT, EOS_STOP = "entere is\x12 nowlike", "press|raisesweak ignored grouping", "raises"
 """The embedded tiny model's greedy reply to EOS_INPUTS: six tokens of EOS_TEXT, then EOS (found by running the
-model greedily on many short prompts; rebuilding the model with other weights means finding another)."""
+model greedily on many short prompts until one ended in EOS, then cutting the prompt to leave six tokens; rebuilding
+the model with other weights or another tokenizer means finding another). EOS_STOP is a word inside it."""
 
 
 def _events(reply) -> list[dict]:
@@ -41,10 +42,10 @@ def test_tgi_finish_reasons_length_and_stop_sequence(live_client):
     reply = client.post("/generate", json={"inputs": EOS_INPUTS, "parameters": parameters}).get_json()
     assert reply["details"]["finish_reason"] == "length" and reply["details"]["generated_tokens"] == 3
     assert EOS_TEXT.startswith(reply["generated_text"])
-    parameters = {"details": True, "max_new_tokens": 50, "stop": ["break"]}
+    parameters = {"details": True, "max_new_tokens": 50, "stop": [EOS_STOP]}
     reply = client.post("/generate", json={"inputs": EOS_INPUTS, "parameters": parameters}).get_json()
     assert reply["details"]["finish_reason"] == "stop_sequence"
-    assert reply["generated_text"] == EOS_TEXT[: EOS_TEXT.index("break") + len("break")]
+    assert reply["generated_text"] == EOS_TEXT[: EOS_TEXT.index(EOS_STOP) + len(EOS_STOP)]
 
 
 def test_tgi_generate_and_stream_agree(live_client):

@@ -92,3 +92,30 @@ def test_unexpected_exception_is_a_json_500(scripted, make_client):
     reply = client.post("/generate", json={"inputs": "x"})
     assert reply.status_code == 500 and set(reply.get_json()) == {"error", "error_type"}
     assert client.application.extensions["serve"].num_in_flight == 0
+
+
+def test_a_stopping_worker_says_unhealthy_then_ends_its_streams_with_an_error(scripted, make_client, tokenizer):
+    """What the gunicorn worker does on SIGTERM (serve/http_worker.py): health turns 503 at once while requests
+    go on; when the grace period is over, each stream ends with an error event (and [DONE] on /v1) and new
+    requests are refused."""
+    from serve.app import serve_state
+
+    ids = tokenizer.encode("one two three four five six", add_special_tokens=False)
+    engine = _engine_with(scripted, lambda req: outputs_for(req, ids + [EOS], FinishReason.EOS))
+    client = make_client(engine)
+    state = serve_state(client.application)
+    reply = client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True}, buffered=False)
+    stream = iter(reply.response)
+    assert b'"role":"assistant"' in next(stream) and b'"content"' in next(stream)
+    state.begin_drain()
+    assert client.get("/ping").status_code == 503
+    state.end_in_flight()
+    frames = [f.removeprefix("data: ") for f in b"".join(stream).decode().split("\n\n") if f]
+    reply.close()
+    assert frames[-1] == "[DONE]"
+    error = json.loads(frames[-2])
+    validate(error, "ErrorResponse")
+    assert error["error"]["code"] == "model_not_ready" and "SHUTDOWN_GRACE_PERIOD" in error["error"]["message"]
+    assert engine.aborted == [engine.submitted[0].request_id]
+    refused = client.post("/generate", json={"inputs": "x"})
+    assert refused.status_code == 503 and "shutting down" in refused.get_json()["error"]

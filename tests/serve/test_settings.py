@@ -30,27 +30,26 @@ def test_messages_api_enabled(raw, expected):
     assert Settings.from_env({"MESSAGES_API_ENABLED": raw}).messages_api_enabled is expected
 
 
-def test_max_input_length_is_an_alias_and_both_is_an_error():
-    assert Settings.from_env({"MAX_INPUT_LENGTH": "100"}).max_input_tokens == 100
-    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS and MAX_INPUT_LENGTH"):
-        Settings.from_env({"MAX_INPUT_LENGTH": "100", "MAX_INPUT_TOKENS": "100"})
-
-
 @pytest.mark.parametrize(
     "env, name",
     [
-        ({"MAX_TOTAL_TOKENS": "abc"}, "MAX_TOTAL_TOKENS"),
         ({"PORT": "70000"}, "PORT"),
         ({"MAX_CONCURRENT_REQUESTS": "0"}, "MAX_CONCURRENT_REQUESTS"),
         ({"MESSAGES_API_ENABLED": "maybe"}, "MESSAGES_API_ENABLED"),
         ({"SAGEMAKER_CONTAINER_LOG_LEVEL": "loud"}, "SAGEMAKER_CONTAINER_LOG_LEVEL"),
-        ({"MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "10"}, "MAX_INPUT_TOKENS"),
         ({"PAYLOAD_LIMIT": "-1"}, "PAYLOAD_LIMIT"),
+        ({"TOOL_CALL_PARSER": "pythonic"}, "TOOL_CALL_PARSER"),
     ],
 )
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
         Settings.from_env(env)
+
+
+def test_tool_call_parser():
+    assert Settings.from_env({}).tool_call_parser == "auto"
+    for name in ("hermes", "llama3_json", "mistral", "generic", "auto"):
+        assert Settings.from_env({"TOOL_CALL_PARSER": name.upper()}).tool_call_parser == name
 
 
 def test_sagemaker_variables_are_accepted_and_log_level_parsed():
@@ -85,19 +84,6 @@ def test_other_settings_are_read():
     assert settings.num_workers == 3
     assert settings.max_concurrent_requests == 10  # for the whole server, counted in the launcher's table
     assert settings.admission_file == "/tmp/x/admission"
-
-
-def test_token_limits_default_to_the_engine_context():
-    limits = Settings.from_env({}).token_limits(2048)
-    assert (limits.max_input_tokens, limits.max_total_tokens) == (2047, 2048)
-    limits = Settings.from_env({"MAX_TOTAL_TOKENS": "512"}).token_limits(2048)
-    assert (limits.max_input_tokens, limits.max_total_tokens) == (511, 512)
-    limits = Settings.from_env({"MAX_INPUT_TOKENS": "100"}).token_limits(2048)
-    assert (limits.max_input_tokens, limits.max_total_tokens) == (100, 2048)
-    with pytest.raises(ValueError, match="MAX_TOTAL_TOKENS"):
-        Settings.from_env({"MAX_TOTAL_TOKENS": "4096"}).token_limits(2048)
-    with pytest.raises(ValueError, match="MAX_INPUT_TOKENS"):
-        Settings.from_env({"MAX_INPUT_TOKENS": "4096"}).token_limits(2048)
 
 
 def test_two_http_workers_by_default_where_nvidia_gpus_are_visible(tmp_path):

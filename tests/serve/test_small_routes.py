@@ -29,7 +29,7 @@ def test_health_without_an_engine_address_is_503():
 
 
 def test_info_and_models(scripted, make_client):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "1024", "SERVED_MODEL_NAME": "my-llm"})
+    client = make_client(scripted.with_limits(1024), {"SERVED_MODEL_NAME": "my-llm"})
     info = client.get("/info").get_json()
     assert info["model_id"] == "my-llm" and info["router"] == "text-generation-router"
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (1023, 1024)
@@ -59,6 +59,50 @@ def test_tokenize_gives_byte_offsets(scripted, make_client, tokenizer):
     chat = client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).get_json()
     assert chat["templated_text"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert [t["id"] for t in chat["tokenize_response"]] == tokenizer.encode(chat["templated_text"], False)
+
+
+def test_tokenize_routes_need_the_api_key_like_the_others(scripted, make_client):
+    client = make_client(scripted, {"API_KEY": "k"})
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body in (("/tokenize", {"inputs": "hi"}), ("/chat_tokenize", chat)):
+        refused = client.post(path, json=body)
+        assert refused.status_code == 401 and refused.get_json()["error_type"] == "unauthorized"
+        assert client.post(path, json=body, headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_tokenize_routes_hold_texts_to_the_prompt_limits(scripted, make_client, tokenizer):
+    """The limit a prompt has on /generate (MAX_INPUT_TOKENS, after `truncate`): a text past it is refused before
+    any per-token work, so a reply never holds more tokens than a prompt could."""
+    client = make_client(scripted.with_limits(200, max_input_tokens=100))
+    text = "héllo wörld, 日本語 " * 40  # more than 100 tokens
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    assert len(ids) > 100
+    refused = client.post("/tokenize", json={"inputs": text})
+    assert refused.status_code == 422 and refused.get_json() == {
+        "error": f"Input validation error: `inputs` must have less than 100 tokens. Given: {len(ids)}",
+        "error_type": "validation",
+    }
+    kept = client.post("/tokenize", json={"inputs": text, "parameters": {"truncate": 60}}).get_json()
+    assert [t["id"] for t in kept] == ids[-60:]  # the tokens /generate would keep, with their offsets in the text
+    assert all(t["text"] == text.encode()[t["start"] : t["stop"]].decode() for t in kept if t["text"].isascii())
+    assert client.post("/tokenize", json={"inputs": "x", "parameters": {"truncate": 101}}).status_code == 422
+    chat = {"messages": [{"role": "user", "content": text}]}
+    assert client.post("/chat_tokenize", json=chat).status_code == 422
+
+
+def test_a_long_tokenize_reply_built_in_the_thread_pool_has_every_offset_right(scripted, make_client, tokenizer):
+    from serve.routes import OFFLOAD_TOKENS
+
+    client = make_client(scripted.with_limits(8192))
+    text = "héllo wörld, tokenizers " * 300
+    encoding = tokenizer.backend.encode(text, add_special_tokens=True)
+    assert OFFLOAD_TOKENS <= len(encoding.ids) < 8191
+    tokens = client.post("/tokenize", json={"inputs": text}).get_json()
+    expected = [
+        {"id": i, "text": text[a:b], "start": len(text[:a].encode()), "stop": len(text[:b].encode())}
+        for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)
+    ]
+    assert tokens == expected
 
 
 def test_metrics_use_tgi_names_and_count_outcomes(scripted, make_client):

@@ -12,6 +12,7 @@ from tests.serve.scripted_engine import ScriptedEngine, engine_info
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
 
 
 def _error(reply, status: int, param: str | None = None, code: str | None = None) -> str:
@@ -50,11 +51,42 @@ def _error(reply, status: int, param: str | None = None, code: str | None = None
         ({"messages": MESSAGES, "presence_penalty": -3}, "presence_penalty", "below minimum"),
         ({"messages": MESSAGES, "n": 0}, "n", "below minimum"),
         ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop", "maximum length 4"),
-        ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 6}, "top_logprobs", "above maximum"),
+        ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "above maximum"),
         ({"messages": MESSAGES, "stream": "yes"}, "stream", "boolean"),
         ({"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
-        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages.0.content.0", "tag"),
-        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages.0.content.0", "tag"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA"}}]}]},
+            "messages.0.content.0",
+            "input_audio content parts are not supported: tiny-llama is a text-only model",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, IMAGE]}]},
+            "messages.0.content.1",
+            "image_url content parts are not supported",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]}, "messages.0.content.0", "file"),
+        ({"messages": MESSAGES, "modalities": ["text", "audio"]}, "modalities", "'audio' is not supported"),
+        ({"messages": MESSAGES, "audio": {"voice": "alloy", "format": "wav"}}, "audio", "text only"),
+        ({"messages": MESSAGES, "seed": 1 << 63}, "seed", "above maximum"),
+        ({"messages": MESSAGES, "seed": -(1 << 63) - 1}, "seed", "below minimum"),
+        (
+            {"messages": MESSAGES, "logit_bias": {"4096": 1}},
+            "logit_bias",
+            "token id 4096 is outside the vocabulary of 4096",
+        ),
+        ({"messages": MESSAGES, "logit_bias": {"-1": 1}}, "logit_bias", "token id -1"),
+        ({"messages": MESSAGES, "logit_bias": {"12": 100.5}}, "logit_bias", "bias 100.5 of token id 12 is outside"),
+        ({"messages": MESSAGES, "logit_bias": {"twelve": 1}}, "logit_bias", "'twelve' is not a token id"),
+        ({"messages": MESSAGES, "logit_bias": {"12": "up"}}, "logit_bias.12", "number"),
+        ({"messages": MESSAGES, "min_p": 1.5}, "min_p", "above maximum"),
+        ({"messages": MESSAGES, "stop_token_ids": [5, 9999]}, "stop_token_ids", "token id 9999"),
+        ({"messages": MESSAGES, "model": "my-lora"}, "model", "no adapter or model of that name is loaded"),
+        ({"messages": MESSAGES, "store": True}, "store", "stores no completions"),
+        ({"messages": MESSAGES, "service_tier": "flex"}, "service_tier", "one tier"),
+        ({"messages": MESSAGES, "prediction": {"type": "content", "content": "x"}}, "prediction", "predicted"),
+        ({"messages": MESSAGES, "web_search_options": {}}, "web_search_options", "web search"),
+        ({"messages": MESSAGES, "metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16"),
     ],
 )
 def test_bad_chat_bodies_are_400_and_never_queued(scripted, make_client, body, param, words):
@@ -88,10 +120,10 @@ def test_paired_surrogate_escapes_are_one_character(scripted, make_client, token
     assert scripted.submitted[0].prompt_token_ids == tokenizer.encode(prompt, add_special_tokens=False)
 
 
-def test_edges_of_the_ranges_and_unknown_fields_are_accepted(scripted, make_client):
+def test_edges_of_the_ranges_are_accepted(scripted, make_client):
     client = make_client(scripted)
     body = {
-        "model": "dummy",
+        "model": "TGI",
         "messages": MESSAGES,
         "temperature": 0,
         "top_p": 1.0,
@@ -99,17 +131,91 @@ def test_edges_of_the_ranges_and_unknown_fields_are_accepted(scripted, make_clie
         "presence_penalty": 2,
         "stop": "x",
         "user": "u",
-        "metadata": {"a": 1},
+        "metadata": {"a": "1"},
+        "seed": -(1 << 63),
+        "logit_bias": {"0": -100, "4095": 100},
+        "modalities": ["text"],
+        "store": False,
+        "service_tier": "auto",
         "parallel_tool_calls": False,
-        "some_future_field": [1, 2],
     }
     reply = client.post(CHAT, json=body)
     assert reply.status_code == 200, reply.data
-    assert reply.get_json()["model"] == "tiny-llama"  # the served model, whatever the client called it
+    assert reply.get_json()["model"] == "tiny-llama"  # the served model, whichever of its names the client used
+
+
+@pytest.mark.parametrize(
+    "route, body, name",
+    [
+        (CHAT, {"messages": MESSAGES, "max_token": 5}, "max_token"),
+        ("/v1/completions", {"prompt": "hi", "some_future_field": [1, 2]}, "some_future_field"),
+        (CHAT, {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True, "x": 1}}, "x"),
+    ],
+)
+def test_an_unknown_field_is_refused_naming_it_as_openai_does(scripted, make_client, route, body, name):
+    """A misspelt field must not quietly give a different answer: OpenAI answers 400 "Unrecognized request
+    argument supplied"; so does this server, before anything reaches the engine."""
+    reply = make_client(scripted).post(route, json=body)
+    assert reply.status_code == 400, reply.data
+    error = reply.get_json()["error"]
+    assert error["message"].startswith("Unrecognized request argument supplied: ") and name in error["message"]
+    assert error["param"].endswith(name) and error["type"] == "invalid_request_error"
+    validate(reply.get_json(), "ErrorResponse")
+    assert scripted.submitted == []
+
+
+def test_messages_may_carry_the_fields_of_an_earlier_reply(scripted, make_client):
+    """Clients send an earlier reply's message back whole (`refusal`, `annotations`, ... set to null)."""
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "refusal": None, "annotations": [], "audio": None},
+        {"role": "user", "content": "again"},
+    ]
+    assert make_client(scripted).post(CHAT, json={"messages": history}).status_code == 200
+
+
+@pytest.mark.parametrize("name", [None, "", "tgi", "dummy", "tiny-llama", "Tiny-Llama"])
+def test_the_served_names_are_accepted(scripted, make_client, name):
+    reply = make_client(scripted).post(CHAT, json={"messages": MESSAGES, "model": name})
+    assert reply.status_code == 200, reply.data
+
+
+def test_served_model_name_lists_the_names_a_request_may_use(scripted, make_client, tiny_model_dir):
+    client = make_client(scripted, {"SERVED_MODEL_NAME": "org/llama-chat, alias-two"})
+    for name in ("org/llama-chat", "llama-chat", "alias-two", "tiny-llama", str(tiny_model_dir), "tgi"):
+        reply = client.post(CHAT, json={"messages": MESSAGES, "model": name})
+        assert reply.status_code == 200, (name, reply.data)
+        assert reply.get_json()["model"] == "org/llama-chat"
+    assert "Send 'org/llama-chat'" in _error(client.post(CHAT, json={"messages": MESSAGES, "model": "x"}), 400, "model")
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"]
+)
+def test_a_body_that_is_not_json_by_its_media_type_is_415(scripted, make_client, content_type):
+    client = make_client(scripted)
+    data = json.dumps({"messages": MESSAGES})
+    for route in (CHAT, "/v1/completions"):
+        message = _error(client.post(route, data=data, content_type=content_type), 415, code="unsupported_media_type")
+        assert "application/json" in message and content_type.split(";")[0] in message
+    assert scripted.submitted == []
+
+
+def test_json_media_types_and_none_at_all_are_accepted(scripted, make_client):
+    client = make_client(scripted)
+    data = json.dumps({"messages": MESSAGES, "max_tokens": 2})
+    for headers in (
+        {"Content-Type": "application/json; charset=utf-8"},
+        {"Content-Type": "application/vnd.x+json"},
+        {},
+    ):
+        reply = client.post(CHAT, data=data, headers=headers)
+        assert reply.status_code == 200, (headers, reply.data)
+    assert len(scripted.submitted) == 3
 
 
 def test_prompt_longer_than_max_input_tokens(scripted, make_client):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "20", "MAX_TOTAL_TOKENS": "40"})
+    client = make_client(scripted.with_limits(40, 20))
     long = [{"role": "user", "content": "word " * 40}]
     message = _error(client.post(CHAT, json={"messages": long}), 400, "messages", "context_length_exceeded")
     assert "maximum input length is 20 tokens" in message
@@ -117,7 +223,7 @@ def test_prompt_longer_than_max_input_tokens(scripted, make_client):
 
 
 def test_prompt_plus_max_tokens_over_max_total_tokens(scripted, make_client):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "30", "MAX_TOTAL_TOKENS": "40"})
+    client = make_client(scripted.with_limits(40, 30))
     reply = client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 35})
     message = _error(reply, 400, "messages", "context_length_exceeded")
     assert "maximum context length is 40 tokens" in message and "35 in the completion" in message
@@ -125,7 +231,7 @@ def test_prompt_plus_max_tokens_over_max_total_tokens(scripted, make_client):
 
 
 def test_omitted_max_tokens_fills_the_context(scripted, make_client, tokenizer):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    client = make_client(scripted.with_limits(64))
     assert client.post(CHAT, json={"messages": MESSAGES}).status_code == 200
     prompt = tokenizer.apply_chat_template(MESSAGES)
     num_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
@@ -178,7 +284,7 @@ def test_engine_not_ready_is_503_not_queued(scripted, make_client):
 
 
 def test_completions_without_max_tokens_get_openais_default_16(scripted, make_client):
-    client = make_client(scripted, {"MAX_TOTAL_TOKENS": "64"})
+    client = make_client(scripted.with_limits(64))
     for body in ({"prompt": "hi"}, {"prompt": "hi", "max_tokens": None}, {"prompt": [5, 6, 7]}):
         assert client.post("/v1/completions", json=body).status_code == 200
         assert scripted.submitted[-1].sampling_params.max_tokens == 16

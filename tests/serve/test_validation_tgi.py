@@ -30,8 +30,12 @@ def _tgi_error(reply, status: int, error_type: str = "validation") -> str:
         ({"best_of": 2}, "Input validation error: you must use sampling when `best_of` is > 1"),
         ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
         ({"truncate": 0}, "Input validation error: `truncate` must be strictly positive and less than 2047. Given: 0"),
-        ({"grammar": {"type": "regex", "value": "a+"}}, "Input validation error: grammar is not supported"),
-        ({"decoder_input_details": True}, "decoder_input_details"),
+        ({"grammar": {"type": "xml", "value": "a+"}}, "grammar"),
+        ({"grammar": {"type": "json", "value": "{not json"}}, "Input validation error: grammar is not valid"),
+        ({"grammar": {"type": "json", "value": "[1]"}}, "the schema must be a JSON object"),
+        ({"grammar": {"type": "regex"}}, "missing field `parameters.grammar.regex.value`"),
+        ({"watermark": True}, "Input validation error: `watermark` == true is not supported"),
+        ({"adapter_id": "my-lora"}, "Input validation error: `adapter_id`: no adapter 'my-lora' is loaded"),
     ],
 )
 def test_tgi_parameter_checks(scripted, make_client, parameters, message):
@@ -47,6 +51,8 @@ def test_tgi_parameter_checks(scripted, make_client, parameters, message):
         ({"inputs": 5}, "Failed to deserialize the JSON body into the target type: inputs:"),
         ({"inputs": "x", "parameters": {"max_new_tokens": "3"}}, "parameters.max_new_tokens"),
         ({"inputs": ""}, "Input validation error: `inputs` cannot be empty"),
+        ({"inputs": "x", "parameters": {"max_new_token": 3}}, "unknown field `parameters.max_new_token`"),
+        ({"inputs": "x", "stream_me": True}, "unknown field `stream_me`"),
         (["not", "an", "object"], "Failed to deserialize the JSON body into the target type"),
     ],
 )
@@ -77,7 +83,7 @@ def test_streaming_refuses_best_of_and_decoder_input_details(scripted, make_clie
 
 
 def test_length_limits_use_tgi_messages(scripted, make_client, tokenizer):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "20"})
+    client = make_client(scripted.with_limits(20, 10))
     inputs = "word " * 30
     num = len(tokenizer.encode(inputs, add_special_tokens=True))
     message = _tgi_error(client.post("/generate", json={"inputs": inputs}), 422)
@@ -94,7 +100,7 @@ def test_length_limits_use_tgi_messages(scripted, make_client, tokenizer):
 
 
 def test_truncate_keeps_the_last_prompt_tokens(scripted, make_client, tokenizer):
-    client = make_client(scripted, {"MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "20"})
+    client = make_client(scripted.with_limits(20, 10))
     inputs = "word " * 30
     reply = client.post("/generate", json={"inputs": inputs, "parameters": {"truncate": 5, "max_new_tokens": 3}})
     assert reply.status_code == 200, reply.data
@@ -120,3 +126,21 @@ def test_api_key_on_tgi_routes(scripted, make_client):
     ok = client.post("/generate", json={"inputs": "hi"}, headers={"Authorization": "bearer k"})
     assert ok.status_code == 200
     assert client.get("/health").status_code == 200 and client.get("/info").status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream", "/", "/tokenize", "/chat_tokenize"])
+def test_a_form_post_is_415_naming_json(scripted, make_client, route):
+    body = '{"inputs": "hi", "messages": [{"role": "user", "content": "hi"}]}'
+    reply = make_client(scripted).post(route, data=body, content_type="application/x-www-form-urlencoded")
+    assert "Content-Type: application/json" in _tgi_error(reply, 415)
+    assert scripted.submitted == []
+
+
+def test_invocations_takes_any_media_type(scripted, make_client):
+    client = make_client(scripted)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "application/octet-stream"):
+        body = '{"inputs": "hi", "parameters": {"max_new_tokens": 2}}'
+        assert client.post("/invocations", data=body, content_type=content_type).status_code == 200
+        reply = client.post("/endpoints/e/invocations", data=body, content_type=content_type)
+        assert reply.status_code == 200, reply.data
+    assert len(scripted.submitted) == 6

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from model_handler.kernels import TorchReferenceBackend, cpu_native, select_backend
+from model_handler.kernels import TorchReferenceBackend, cpu_build, cpu_native, select_backend
 from model_handler.kernels.cpu_backend import CpuBackend
 from tests import cpu_kernels
 from tests.model_handler.kernels.test_reference import (
@@ -189,28 +189,28 @@ def test_a_source_that_does_not_compile_raises_and_load_reports_it(tmp_path, mon
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++;\n")
     with pytest.raises(RuntimeError, match="Error building extension"):
-        cpu_native.build((broken,), tmp_path / "build")
+        cpu_build.build((broken,), tmp_path / "build")
     # load() turns the same failure into False and a warning (the engine then uses the torch path).
     monkeypatch.setattr(cpu_native, "registered", lambda: False)
-    monkeypatch.setattr(cpu_native, "SOURCES", (broken,))
-    monkeypatch.setenv(cpu_native.BUILD_DIR_ENV, str(tmp_path / "builds"))
+    monkeypatch.setattr(cpu_build, "SOURCES", (broken,))
+    monkeypatch.setenv("CPU_KERNELS_BUILD_DIR", str(tmp_path / "builds"))
     with caplog.at_level(logging.WARNING, logger=cpu_native.__name__):
         assert cpu_native.load.__wrapped__() is False
     assert "C++ CPU kernels unavailable" in caplog.text
 
 
 def test_build_folders_are_keyed_by_source_torch_and_cpu(monkeypatch, tmp_path):
-    monkeypatch.setenv(cpu_native.BUILD_DIR_ENV, str(tmp_path))
-    first = cpu_native.build_dir()
+    monkeypatch.setenv("CPU_KERNELS_BUILD_DIR", str(tmp_path))
+    first = cpu_build.build_dir()
     assert first.parent == tmp_path
-    monkeypatch.setattr(cpu_native, "_cpu_fingerprint", lambda: "another cpu")
-    assert cpu_native.build_dir() != first
+    monkeypatch.setattr(cpu_build, "_cpu_fingerprint", lambda: "another cpu")
+    assert cpu_build.build_dir() != first
 
 
 def test_ninja_from_the_package_is_found_without_an_activated_venv(monkeypatch, tmp_path):
     import ninja
 
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no ninja on it (`make test` does not activate .venv)
-    cpu_native.put_ninja_on_path()
+    cpu_build.put_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert shutil.which("ninja") is not None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from model_handler.kernels import cpu_native, cpu_prebuilt
+from model_handler.kernels import cpu_prebuilt
 from tests import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[3]
@@ -26,7 +26,7 @@ pytestmark = [
         not (cpu_kernels.expected() and cpu_kernels.has_compiler()), reason="GPU machine, or no C++ compiler"
     ),
     pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 build levels only"),
-    pytest.mark.skipif(bool(os.environ.get(cpu_prebuilt.PREBUILT_DIR_ENV)), reason="already the prebuilt run"),
+    pytest.mark.skipif(bool(os.environ.get("CPU_KERNELS_PREBUILT_DIR")), reason="already the prebuilt run"),
 ]
 
 
@@ -35,8 +35,8 @@ def test_the_prebuilt_library_without_avx512_passes_the_kernel_tests_with_no_com
     assert cpu_prebuilt.prebuild(prebuilt, ["x86-64-v3"]) == ["x86-64-v3"]
     env = {
         **os.environ,
-        cpu_prebuilt.PREBUILT_DIR_ENV: str(prebuilt),
-        cpu_native.BUILD_DIR_ENV: str(jit_folder),
+        "CPU_KERNELS_PREBUILT_DIR": str(prebuilt),
+        "CPU_KERNELS_BUILD_DIR": str(jit_folder),
         "CXX": str(tmp_path / "no-such-compiler"),  # torch's builder and tests/cpu_kernels.py both read CXX
     }
     here = Path(__file__).parent

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_handler.kernels import cpu_levels, cpu_native, cpu_prebuilt
+from model_handler.kernels import cpu_build, cpu_levels, cpu_prebuilt
 from tests import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[3]
@@ -56,7 +56,7 @@ def test_this_cpus_flags_are_read():
 def write_folder(tmp_path, **overrides):
     manifest = {
         "torch": torch.__version__,
-        "sources": cpu_native.source_digest(),
+        "sources": cpu_build.source_digest(),
         "machine": "x86_64",
         "levels": ["x86-64-v3"],
         **overrides,
@@ -66,7 +66,7 @@ def write_folder(tmp_path, **overrides):
 
 
 def test_nothing_is_looked_for_without_the_variable(monkeypatch):
-    monkeypatch.delenv(cpu_prebuilt.PREBUILT_DIR_ENV, raising=False)
+    monkeypatch.delenv("CPU_KERNELS_PREBUILT_DIR", raising=False)
     assert cpu_prebuilt.folder() is None
     assert cpu_prebuilt.usable_level() is None
     assert cpu_prebuilt.load() is False
@@ -87,7 +87,7 @@ def test_a_library_built_for_other_sources_torch_or_cpus_is_not_loaded(
     if not overrides and cpu_levels.best_level(["x86-64-v3"], cpu_levels.cpu_flags(), platform.machine()) is None:
         overrides = {"levels": []}  # a CPU below x86-64-v3 (or not x86): nothing fits at all
         reason = "runs on this CPU"
-    monkeypatch.setenv(cpu_prebuilt.PREBUILT_DIR_ENV, str(write_folder(tmp_path, **overrides)))
+    monkeypatch.setenv("CPU_KERNELS_PREBUILT_DIR", str(write_folder(tmp_path, **overrides)))
     assert cpu_prebuilt.usable_level() is None
     with caplog.at_level(logging.WARNING, logger=cpu_prebuilt.__name__):
         assert cpu_prebuilt.load() is False
@@ -96,7 +96,7 @@ def test_a_library_built_for_other_sources_torch_or_cpus_is_not_loaded(
 
 def test_an_unreadable_manifest_is_reported(monkeypatch, tmp_path, caplog):
     (tmp_path / cpu_prebuilt.MANIFEST).write_text("{not json")
-    monkeypatch.setenv(cpu_prebuilt.PREBUILT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("CPU_KERNELS_PREBUILT_DIR", str(tmp_path))
     with caplog.at_level(logging.WARNING, logger=cpu_prebuilt.__name__):
         assert cpu_prebuilt.load() is False
     assert "no readable manifest.json" in caplog.text
@@ -111,21 +111,21 @@ def test_unknown_level_names_are_refused(tmp_path):
 # Justified skip: -march/-mcpu are only emitted on x86 and ARM; elsewhere no target flag exists to check.
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="the targets are x86 or ARM names")
 def test_a_named_target_is_compiled_for_in_its_own_folder(monkeypatch, target, expected):
-    monkeypatch.delenv(cpu_native.TARGET_ENV, raising=False)
-    auto_key = cpu_native.build_key()
-    monkeypatch.setenv(cpu_native.TARGET_ENV, target)
-    assert cpu_native.target_flags() == [("-march" if platform.machine() == "x86_64" else "-mcpu") + expected]
-    assert cpu_native.build_key() != auto_key
+    monkeypatch.delenv("CPU_KERNELS_TARGET", raising=False)
+    auto_key = cpu_build.build_key()
+    monkeypatch.setenv("CPU_KERNELS_TARGET", target)
+    assert cpu_build.target_flags() == [("-march" if platform.machine() == "x86_64" else "-mcpu") + expected]
+    assert cpu_build.build_key() != auto_key
 
 
 def test_the_first_use_build_targets_the_level_the_image_would_load(monkeypatch):
-    monkeypatch.delenv(cpu_native.TARGET_ENV, raising=False)
+    monkeypatch.delenv("CPU_KERNELS_TARGET", raising=False)
     level = cpu_levels.best_level(None, cpu_levels.cpu_flags(), platform.machine())
     native = f"-m{'arch' if platform.machine() == 'x86_64' else 'cpu'}=native"
     expected = list(level.target_flags) if level else [native]
-    assert cpu_native.target() == "auto" and cpu_native.target_flags() == expected
+    assert cpu_build.target() == "auto" and cpu_build.target_flags() == expected
     if platform.machine() == "x86_64" and "avx512_bf16" in cpu_levels.cpu_flags():  # this EPYC: the bf16 level
-        assert cpu_native.target_flags() == ["-march=x86-64-v4", "-mavx512bf16"]
+        assert cpu_build.target_flags() == ["-march=x86-64-v4", "-mavx512bf16"]
 
 
 # Justified skip: the fallback is a compile, so it needs a compiler, and (as every CPU-kernel test) a CPU machine.
@@ -139,7 +139,7 @@ def test_a_prebuilt_library_that_does_not_load_is_compiled_instead(tmp_path):
     write_folder(tmp_path, levels=[level.name])
     (tmp_path / f"{level.name}.so").write_bytes(b"not a shared library")
     probe = "from model_handler.kernels import cpu_native; print('loaded', cpu_native.load())"
-    env = {**os.environ, cpu_prebuilt.PREBUILT_DIR_ENV: str(tmp_path)}
+    env = {**os.environ, "CPU_KERNELS_PREBUILT_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "loaded True" in run.stdout

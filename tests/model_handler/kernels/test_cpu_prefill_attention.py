@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_handler.kernels import cpu_native, cpu_prebuilt
+from model_handler.kernels import cpu_build, cpu_native, cpu_prebuilt
 from model_handler.kernels.cpu_backend import CpuBackend
 from tests import cpu_kernels
 from tests.model_handler.kernels.test_reference import SCALE, drop_blocks_before_windows, sdpa_per_sequence
@@ -166,7 +166,7 @@ def test_prompts_use_the_kernel_where_it_is_built_with_avx512():
     if prebuilt is not None:  # the image's libraries (test_cpu_kernels_portable.py runs this with x86-64-v3)
         assert CpuBackend().prefill_kernel == ("avx512f" in prebuilt.requires)
         return
-    if cpu_native.target() not in ("auto", "native"):
+    if cpu_build.target() not in ("auto", "native"):
         pytest.skip("CPU_KERNELS_TARGET names a custom build, whose instructions are not known here")
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     assert CpuBackend().prefill_kernel == ("avx512f" in flags and platform.machine() in ("x86_64", "AMD64"))
