@@ -125,7 +125,7 @@ def test_a_sequence_longer_than_the_cache_runs_when_every_layer_slides(family, f
 def test_the_dynamic_rope_serves_past_max_position_embeddings(family_models):
     folder, _ = family_models["llama_dynamic"]
     engine = create_engine(folder, **CHUNKED)
-    assert engine.config.max_model_len == 4 * DYNAMIC_MAX_POSITIONS
+    assert engine.context.max_model_len == 4 * DYNAMIC_MAX_POSITIONS
     prompts = [prompt_of(20, 7), prompt_of(4, 8)]  # past 12 from the start; crossing it while decoding
     outputs = generate(engine, [greedy(f"r{i}", prompt, 24) for i, prompt in enumerate(prompts)])
     for i, prompt in enumerate(prompts):
