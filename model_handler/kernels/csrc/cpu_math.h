@@ -81,13 +81,17 @@ inline void exp_nonpositive(float* x, int64_t n) {
 inline void softcap(float* x, int64_t n, float cap) {
   const float inv = 1.f / cap;
   for (int64_t i = 0; i < n; ++i) {
-    const float a = std::fabs(x[i]) * inv, z = a * a;
+    // Both forms computed (the polynomial's argument clamped, so both stay finite) and blended by a 0/1 factor: GCC
+    // vectorizes that, not a select between them.
+    const float a = std::fabs(x[i]) * inv, b = std::min(a, 0.625f), z = b * b;
     const float poly =
         (((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z -
         3.33332819422e-1f;
+    const float small = b + b * z * poly;
     const float e = exp_nonpositive1(-2.f * a);
-    const float t = a < 0.625f ? a + a * z * poly : (1.f - e) / (1.f + e);
-    x[i] = std::copysign(cap * t, x[i]);
+    const float large = (1.f - e) / (1.f + e);
+    const float m = a < 0.625f ? 1.f : 0.f;
+    x[i] = std::copysign(cap * (m * small + (1.f - m) * large), x[i]);
   }
 }
 
