@@ -2,13 +2,14 @@
 # The GPU check of issue 3 in one command, under 10 minutes on one H100/H200: kernel correctness, the
 # gpu-marked tests, then our Engine against transformers' generate_batch on a random Llama-3-8B-shaped model,
 # and the fused MoE kernel and our Engine on a random Mixtral-8x7B-shaped model (4 of its 32 layers).
+# With --case gemma2-9b, a random Gemma-2-9B-shaped model instead (serving path vs torch path, decode throughput).
 # Every stage runs under `timeout` inside one overall budget; results are JSON files in OUT_DIR.
 set -uo pipefail
 
 usage() {
     cat <<'EOF'
 usage: bash bench/gpu_check.sh [OUT_DIR] [--cpu-smoke] [--model-dir DIR] [--budget-s N]
-                               [--skip-correctness] [--skip-baseline] [--skip-moe]
+                               [--skip-correctness] [--skip-baseline] [--skip-moe] [--case llama3-8b|gemma2-9b]
 
 Stages (each under its own timeout, all inside --budget-s, default 570 s):
   build    random bf16 Llama-3.1-8B folder (python -m bench.gpu_model), in the background, into
@@ -43,12 +44,19 @@ changes no verdict and no exit status.
   --skip-correctness  skip the pytest and kernels stages
   --skip-baseline     skip the transformers stage
   --skip-moe          skip the moe and moe-ours stages
+  --case gemma2-9b    instead of the above, a random bf16 Gemma-2-9B folder (windows of 4096 on alternate layers,
+                      soft-capped attention and final logits; --model-dir default /dev/shm/gpu-check-gemma2-9b when
+                      it has room): stages build, check (python -m bench.gpu_family check: the engine's kernels
+                      against the torch path on the same weights, a prompt longer than the window, then decodes),
+                      ours (bench.gpu_engine at batch 1 and 32, 128 in / 128 out), report -> OUT_DIR/
+                      gpu_check_gemma2-9b.json; exit 0 correct, 1 the paths disagree, 2 a stage failed. With
+                      --cpu-smoke: the same fields at a tiny size (window 8), float32, on CPU
 Environment: PYTHON (interpreter, default python3); the engine's own variables (MAX_BATCH_SIZE,
 CUDA_GRAPHS, MAX_TOTAL_TOKENS, ...) pass through to the ours stage.
 EOF
 }
 
-OUT="" SMOKE=0 MODEL_DIR="" BUDGET_S="" SKIP_CORRECTNESS=0 SKIP_BASELINE=0 SKIP_MOE=0
+OUT="" SMOKE=0 MODEL_DIR="" BUDGET_S="" SKIP_CORRECTNESS=0 SKIP_BASELINE=0 SKIP_MOE=0 CASE=llama3-8b
 while [ $# -gt 0 ]; do
     case "$1" in
         -h | --help) usage; exit 0 ;;
@@ -62,6 +70,9 @@ while [ $# -gt 0 ]; do
         --budget-s) [ $# -ge 2 ] || { echo "gpu_check.sh: --budget-s needs seconds" >&2; exit 2; }
             BUDGET_S="$2"; shift ;;
         --budget-s=*) BUDGET_S="${1#*=}" ;;
+        --case) [ $# -ge 2 ] || { echo "gpu_check.sh: --case needs a name" >&2; exit 2; }
+            CASE="$2"; shift ;;
+        --case=*) CASE="${1#*=}" ;;
         -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [ -z "$OUT" ] || { echo "gpu_check.sh: one OUT_DIR only (got $OUT and $1)" >&2; exit 2; }
             OUT="$1" ;;
@@ -71,6 +82,10 @@ done
 case "$BUDGET_S" in
     "") BUDGET_S=$([ "$SMOKE" = 1 ] && echo 200 || echo 570) ;;
     *[!0-9]*) echo "gpu_check.sh: --budget-s must be whole seconds, got $BUDGET_S" >&2; exit 2 ;;
+esac
+case "$CASE" in
+    llama3-8b | gemma2-9b) ;;
+    *) echo "gpu_check.sh: unknown --case $CASE (llama3-8b or gemma2-9b)" >&2; exit 2 ;;
 esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -107,17 +122,23 @@ else
     fi
     if [ -z "$MODEL_DIR" ]; then
         # tmpfs writes and reads at memory speed; a folder there from an earlier run is reused.
+        folder=gpu-check-$CASE need_gb=$([ "$CASE" = gemma2-9b ] && echo 21 || echo 24)
         shm_free_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
-        if [ -f /dev/shm/gpu-check-llama3-8b/build.json ] || [ "${shm_free_kb:-0}" -gt $((24 * 1024 * 1024)) ]; then
-            MODEL_DIR=/dev/shm/gpu-check-llama3-8b
+        if [ -f "/dev/shm/$folder/build.json" ] || [ "${shm_free_kb:-0}" -gt $((need_gb * 1024 * 1024)) ]; then
+            MODEL_DIR="/dev/shm/$folder"
         else
-            MODEL_DIR="${TMPDIR:-/tmp}/gpu-check-llama3-8b"
+            MODEL_DIR="${TMPDIR:-/tmp}/$folder"
         fi
     fi
 fi
+if [ "$CASE" = gemma2-9b ]; then # the family case's own preset, batches and stage caps (see --help)
+    PRESET=$([ "$SMOKE" = 1 ] && echo gemma2-smoke || echo gemma2-9b)
+    CASE_BATCHES=$([ "$SMOKE" = 1 ] && echo 1,4 || echo 1,32)
+    CAP_BUILD=$([ "$SMOKE" = 1 ] && echo 60 || echo 240) CAP_CHECK=$([ "$SMOKE" = 1 ] && echo 90 || echo 200)
+fi
 RESERVE_S=15 # kept back at every stage for the report
 declare -A RC=([build]=skip [pytest]=skip [kernels]=skip [ours]=skip [ours-async]=skip [moe]=skip [moe-ours]=skip
-    [hf]=skip [profile]=skip)
+    [hf]=skip [profile]=skip [check]=skip)
 
 limit_for() { # limit_for CAP: the stage's timeout, capped by what is left of the budget
     local left=$((BUDGET_S - SECONDS - RESERVE_S))
@@ -232,5 +253,43 @@ torch.cuda.is_available() and torch.cuda.get_device_name())' || return 2
     return "$rc"
 }
 
-run_all 2>&1 | tee "$OUT/gpu_check.log"
+run_case() { # --case gemma2-9b: build, serving path vs torch path, decode throughput, the case's own report
+    cd "$ROOT" || return 2
+    local mode
+    mode=$([ "$SMOKE" = 1 ] && echo cpu-smoke || echo gpu)
+    echo "gpu_check: $(date -u +%FT%TZ) case=$CASE mode=$mode budget=${BUDGET_S}s"
+    echo "  out=$OUT model_dir=$MODEL_DIR python=$PY"
+    if [ "$SMOKE" = 0 ]; then
+        "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || {
+            echo "gpu_check: no CUDA device here; use --cpu-smoke"
+            return 2
+        }
+    fi
+    rm -f "$OUT/gpu_model_$CASE.json" "$OUT/gpu_family_$CASE.json" "$OUT/gpu_engine_$CASE.json" \
+        "$OUT/gpu_check_$CASE.json"
+    stage build "$CAP_BUILD" "$PY" -m bench.gpu_model "$MODEL_DIR" --preset "$PRESET" --device "$DEVICE" \
+        --json "$OUT/gpu_model_$CASE.json"
+    if [ "${RC[build]}" = 0 ]; then
+        stage check "$CAP_CHECK" "$PY" -m bench.gpu_family check "$MODEL_DIR" --out "$OUT/gpu_family_$CASE.json" \
+            --device "$DEVICE" --dtype "$DTYPE"
+        stage ours "$CAP_OURS" "$PY" -m bench.gpu_engine ours "$MODEL_DIR" --out "$OUT/gpu_engine_$CASE.json" \
+            --device "$DEVICE" --dtype "$DTYPE" --batch-sizes "$CASE_BATCHES" --prompt-tokens "$PROMPT" \
+            --output-tokens "$OUTPUT" --max-batch-tokens "$MAX_TOKENS"
+    else
+        echo "== check, ours: not run, the model folder was not built"
+    fi
+    echo "== report"
+    "$PY" -m bench.gpu_family report --results "$OUT" --case "$CASE" --stage "build=${RC[build]}" \
+        --stage "check=${RC[check]}" --stage "ours=${RC[ours]}"
+    local rc=$?
+    [ "$rc" -le 2 ] && [ -f "$OUT/gpu_check_$CASE.json" ] || rc=3
+    echo "gpu_check: exit $rc after ${SECONDS}s"
+    return "$rc"
+}
+
+if [ "$CASE" = llama3-8b ]; then
+    run_all 2>&1 | tee "$OUT/gpu_check.log"
+else
+    run_case 2>&1 | tee "$OUT/gpu_check_$CASE.log"
+fi
 exit "${PIPESTATUS[0]}"

@@ -1,12 +1,13 @@
 """Builds a model folder of a real architecture's shape with random bf16 weights (no download, no tokenizer).
 
-  python -m bench.gpu_model OUT_DIR [--preset llama3-8b|smoke|mixtral-4l|mixtral-smoke] [--device cuda|cpu]
+  python -m bench.gpu_model OUT_DIR [--preset llama3-8b|smoke|mixtral-4l|mixtral-smoke|gemma2-9b|gemma2-smoke]
+                                    [--device cuda|cpu]
                                     [--json build.json]
 Weights are drawn on the device and streamed straight into sharded safetensors files (one writer thread per
 shard, chunks of at most 64M elements), so a 16 GB folder never sits whole in host or device memory.
 A folder already built with the same preset and seed is reused. The benchmarks feed token ids, so there is
-no tokenizer; config.json is Llama-3.1-8B's own (llama3 rope scaling in its 4.x spelling), or Mixtral-8x7B's
-with 4 of its 32 layers (12.2 GB: fits one H100 beside a KV cache; the whole model is 93 GB).
+no tokenizer; config.json is Llama-3.1-8B's own (llama3 rope scaling in its 4.x spelling), Mixtral-8x7B's
+with 4 of its 32 layers (12.2 GB: fits one H100 beside a KV cache; the whole model is 93 GB), or Gemma-2-9B's.
 """
 
 from __future__ import annotations
@@ -112,11 +113,66 @@ MIXTRAL_SMOKE = {
     "vocab_size": 4096,
     "max_position_embeddings": 4096,
 }
-PRESETS = {"llama3-8b": LLAMA3_8B, "smoke": SMOKE, "mixtral-4l": MIXTRAL_4L, "mixtral-smoke": MIXTRAL_SMOKE}
+# google/gemma-2-9b's config.json, verbatim apart from the dtype: sliding windows of 4096 on alternate layers,
+# attention logits soft-capped at 50 and final logits at 30, GeGLU, (1 + w) norms, tied embeddings.
+GEMMA2_9B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma2",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 42,
+    "num_key_value_heads": 8,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "sliding_window_size": 4096,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 256000,
+}
+# Its fields at CPU-smoke size, with a window (8) shorter than the smoke's prompts plus outputs.
+GEMMA2_SMOKE = {
+    **GEMMA2_9B,
+    "head_dim": 64,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "query_pre_attn_scalar": 64,
+    "sliding_window": 8,
+    "sliding_window_size": 8,
+    "vocab_size": 4096,
+}
+PRESETS = {
+    "llama3-8b": LLAMA3_8B,
+    "smoke": SMOKE,
+    "mixtral-4l": MIXTRAL_4L,
+    "mixtral-smoke": MIXTRAL_SMOKE,
+    "gemma2-9b": GEMMA2_9B,
+    "gemma2-smoke": GEMMA2_SMOKE,
+}
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+"""Families whose norms scale by (1 + w): their norm weights are written as zeros (transformers' init), not ones."""
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint tensor of a Llama or Mixtral config, HF names, in file order."""
+    """Every checkpoint tensor of a Llama, Mixtral or Gemma 2 config, HF names, in file order."""
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     head_dim = config.get("head_dim") or h // config["num_attention_heads"]
     q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
@@ -131,6 +187,8 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (h, q_out),
             p + "post_attention_layernorm.weight": (h,),
         }
+        if config["model_type"] in GEMMA_TYPES:  # norms before and after the MLP too
+            shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
         if "num_local_experts" in config:  # Mixtral: the router, then each expert's gate (w1), down (w2), up (w3)
             moe = p + "block_sparse_moe."
             shapes[moe + "gate.weight"] = (config["num_local_experts"], h)
@@ -147,7 +205,8 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
                 p + "mlp.down_proj.weight": (h, inter),
             }
     shapes["model.norm.weight"] = (h,)
-    if not config.get("tie_word_embeddings"):
+    # Gemma's config.json leaves tie_word_embeddings to the class default, which is True.
+    if not config.get("tie_word_embeddings", config["model_type"] in GEMMA_TYPES):
         shapes["lm_head.weight"] = (vocab, h)
     return shapes
 
@@ -180,7 +239,12 @@ def safetensors_header(names: list[str], shapes: dict[str, tuple[int, ...]]) -> 
 
 
 def _write_shard(
-    path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], seed: int, device: torch.device
+    path: Path,
+    names: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    device: torch.device,
+    norm_value: float = 1.0,
 ) -> int:
     """Stream one shard: header, then each tensor drawn in row chunks on `device` and copied out."""
     staging = None
@@ -198,7 +262,7 @@ def _write_shard(
             for start in range(0, shape[0], rows_per_chunk):
                 rows = min(rows_per_chunk, shape[0] - start)
                 if name.endswith("norm.weight"):
-                    chunk = torch.ones(rows * row, dtype=torch.bfloat16, device=device)  # [rows * row]
+                    chunk = torch.full((rows * row,), norm_value, dtype=torch.bfloat16, device=device)  # [rows * row]
                 else:
                     chunk = torch.empty(rows * row, dtype=torch.bfloat16, device=device)  # [rows * row]
                     chunk.normal_(0.0, WEIGHT_STD, generator=gen)
@@ -237,7 +301,11 @@ def build(out_dir: Path, preset: str = "llama3-8b", device: str = "cuda", seed: 
     for stale in out_dir.glob("model*.safetensors"):
         stale.unlink()
     with ThreadPoolExecutor(max_workers=min(len(shards), 8)) as pool:
-        jobs = [pool.submit(_write_shard, out_dir / f, names, shapes, seed, dev) for f, names in zip(files, shards)]
+        norm_value = 0.0 if config["model_type"] in GEMMA_TYPES else 1.0
+        jobs = [
+            pool.submit(_write_shard, out_dir / f, names, shapes, seed, dev, norm_value)
+            for f, names in zip(files, shards)
+        ]
         total = sum(job.result() for job in jobs)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -1,8 +1,10 @@
 """Paged KV block bookkeeping in pure Python: free lists, ref counts and the prefix cache.
 
-Prefix caching keys every full block by a hash chained over all tokens up to its end, so equal keys mean
-equal KV. Freed cached blocks keep their content and are evicted least recently used, only when no
-plain free block is left.
+Prefix caching keys every full block by a hash chained over all tokens up to its end (and the sequence's cache
+salt), so equal keys mean equal KV. Freed cached blocks keep their content and are evicted least recently used,
+only when no plain free block is left. When every layer has a sliding window (`kv_window`), a running sequence's
+blocks wholly before the window of its next token are freed as it goes (their table entries become -1, which no
+attention backend reads); they stay findable by the prefix cache like any freed computed block.
 """
 
 from __future__ import annotations
@@ -16,13 +18,23 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+DROPPED = -1
+"""A block-table entry whose block was freed because no layer's window reaches it."""
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, kv_window: int | None = None
+    ) -> None:
+        """`kv_window`: the largest sliding window when every layer has one (keys older than it are never read)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of one token, got {num_blocks} blocks of {block_size}")
+        if kv_window is not None and kv_window < 1:
+            raise ValueError(f"kv_window must be a positive number of tokens, got {kv_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.kv_window = kv_window
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
@@ -45,7 +57,7 @@ class BlockManager:
     def _hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
         """Chained hashes of the first `num_full_blocks` blocks of `seq`, computed once per sequence."""
         hashes, bs, tokens = seq.block_hashes, self.block_size, seq.token_ids
-        parent = hashes[-1] if hashes else 0
+        parent = hashes[-1] if hashes else seq.cache_salt
         for i in range(len(hashes), num_full_blocks):
             if tokens[(i + 1) * bs - 1] < 0:
                 break  # ends in a placeholder (async scheduling): hashed once its token is known
@@ -94,7 +106,7 @@ class BlockManager:
         bs, tokens = self.block_size, seq.token_ids
         for i in range(first, min(num_full, len(hashes))):
             block_id = seq.block_table[i]
-            if self.block_hashes[block_id] is not None or hashes[i] in self.hash_to_block:
+            if block_id == DROPPED or self.block_hashes[block_id] is not None or hashes[i] in self.hash_to_block:
                 continue  # already cached, or the same content lives in another block
             self.block_hashes[block_id] = hashes[i]
             self.block_tokens[block_id] = tuple(tokens[i * bs : (i + 1) * bs])
@@ -150,24 +162,41 @@ class BlockManager:
         self._grow(seq, num_tokens)
         self._register_full_blocks(seq, num_tokens)
 
+    def drop_outside_window(self, seq: Sequence) -> None:
+        """Free the sequence's blocks that lie wholly before the window of its next token to compute (which, and
+        every later token, sees keys from num_computed_tokens - kv_window + 1 on); nothing without a kv_window."""
+        if self.kv_window is None:
+            return
+        num_dead = min(max(0, seq.num_computed_tokens - self.kv_window + 1) // self.block_size, len(seq.block_table))
+        for i in range(seq.num_dropped_blocks, num_dead):
+            self._release(seq.block_table[i], is_computed=True)
+            seq.block_table[i] = DROPPED
+        seq.num_dropped_blocks = max(seq.num_dropped_blocks, num_dead)
+
     def deallocate(self, seq: Sequence) -> None:
         """Drop the sequence's references; its computed cached blocks stay findable until evicted."""
         num_computed_blocks = seq.num_computed_tokens // self.block_size
         # Last block first, so the tail of a sequence is evicted before the prefix others may share.
         for i in range(len(seq.block_table) - 1, -1, -1):
-            block_id = seq.block_table[i]
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] != 0:
-                continue
-            if self.block_hashes[block_id] is not None and i >= num_computed_blocks:
-                # Registered when scheduled, but preempted before the step computed it: no KV to share.
-                self._uncache(block_id)
-            if self.block_hashes[block_id] is None:
-                self.free_plain.append(block_id)
-            else:
-                self.free_cached[block_id] = None
+            if seq.block_table[i] != DROPPED:
+                self._release(seq.block_table[i], is_computed=i < num_computed_blocks)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_dropped_blocks = 0
+
+    def _release(self, block_id: int, is_computed: bool) -> None:
+        """One reference fewer; a block nobody holds goes back to the free pool (to the cached one if its KV is
+        registered and was computed)."""
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] != 0:
+            return
+        if self.block_hashes[block_id] is not None and not is_computed:
+            # Registered when scheduled, but preempted before the step computed it: no KV to share.
+            self._uncache(block_id)
+        if self.block_hashes[block_id] is None:
+            self.free_plain.append(block_id)
+        else:
+            self.free_cached[block_id] = None
 
     def _uncache(self, block_id: int) -> None:
         block_hash = self.block_hashes[block_id]

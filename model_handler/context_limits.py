@@ -3,6 +3,8 @@
 As TGI 3 does, an unset MAX_TOTAL_TOKENS is the smaller of the model's own limit (max_position_embeddings) and
 what the KV cache holds, so one request may use the whole cache (the scheduler preempts others to make room);
 MAX_INPUT_TOKENS defaults to one less. A value set larger than the cache holds stops start-up with the numbers.
+When every layer has a sliding window, a request holds only the blocks its window and one prompt chunk span (the
+block manager frees the ones before), so the cache limits the context only if not even those fit.
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def blocks_for(total_tokens: int, block_size: int) -> int:
-    """KV blocks one request of `total_tokens` needs: its last sampled token is never fed back, so needs no slot
-    (the engine admits requests by the same count)."""
-    return _cdiv(total_tokens - 1, block_size)
+def blocks_for(total_tokens: int, block_size: int, kv_window: int | None = None, max_chunk_tokens: int = 0) -> int:
+    """KV blocks one request of `total_tokens` needs at once: its last sampled token is never fed back, so needs no
+    slot (the engine admits requests by the same count); with `kv_window` (every layer slides), no more than the
+    window and a prompt chunk of `max_chunk_tokens` span."""
+    needed = _cdiv(total_tokens - 1, block_size)
+    if kv_window is not None:
+        needed = min(needed, _cdiv(kv_window + max_chunk_tokens, block_size) + 1)
+    return needed
 
 
 def resolve_context(
@@ -48,15 +54,22 @@ def resolve_context(
     num_kv_blocks: int,
     block_size: int,
     cache_size_hint: str,
+    kv_window: int | None = None,
+    max_chunk_tokens: int = 0,
 ) -> ContextLimits:
     """The limits from what was asked (None: unset) and what the model and the cache allow. `cache_size_hint`
-    says which setting sized the cache, for the error message."""
+    says which setting sized the cache, for the error message; `kv_window` and `max_chunk_tokens` as in
+    `blocks_for`."""
     kv_cache_tokens = num_kv_blocks * block_size
-    if requested_total is None:
+    if requested_total is None and kv_window is not None:
+        fits = blocks_for(model_limit, block_size, kv_window, max_chunk_tokens) <= num_kv_blocks
+        max_model_len = model_limit if fits else min(model_limit, kv_cache_tokens)
+        limited_by = LIMITED_BY_MODEL if fits or model_limit <= kv_cache_tokens else LIMITED_BY_KV_CACHE
+    elif requested_total is None:
         max_model_len = min(model_limit, kv_cache_tokens)
         limited_by = LIMITED_BY_MODEL if model_limit <= kv_cache_tokens else LIMITED_BY_KV_CACHE
     else:
-        needed = blocks_for(requested_total, block_size)
+        needed = blocks_for(requested_total, block_size, kv_window, max_chunk_tokens)
         if needed > num_kv_blocks:
             raise ValueError(
                 f"MAX_TOTAL_TOKENS={requested_total} does not fit the KV cache: one request that long needs {needed} "

@@ -83,7 +83,10 @@ class Engine:
         )
         self.context = self.model_runner.context
         self.block_manager = BlockManager(
-            self.model_runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+            self.model_runner.num_kv_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            kv_window=self.model_config.kv_window,
         )
         self.scheduler = Scheduler(
             self.block_manager,
@@ -91,6 +94,7 @@ class Engine:
             config.max_num_prefill_tokens,
             self.context.max_model_len,
             self.eos_token_ids,
+            self.model_config.rope_length_rule,
         )
         self.sampler = Sampler(self.model_runner.device, config.seed)
         self._aborted: list[RequestOutput] = []
@@ -100,7 +104,9 @@ class Engine:
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; ValueError when it could never run (too long, bad ids, duplicate id)."""
         self._validate(request)
-        seq = Sequence(request, self.eos_token_ids)
+        rule = self.model_config.rope_length_rule
+        salt = 0 if rule is None else rule.cache_salt(len(request.prompt_token_ids))
+        seq = Sequence(request, self.eos_token_ids, cache_salt=salt)
         if request.sampling_params.constraint is not None:
             self.grammar_waitlist.add(seq)
         else:

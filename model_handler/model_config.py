@@ -7,21 +7,36 @@ classes read the full HF config for the rest.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-from model_handler.models import resolve_architecture
-
-logger = logging.getLogger(__name__)
+from model_handler.model_layout import (
+    RopeLengthRule,
+    context_length,
+    kv_window,
+    layer_sliding_windows,
+    rope_length_rule,
+)
+from model_handler.models import refuse_unsupported, resolve_architecture
 
 
 def load_hf_config(model_dir: str | Path) -> PretrainedConfig:
+    """config.json through AutoConfig, after refusing (with a message naming it) what cannot be served: a quantized
+    checkpoint, or an architecture known to be unsupported (some of which AutoConfig could not even read)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} holds no config.json; expected a Hugging Face model folder")
+    raw = json.loads((model_dir / "config.json").read_text())
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unnamed") if isinstance(quantization, dict) else quantization
+        raise ValueError(
+            f"{model_dir} holds a quantized checkpoint (quantization_config: quant_method {method!r}); quantized "
+            "weights are not supported yet: serve the unquantized (float16/bfloat16) checkpoint"
+        )
+    refuse_unsupported(raw.get("architectures"), raw.get("model_type"))
     return AutoConfig.from_pretrained(str(model_dir))
 
 
@@ -39,19 +54,6 @@ def _dtype_name(value: object) -> str:
     return str(value).removeprefix("torch.")
 
 
-def sliding_window_of(hf_config: PretrainedConfig) -> int | None:
-    """The attention window when one applies to any layer (Mistral v0.1, Qwen with use_sliding_window)."""
-    window = getattr(hf_config, "sliding_window", None)
-    if not window:
-        return None
-    layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    if getattr(hf_config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
-
-
 @dataclass(slots=True)
 class ModelConfig:
     architecture: str
@@ -67,6 +69,12 @@ class ModelConfig:
     bos_token_id: int | None
     tie_word_embeddings: bool
     torch_dtype: str
+    sliding_windows: tuple[int | None, ...] = ()
+    """Each layer's attention window in tokens (None: the whole context)."""
+    kv_window: int | None = None
+    """Set when every layer has a window: KV blocks wholly outside it are freed (the largest window)."""
+    rope_length_rule: RopeLengthRule | None = None
+    """How a length-dependent rope (longrope, dynamic) picks its frequencies; None for a fixed one."""
     hf_config: PretrainedConfig | None = field(default=None, repr=False, compare=False)
     """The whole config.json as transformers reads it, for the model classes (None when built by hand)."""
 
@@ -83,12 +91,9 @@ class ModelConfig:
         eos_token_ids = _as_id_list(generation.get("eos_token_id", getattr(hf_config, "eos_token_id", None)))
         bos_token_id = generation.get("bos_token_id", getattr(hf_config, "bos_token_id", None))
         num_heads = hf_config.num_attention_heads
-        max_positions = hf_config.max_position_embeddings
-        window = sliding_window_of(hf_config)
-        if window is not None and window < max_positions:
-            # Our attention has no window; capping the context keeps every position inside it, so exact.
-            logger.warning("sliding window %d < max_position_embeddings %d: capping context", window, max_positions)
-            max_positions = window
+        # The model's own context: a sliding window limits what a layer attends to, not how long a sequence is.
+        max_positions = context_length(hf_config)
+        windows = layer_sliding_windows(hf_config, max_positions)
         return cls(
             architecture=resolve_architecture(hf_config.architectures, hf_config.model_type),
             model_type=hf_config.model_type,
@@ -103,5 +108,8 @@ class ModelConfig:
             bos_token_id=bos_token_id,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             torch_dtype=_dtype_name(getattr(hf_config, "dtype", None)),
+            sliding_windows=windows,
+            kv_window=kv_window(windows),
+            rope_length_rule=rope_length_rule(hf_config),
             hf_config=hf_config,
         )

@@ -121,6 +121,8 @@ class ModelRunner:
                 num_blocks,
                 self.block_size,
                 self._cache_size_hint(num_blocks),
+                kv_window=model_config.kv_window,  # every layer slides: blocks before the window are freed
+                max_chunk_tokens=config.max_num_prefill_tokens,
             )
             self.max_blocks_per_seq = _cdiv(self.context.max_model_len, self.block_size)
             self.kv_cache_bytes = self.num_kv_blocks * self.block_bytes
@@ -278,6 +280,12 @@ class ModelRunner:
         logits_indices = cu[1:][samples] - 1
         if out.num_prompt_logit_rows:
             logits_indices = _logit_rows(entries, cu)
+        rope_lengths = None
+        if self.model_config.rope_length_rule is not None:  # longrope/dynamic: rotations by the sequence's length
+            base_lens = np.fromiter((e.seq.rope_base_len for e in entries), dtype=np.int64, count=num_seqs)
+            lengths = np.maximum(positions + 1, base_lens[seq_idx])  # [num_tokens]
+            if (lengths != positions + 1).any():  # else the table's decode rows are right: no tensor to send
+                rope_lengths = torch.from_numpy(lengths)
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.int64),
             positions=torch.from_numpy(positions),
@@ -288,6 +296,7 @@ class ModelRunner:
             logits_indices=torch.from_numpy(logits_indices),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
+            rope_lengths=rope_lengths,
         )
 
     @torch.inference_mode()
@@ -310,7 +319,13 @@ class ModelRunner:
     def run(self, inputs: StepInputs, patch: InputPatch | None = None) -> torch.Tensor:
         """The forward of a prepared batch; decides from `inputs` alone, so every rank takes the same path."""
         graphs = self.graph_runner
-        if graphs is not None and inputs.max_query_len == 1 and graphs.can_run(inputs.num_seqs):
+        # (Graphs rotate by position alone: a one-token prompt chunk of a long longrope/dynamic prompt runs eagerly.)
+        if (
+            graphs is not None
+            and inputs.max_query_len == 1
+            and inputs.rope_lengths is None
+            and graphs.can_run(inputs.num_seqs)
+        ):
             hidden = graphs.run(
                 inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables, patch
             )  # host tensors: the runner stages them itself
@@ -354,6 +369,7 @@ class ModelRunner:
             block_tables=to(inputs.block_tables),
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
+            rope_lengths=None if inputs.rope_lengths is None else to(inputs.rope_lengths),
         )
         input_ids = to(inputs.input_ids)  # [T]
         if patch is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from model_handler.block_manager import BlockManager
 from model_handler.engine_protocol import FinishReason
+from model_handler.model_layout import RopeLengthRule
 from model_handler.sequence import Sequence, SequenceStatus
 
 
@@ -71,8 +72,11 @@ class Scheduler:
         max_num_prefill_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...] = (),
+        rope_length_rule: RopeLengthRule | None = None,
     ) -> None:
+        """`rope_length_rule`: the model's length-dependent rope, whose sequences may need recomputing as they grow."""
         self.block_manager = block_manager
+        self.rope_length_rule = rope_length_rule
         self.max_num_seqs = max_num_seqs
         self.max_num_prefill_tokens = max_num_prefill_tokens
         self.max_model_len = max_model_len
@@ -131,6 +135,11 @@ class Scheduler:
             decodes = remaining == 1
             if seq.status is not SequenceStatus.RUNNING or (budget == 0 and not decodes):
                 continue  # preempted earlier in this loop, or no prompt budget left
+            rule = self.rope_length_rule
+            if rule is not None and rule.needs_restart(seq.rope_base_len, seq.num_tokens):
+                self._restart(seq)  # recomputed below, among the waiting, with its rotation counted from its length
+                continue
+            self.block_manager.drop_outside_window(seq)  # blocks no layer's window reaches any more
             num_new = 1 if decodes else min(remaining, budget)
             if not decodes and seq.needs_prompt_logits:
                 num_new = self._fit_prompt_logit_rows(seq, num_new, rows_left)
@@ -166,6 +175,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, cached, num_new)
+            self.block_manager.drop_outside_window(seq)  # a long cached prefix: its blocks before the window
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled[id(seq)] = entry = ScheduledSequence.of(seq, num_new)
@@ -240,6 +250,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(seq)
         self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _restart(self, seq: Sequence) -> None:
+        """Recompute a sequence from its tokens with its rope counted from its present length (transformers' Phi-3
+        drops its cache as its sequences pass the long-rope switch): its blocks go, it waits first in line."""
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.rope_base_len = seq.num_tokens
+        seq.cache_salt = self.rope_length_rule.cache_salt(seq.rope_base_len)
+        seq.block_hashes = []  # keyed by the old salt
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 

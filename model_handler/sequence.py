@@ -50,9 +50,12 @@ class Sequence:
         "failure_message",
         "prompt_logprobs",
         "num_prompt_logprobs_sent",
+        "cache_salt",
+        "num_dropped_blocks",
+        "rope_base_len",
     )
 
-    def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = (), cache_salt: int = 0) -> None:
         params = request.sampling_params
         self.request_id = request.request_id
         self.token_ids: list[int] = list(request.prompt_token_ids)
@@ -83,6 +86,14 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob] = []
         """Logprobs of prompt tokens 1, 2, ... as their rows are computed (requests with `prompt_logprobs`)."""
         self.num_prompt_logprobs_sent = 0
+        self.cache_salt = cache_salt
+        """Starts the chain of its block hashes: what besides the tokens decides their KV (a long prompt under a
+        length-dependent rope); only blocks of equal salt are shared."""
+        self.num_dropped_blocks = 0
+        """Leading entries of `block_table` freed because no layer's window reaches them any more (now -1)."""
+        self.rope_base_len = self.num_prompt_tokens
+        """A length-dependent rope rotates token p as for a sequence of max(p + 1, rope_base_len) tokens: the
+        prompt's length, or the length at a restart (model_layout.RopeLengthRule)."""
 
     @property
     def num_tokens(self) -> int:

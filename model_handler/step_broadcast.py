@@ -44,6 +44,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # [num_rows] int64, ascending: rows that sample, and prompt-logprob rows
     max_query_len: int
     max_seq_len: int
+    rope_lengths: torch.Tensor | None = None  # [num_tokens] int64 (AttentionMetadata.rope_lengths), or None
 
     @property
     def num_seqs(self) -> int:
@@ -63,7 +64,7 @@ class StepBroadcast:
         self.rank = rank
         self.world_size = world_size
         self._group = control_group
-        self._header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)  # [kind, T, S, W, N, max_q, max_seq, 0]
+        self._header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)  # [kind, T, S, W, N, max_q, max_seq, rope]
 
     @classmethod
     def join(cls, rank: int, world_size: int, init_method: str, device: torch.device) -> StepBroadcast:
@@ -92,7 +93,9 @@ class StepBroadcast:
         header[4] = inputs.logits_indices.shape[0]
         header[5] = inputs.max_query_len
         header[6] = inputs.max_seq_len
+        header[7] = inputs.rope_lengths is not None
         dist.broadcast(header, 0, group=self._group)
+        rope_lengths = [] if inputs.rope_lengths is None else [inputs.rope_lengths]
         payload = torch.cat(
             [
                 inputs.input_ids,
@@ -102,8 +105,9 @@ class StepBroadcast:
                 inputs.seq_lens.to(torch.int64),
                 inputs.block_tables.reshape(-1).to(torch.int64),
                 inputs.logits_indices,
+                *rope_lengths,
             ]
-        )  # [3 * T + 2 * S + 1 + S * W + N] int64
+        )  # [3 * T + 2 * S + 1 + S * W + N (+ T)] int64
         dist.broadcast(payload, 0, group=self._group)
 
     def send_stop(self) -> None:
@@ -116,13 +120,14 @@ class StepBroadcast:
         """The next step rank 0 runs, or None when rank 0 says stop."""
         header = self._header
         dist.broadcast(header, 0, group=self._group)
-        kind, num_tokens, num_seqs, width, num_sampling, max_query_len, max_seq_len, _ = header.tolist()
+        kind, num_tokens, num_seqs, width, num_sampling, max_query_len, max_seq_len, has_rope = header.tolist()
         if kind == MessageKind.STOP:
             return None
         sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_sampling]
+        sizes += [num_tokens] if has_rope else []
         payload = torch.empty(sum(sizes), dtype=torch.int64)
         dist.broadcast(payload, 0, group=self._group)
-        input_ids, positions, slots, query_start_loc, seq_lens, tables, logits_indices = payload.split(sizes)
+        input_ids, positions, slots, query_start_loc, seq_lens, tables, logits_indices, *rope = payload.split(sizes)
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
@@ -133,6 +138,7 @@ class StepBroadcast:
             logits_indices=logits_indices,
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
+            rope_lengths=rope[0] if rope else None,
         )
 
     # ---- every rank ------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Every backend has the same two entry points with the layout documented in `reference.py`:
 `store_kv(key, value, k_cache, v_cache, slot_mapping)` and
-`attention(query, k_cache, v_cache, metadata, scale, out) -> out`,
+`attention(query, k_cache, v_cache, metadata, scale, out, sliding_window=, softcap=) -> out` (a layer's window in
+tokens and its attention-logit soft-cap; None for neither),
 and says in `fused` which fused elementwise kernels the layers use with it (None: plain torch ops).
 """
 
@@ -49,6 +50,9 @@ class AttentionBackend(Protocol):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -61,10 +65,15 @@ class TorchReferenceBackend:
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def attention(self, query, k_cache, v_cache, metadata, scale, out=None) -> torch.Tensor:
+    def attention(
+        self, query, k_cache, v_cache, metadata, scale, out=None, *, sliding_window=None, softcap=None
+    ) -> torch.Tensor:
         if metadata.backend_plan is None:  # first layer of the step
-            metadata.backend_plan = reference.build_plan(
-                metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, k_cache
+            metadata.backend_plan = {}
+        plan = metadata.backend_plan.get(sliding_window)  # one per window: a window changes the blocks read
+        if plan is None:
+            plan = metadata.backend_plan[sliding_window] = reference.build_plan(
+                metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, k_cache, sliding_window
             )
         return reference.paged_attention(
             query,
@@ -75,7 +84,9 @@ class TorchReferenceBackend:
             metadata.query_start_loc,
             scale,
             out=out,
-            plan=metadata.backend_plan,
+            plan=plan,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )
 
 

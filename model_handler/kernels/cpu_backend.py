@@ -59,6 +59,9 @@ class CpuBackend:
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         if out is None:
             out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -69,7 +72,16 @@ class CpuBackend:
             or not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous())
         ):  # layouts the kernel does not take (a cache in another dtype, a strided cache): the reference does all
             return reference.paged_attention(
-                query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale, out
+                query,
+                k_cache,
+                v_cache,
+                metadata.block_tables,
+                metadata.seq_lens,
+                metadata.query_start_loc,
+                scale,
+                out,
+                sliding_window=sliding_window,
+                softcap=softcap,
             )
         plan = metadata.backend_plan
         if plan is None:  # first layer of the step
@@ -85,13 +97,17 @@ class CpuBackend:
                 plan.query_rows,
                 plan.seq_rows,
                 scale,
+                sliding_window,
+                softcap,
             )
         if plan.prefills and self.prefill_kernel:
             cpu_native.paged_prefill_attention(
-                out, query, k_cache, v_cache, metadata.block_tables, plan.prefill_rows, scale
+                out, query, k_cache, v_cache, metadata.block_tables, plan.prefill_rows, scale, sliding_window, softcap
             )
         elif plan.prefills:
             for start, q_len, seq_len, row in plan.prefills:
                 table = metadata.block_tables[row]
-                reference.prefill_one(query, k_cache, v_cache, table, seq_len, start, q_len, scale, out)
+                reference.prefill_one(
+                    query, k_cache, v_cache, table, seq_len, start, q_len, scale, out, sliding_window, softcap
+                )
         return out

@@ -73,10 +73,23 @@ def paged_decode_attention(
     query_rows: torch.Tensor,  # [n] int64: the query token of each decode row
     seq_rows: torch.Tensor,  # [n] int64: the sequence it attends over
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """out[query_rows[i]] = softmax(q k^T * scale) v over sequence seq_rows[i]'s first seq_lens tokens."""
+    """out[query_rows[i]] = softmax(q k^T * scale) v over sequence seq_rows[i]'s first seq_lens tokens (the last
+    `sliding_window` of them with a window; logits soft-capped with `softcap`)."""
     torch.ops.sagemaker_llm_cpu.paged_decode_attention(
-        out, query, k_cache, v_cache, block_tables, seq_lens, query_rows, seq_rows, scale
+        out,
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_rows,
+        seq_rows,
+        scale,
+        sliding_window or 0,
+        softcap or 0.0,
     )
 
 
@@ -88,9 +101,14 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     prefills: torch.Tensor,  # [P, 4] int64: (query start, query length, sequence length, block table row)
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """Each prompt's query rows attend causally over its sequence's cached tokens (the prompt's own included)."""
-    torch.ops.sagemaker_llm_cpu.paged_prefill_attention(out, query, k_cache, v_cache, block_tables, prefills, scale)
+    """Each prompt's query rows attend causally over its sequence's cached tokens (the prompt's own included), within
+    `sliding_window` when given, logits soft-capped with `softcap`."""
+    torch.ops.sagemaker_llm_cpu.paged_prefill_attention(
+        out, query, k_cache, v_cache, block_tables, prefills, scale, sliding_window or 0, softcap or 0.0
+    )
 
 
 def paged_prefill_attention_is_vectorized() -> bool:

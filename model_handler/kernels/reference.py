@@ -8,7 +8,10 @@ Layout shared by every backend:
   query_start_loc    [num_seqs + 1] int32, cumulative query lengths: the new tokens of sequence i are
                      query[query_start_loc[i]:query_start_loc[i + 1]]
 The new tokens of a sequence are its last ones, so query token j of sequence i sits at position
-seq_lens[i] - q_len_i + j and attends causally to keys 0..that position.
+seq_lens[i] - q_len_i + j and attends causally to keys 0..that position; with a sliding window W only to the last W
+of them (keys p - W < k <= p, as transformers' sliding-window mask), and block-table entries wholly before every
+query's window are never read (the block manager may have freed them). With a soft-cap c the scaled logits s become
+c * tanh(s / c) before the softmax (Gemma 2).
 """
 
 from __future__ import annotations
@@ -47,12 +50,44 @@ def gather_kv(
     cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_table: torch.Tensor,  # [num_blocks_used] int
     seq_len: int,
+    first_block: int = 0,
 ) -> torch.Tensor:
-    """The first `seq_len` cached tokens of one sequence, contiguous: [seq_len, num_kv_heads, head_dim]."""
+    """Cached tokens first_block * block_size .. seq_len - 1 of one sequence, contiguous:
+    [seq_len - first_block * block_size, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.reshape(cache.shape[0], -1).index_select(0, block_table[:num_blocks].long())  # [nb, bs*H_kv*D]
-    return blocks.view(-1, cache.shape[2], cache.shape[3])[:seq_len]
+    table = block_table[first_block:num_blocks].long()
+    blocks = cache.reshape(cache.shape[0], -1).index_select(0, table)  # [nb, bs*H_kv*D]
+    return blocks.view(-1, cache.shape[2], cache.shape[3])[: seq_len - first_block * block_size]
+
+
+def first_key(query_pos: int, sliding_window: int | None) -> int:
+    """The earliest key a query at `query_pos` attends to."""
+    return 0 if sliding_window is None else max(0, query_pos - sliding_window + 1)
+
+
+def attend(
+    q: torch.Tensor,  # [..., H, M, D]
+    k: torch.Tensor,  # [..., H_kv, S, D]
+    v: torch.Tensor,  # [..., H_kv, S, D]
+    mask: torch.Tensor | None,  # broadcastable to [..., H, M, S], True = attend; None = causal from the start
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """SDPA, or where logits are soft-capped (SDPA cannot) the same in explicit steps, in fp32 whatever the inputs
+    (as SDPA's CPU kernels accumulate): softmax of cap * tanh(q.k * scale / cap) over the unmasked keys."""
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.float().repeat_interleave(group, dim=-3), v.float().repeat_interleave(group, dim=-3)  # [..., H, S, D]
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [..., H, M, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
 
 def paged_attention(
@@ -65,21 +100,26 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     plan: StepPlan | None = None,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over each sequence's paged context (new tokens already stored).
 
     Decode rows (one query token) are done in padded SDPA calls over chunks of rows of similar length; longer
     queries one sequence at a time. Host syncs are fine here: this path runs on CPU or as a test oracle. `plan`
-    (from `build_plan` on the same metadata and cache) saves every layer after the first from rebuilding it.
+    (from `build_plan` on the same metadata, cache and window) saves every layer after the first from rebuilding it.
     """
     if out is None:
         out = torch.empty_like(query)
     if plan is None:
-        plan = build_plan(block_tables, seq_lens, query_start_loc, k_cache)
+        plan = build_plan(block_tables, seq_lens, query_start_loc, k_cache, sliding_window)
     for chunk in plan.decode:
-        _decode_chunk(query, k_cache, v_cache, chunk, scale, out)
+        _decode_chunk(query, k_cache, v_cache, chunk, scale, out, softcap)
     for start, q_len, seq_len, row in plan.prefills:
-        prefill_one(query, k_cache, v_cache, block_tables[row], seq_len, start, q_len, scale, out)
+        prefill_one(
+            query, k_cache, v_cache, block_tables[row], seq_len, start, q_len, scale, out, sliding_window, softcap
+        )
     return out
 
 
@@ -88,8 +128,8 @@ class _DecodeChunk:
     """Decode rows attended in one SDPA call: which query tokens, which blocks to gather, the mask."""
 
     token_idx: torch.Tensor  # [n] int64, the rows' query tokens
-    gather_idx: torch.Tensor  # [n * num_blocks] int64, block ids to copy, row by row
-    mask: torch.Tensor  # [n, 1, 1, num_blocks * block_size] bool, True where a key is inside the context
+    gather_idx: torch.Tensor  # [n * num_blocks] int64, block ids to copy, row by row (from each row's window start)
+    mask: torch.Tensor  # [n, 1, 1, num_blocks * block_size] bool, True where a key is inside the context (window)
     num_blocks: int
 
 
@@ -126,48 +166,72 @@ class RowSplit:
 
 
 def build_plan(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, k_cache: torch.Tensor
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    k_cache: torch.Tensor,
+    sliding_window: int | None = None,
 ) -> StepPlan:
-    """The step's row split and decode chunks (a few host syncs, once per step).
+    """The step's row split and decode chunks (a few host syncs, once per step and window).
 
     Decode rows are taken shortest first, so each chunk is padded to the longest row of similar ones rather than
     to the longest of the step (32 rows of 128-384 tokens: a third of the gathered keys were padding; 12% less
-    attention time measured, identical outputs).
+    attention time measured, identical outputs). With a window a row spans the blocks from its window's start.
     """
     split = RowSplit.of(seq_lens, query_start_loc)
     starts, lens = split.starts, split.lens
-    decode_rows = sorted(split.decode, key=lambda i: lens[i])
     block_size = k_cache.shape[1]
+    first_blocks = {i: first_key(lens[i] - 1, sliding_window) // block_size for i in split.decode}
+    spans = {i: -(-lens[i] // block_size) - first_blocks[i] for i in split.decode}  # blocks each row reads
+    decode_rows = sorted(split.decode, key=lambda i: spans[i])
     row_block_bytes = 2 * k_cache[0].numel() * k_cache.element_size()  # keys and values of one block
     chunks = []
     first = 0
     while first < len(decode_rows):
-        last = first + 1  # rows first..last-1; sorted, so the last row is the longest
+        last = first + 1  # rows first..last-1; sorted, so the last row spans the most blocks
         while last < len(decode_rows):
-            num_blocks = -(-lens[decode_rows[last]] // block_size)
-            if (last + 1 - first) * num_blocks * row_block_bytes > DECODE_CHUNK_BYTES:
+            if (last + 1 - first) * spans[decode_rows[last]] * row_block_bytes > DECODE_CHUNK_BYTES:
                 break
             last += 1
         rows = decode_rows[first:last]
         chunks.append(
-            _decode_chunk_plan(block_tables, [lens[i] for i in rows], rows, [starts[i] for i in rows], block_size)
+            _decode_chunk_plan(
+                block_tables,
+                rows,
+                [lens[i] for i in rows],
+                [first_blocks[i] for i in rows],
+                [starts[i] for i in rows],
+                block_size,
+                sliding_window,
+            )
         )
         first = last
     return StepPlan(chunks, split.prefills)
 
 
 def _decode_chunk_plan(
-    block_tables: torch.Tensor, lens: list[int], rows: list[int], token_starts: list[int], block_size: int
+    block_tables: torch.Tensor,
+    rows: list[int],
+    lens: list[int],
+    first_blocks: list[int],
+    token_starts: list[int],
+    block_size: int,
+    sliding_window: int | None,
 ) -> _DecodeChunk:
     device = block_tables.device
-    num_blocks = -(-max(lens) // block_size)
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     row_lens = torch.tensor(lens, dtype=torch.long, device=device)  # [n]
-    tables = block_tables[rows_t, :num_blocks].long()  # [n, num_blocks]
-    # Entries past a row's own blocks may hold anything (-1 in some callers): read block 0 there, masked.
-    unused = torch.arange(num_blocks, device=device)[None, :] * block_size >= row_lens[:, None]  # [n, nb]
-    gather_idx = tables.masked_fill(unused, 0).reshape(-1)  # [n * num_blocks]
-    mask = torch.arange(num_blocks * block_size, device=device)[None, :] < row_lens[:, None]  # [n, S]
+    row_first = torch.tensor(first_blocks, dtype=torch.long, device=device)  # [n]
+    num_blocks = int((-(-row_lens // block_size) - row_first).max())
+    columns = row_first[:, None] + torch.arange(num_blocks, device=device)[None, :]  # [n, nb] block-table columns
+    # Columns past a row's own blocks may hold anything (-1 in some callers): read block 0 there, masked.
+    unused = columns * block_size >= row_lens[:, None]  # [n, nb]
+    columns = columns.masked_fill(unused, 0)
+    gather_idx = block_tables[rows_t[:, None], columns].long().masked_fill(unused, 0).reshape(-1)  # [n * nb]
+    key_pos = row_first[:, None] * block_size + torch.arange(num_blocks * block_size, device=device)[None, :]
+    mask = key_pos < row_lens[:, None]  # [n, S]
+    if sliding_window is not None:
+        mask &= key_pos > row_lens[:, None] - 1 - sliding_window
     token_idx = torch.tensor(token_starts, dtype=torch.long, device=device)
     return _DecodeChunk(token_idx, gather_idx, mask[:, None, None, :], num_blocks)
 
@@ -195,8 +259,9 @@ def _decode_chunk(
     chunk: _DecodeChunk,
     scale: float,
     out: torch.Tensor,
+    softcap: float | None = None,
 ) -> None:
-    """Padded SDPA over one chunk's single-token queries: gather whole blocks, mask past each length."""
+    """Padded SDPA over one chunk's single-token queries: gather whole blocks, mask outside each row's keys."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_blocks, block_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     n, nb = chunk.mask.shape[0], chunk.num_blocks
@@ -213,12 +278,13 @@ def _decode_chunk(
     values = values.view(n, span, num_kv_heads, head_dim).transpose(1, 2)
     q = query.index_select(0, chunk.token_idx)  # [n, H, D]
     # A kv head's query heads as G query rows of one attention: its keys are read once, not G times.
-    o = F.scaled_dot_product_attention(
+    o = attend(
         q.reshape(n, num_kv_heads, group, head_dim),  # [n, H_kv, G, D]
         keys if keys.dtype == q.dtype else keys.to(q.dtype),
         values if values.dtype == q.dtype else values.to(q.dtype),
-        attn_mask=chunk.mask,  # [n, 1, 1, S]
-        scale=scale,
+        chunk.mask,  # [n, 1, 1, S]
+        scale,
+        softcap,
     )  # [n, H_kv, G, D]
     out.index_copy_(0, chunk.token_idx, o.reshape(n, num_heads, head_dim))
 
@@ -233,17 +299,25 @@ def prefill_one(
     q_len: int,
     scale: float,
     out: torch.Tensor,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """Causal SDPA of one sequence's q_len new tokens over its seq_len cached tokens."""
-    q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-    k = gather_kv(k_cache, block_table, seq_len).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, H_kv, S, D]
-    v = gather_kv(v_cache, block_table, seq_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+    """Causal SDPA of one sequence's q_len new tokens over its seq_len cached tokens (within the window)."""
     context_len = seq_len - q_len
-    if context_len == 0:  # a whole prompt: plain causal attention, no mask to build or read
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # [1, H, q_len, D]
+    first_block = first_key(context_len, sliding_window) // k_cache.shape[1]
+    base = first_block * k_cache.shape[1]  # position of the first gathered key
+    q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+    k = (
+        gather_kv(k_cache, block_table, seq_len, first_block).transpose(0, 1).unsqueeze(0).to(q.dtype)
+    )  # [1, H_kv, S, D]
+    v = gather_kv(v_cache, block_table, seq_len, first_block).transpose(0, 1).unsqueeze(0).to(q.dtype)
+    if context_len == 0 and sliding_window is None:  # a whole prompt: plain causal attention, no mask to build
+        mask = None
     else:
         q_pos = torch.arange(context_len, seq_len, device=query.device)[:, None]  # [q_len, 1]
-        k_pos = torch.arange(seq_len, device=query.device)[None, :]  # [1, S]
+        k_pos = torch.arange(base, seq_len, device=query.device)[None, :]  # [1, S]
         mask = k_pos <= q_pos  # [q_len, S]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)  # [1, H, q_len, D]
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+    o = attend(q, k, v, mask, scale, softcap)  # [1, H, q_len, D]
     out[start : start + q_len] = o[0].transpose(0, 1)

@@ -2,6 +2,9 @@
 
 All programs of one kv head hold every query head of its GQA group, so each KV tile is read once per group.
 Softmax runs online in fp32 (base 2, scale folded into the logits). Layout and semantics: `reference.py`.
+A sliding window (`HAS_WINDOW`) skips the tiles before it and masks within them; a soft-cap (`SOFTCAP`) maps the
+scaled logits through cap * tanh(s / cap). Both are compile-time switches, so a layer with neither runs the same
+code as before they existed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,21 @@ M_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 (Triton has none that the interpreter also runs): an odd polynomial near zero (Cephes' tanhf,
+    relative error ~1e-7), 1 - 2 / (exp(2|x|) + 1) elsewhere, the sign put back."""
+    a = tl.abs(x)
+    z = a * a
+    poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z) - (
+        3.33332819422e-1
+    )
+    small = a + a * z * poly
+    large = 1.0 - 2.0 / (tl.exp(2.0 * tl.minimum(a, 20.0)) + 1.0)
+    t = tl.where(a < 0.625, small, large)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attend_tile(
     q,
     k_cache_ptr,
@@ -33,14 +51,20 @@ def _attend_tile(
     l_i,
     acc,
     scale_log2,
+    cap_in,
+    cap_out,
     stride_b,
     stride_s,
     stride_h,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """Gather TILE_N cached keys/values of one kv head and take one online-softmax step for q [M, D]."""
+    """Gather TILE_N cached keys/values of one kv head and take one online-softmax step for q [M, D].
+
+    Logits in base 2: dot * scale_log2, or with SOFTCAP cap * tanh(dot * scale / cap) * log2(e), i.e.
+    tanh(dot * cap_in) * cap_out."""
     block = tl.load(table_row + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)  # [TILE_N]
     row = block * stride_b + (pos % BLOCK_SIZE) * stride_s + kv_head * stride_h  # [TILE_N] element offsets
     d_mask = dims < HEAD_DIM
@@ -55,7 +79,11 @@ def _attend_tile(
         s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")  # [M, TILE_N]
     else:
         s = tl.dot(q, k.to(q.dtype))
-    s = tl.where(s_mask, s * scale_log2, float("-inf"))
+    if SOFTCAP:
+        s = _tanh(s * cap_in) * cap_out
+    else:
+        s = s * scale_log2
+    s = tl.where(s_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])  # [M, TILE_N]
@@ -79,6 +107,9 @@ def _decode_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     scale_log2,
+    cap_in,
+    cap_out,
+    window,
     stride_q_t,
     stride_q_h,
     stride_o_t,
@@ -96,8 +127,11 @@ def _decode_kernel(
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """Grid (num_seqs, num_kv_heads, NUM_SPLITS); each program covers one slice of one sequence's context."""
+    """Grid (num_seqs, num_kv_heads, NUM_SPLITS); each program covers one slice of one sequence's keys (those
+    inside the window, with one)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -106,10 +140,15 @@ def _decode_kernel(
     if q_len != 1:  # prefill rows (mixed batches) belong to the prefill kernel
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_tiles = tl.cdiv(seq_len, TILE_N)
+    if HAS_WINDOW:
+        kv_start = tl.maximum(seq_len - window, 0)  # the query at seq_len - 1 sees keys kv_start..seq_len - 1
+    else:
+        kv_start = seq_len * 0
+    first_tile = kv_start // TILE_N
+    num_tiles = tl.cdiv(seq_len, TILE_N) - first_tile
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
 
     g = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -126,6 +165,8 @@ def _decode_kernel(
     for tile in range(tile_lo, tile_hi):
         pos = tile * TILE_N + tl.arange(0, TILE_N)  # [TILE_N]
         pos_mask = pos < seq_len
+        if HAS_WINDOW:
+            pos_mask = pos_mask & (pos >= kv_start)  # block-table entries before the window are never read
         m_i, l_i, acc = _attend_tile(
             q,
             k_cache_ptr,
@@ -140,12 +181,15 @@ def _decode_kernel(
             l_i,
             acc,
             scale_log2,
+            cap_in,
+            cap_out,
             stride_kv_b,
             stride_kv_s,
             stride_kv_h,
             HEAD_DIM,
             BLOCK_SIZE,
             DOT_FP32,
+            SOFTCAP,
         )
 
     if NUM_SPLITS == 1:
@@ -206,6 +250,9 @@ def _prefill_kernel(
     query_start_loc_ptr,
     num_seqs,
     scale_log2,
+    cap_in,
+    cap_out,
+    window,
     stride_q_t,
     stride_q_h,
     stride_o_t,
@@ -222,6 +269,8 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Grid (num_tokens // BLOCK_Q + num_seqs, num_kv_heads): BLOCK_Q query tokens x the GQA group per program.
 
@@ -263,10 +312,17 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_end = tl.minimum(seq_len, context_len + q_first + BLOCK_Q)  # the causal horizon of the last token here
-    for start in range(0, kv_end, TILE_N):
+    if HAS_WINDOW:
+        kv_start = tl.maximum(context_len + q_first - window + 1, 0)  # the first key the first token here sees
+    else:
+        kv_start = kv_end * 0
+    for start in range(kv_start // TILE_N * TILE_N, kv_end, TILE_N):
         pos = start + tl.arange(0, TILE_N)  # [TILE_N]
         pos_mask = pos < kv_end
         s_mask = pos_mask[None, :] & (pos[None, :] <= q_pos[:, None])  # [M, TILE_N]
+        if HAS_WINDOW:
+            pos_mask = pos_mask & (pos >= kv_start)  # block-table entries before every window are never read
+            s_mask = s_mask & (pos[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _attend_tile(
             q,
             k_cache_ptr,
@@ -281,12 +337,15 @@ def _prefill_kernel(
             l_i,
             acc,
             scale_log2,
+            cap_in,
+            cap_out,
             stride_kv_b,
             stride_kv_s,
             stride_kv_h,
             HEAD_DIM,
             BLOCK_SIZE,
             DOT_FP32,
+            SOFTCAP,
         )
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -344,7 +403,15 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -
 
 
 def launch_constexprs(
-    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_splits: int, cfg: TileConfig, on_gpu: bool
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    num_splits: int,
+    cfg: TileConfig,
+    on_gpu: bool,
+    has_window: bool = False,
+    softcap: bool = False,
 ) -> dict[str, dict]:
     """Compile-time arguments (and warps/stages) of the "decode", "merge" and "prefill" launches."""
     group = num_heads // num_kv_heads
@@ -355,6 +422,8 @@ def launch_constexprs(
         BLOCK_SIZE=block_size,
         TILE_N=cfg.tile_n,
         DOT_FP32=cfg.dot_fp32,
+        HAS_WINDOW=has_window,
+        SOFTCAP=softcap,
         num_warps=cfg.num_warps,
         num_stages=2,
     )
@@ -429,6 +498,8 @@ def paged_attention(
     *,
     num_splits: int | None = None,
     config: TileConfig | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same result as `reference.paged_attention`, without host syncs.
 
@@ -449,7 +520,21 @@ def paged_attention(
         num_splits = default_num_splits(num_seqs, num_kv_heads, query.device)
     if not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
-    consts = launch_constexprs(num_heads, num_kv_heads, head_dim, block_size, num_splits, cfg, on_gpu)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    consts = launch_constexprs(
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        num_splits,
+        cfg,
+        on_gpu,
+        has_window=sliding_window is not None,
+        softcap=softcap is not None,
+    )
     strides = (
         query.stride(0),
         query.stride(1),
@@ -461,6 +546,9 @@ def paged_attention(
         block_tables.stride(0),
     )
     scale_log2 = scale * LOG2E
+    # Runtime values behind the compile-time switches (unused, and not specialised on, when a switch is off).
+    cap_in, cap_out = (scale / softcap, softcap * LOG2E) if softcap is not None else (1.0, 1.0)
+    window = sliding_window if sliding_window is not None else 0
 
     if num_splits > 1:
         part_acc = torch.empty((num_seqs, num_heads, num_splits, cfg.block_d), dtype=torch.float32, device=query.device)
@@ -478,6 +566,9 @@ def paged_attention(
         seq_lens,
         query_start_loc,
         scale_log2,
+        cap_in,
+        cap_out,
+        window,
         *strides,
         **consts["decode"],
     )
@@ -497,6 +588,9 @@ def paged_attention(
             query_start_loc,
             num_seqs,
             scale_log2,
+            cap_in,
+            cap_out,
+            window,
             *strides,
             **consts["prefill"],
         )

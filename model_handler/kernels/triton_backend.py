@@ -36,6 +36,9 @@ class TritonBackend:
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         return triton_attention.paged_attention(
             query,
@@ -48,4 +51,6 @@ class TritonBackend:
             metadata.max_query_len,
             out=out,
             num_splits=self.num_splits,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )

@@ -15,12 +15,23 @@ from model_handler.layers.attention_metadata import AttentionMetadata
 
 class PagedAttention(nn.Module):
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: AttentionBackend
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: AttentionBackend,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
+        """`sliding_window`: this layer attends to the last that many positions only; `softcap`: its logits are
+        capped with cap * tanh(logit / cap) (Gemma 2)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.backend = backend
+        self.sliding_window = sliding_window
+        self.softcap = softcap
 
     def forward(
         self,
@@ -35,5 +46,14 @@ class PagedAttention(nn.Module):
         out = torch.empty(
             query.shape[0], self.num_heads, self.head_dim, dtype=query.dtype, device=query.device
         )  # [num_tokens, num_heads, head_dim]
-        self.backend.attention(query, k_cache, v_cache, attn_metadata, self.scale, out)
+        self.backend.attention(
+            query,
+            k_cache,
+            v_cache,
+            attn_metadata,
+            self.scale,
+            out,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
+        )
         return out.view(query.shape[0], self.num_heads * self.head_dim)  # [num_tokens, num_heads * head_dim]

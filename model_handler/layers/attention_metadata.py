@@ -20,6 +20,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     max_query_len: int
     max_seq_len: int
+    rope_lengths: torch.Tensor | None = None
+    """[num_tokens] int64, for a length-dependent rope only (longrope, dynamic): the sequence length each token's
+    rotation is chosen for, max(position + 1, prompt length); None means position + 1 (every decode step)."""
     backend_plan: Any = None
     """Filled by the attention backend at the first layer of a step and reused by the others (the torch
     backend's row split and gather indices); one metadata object lives for exactly one step."""

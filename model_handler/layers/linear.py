@@ -76,7 +76,8 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel linears sharing one input, fused into one matmul (gate + up)."""
+    """Several column-parallel linears sharing one input, fused into one matmul (gate + up). The checkpoint holds
+    them apart (shard ids 0, 1, ...) or already fused (shard id None: Phi-3's `gate_up_proj`)."""
 
     def __init__(
         self, input_size: int, output_sizes: list[int], bias: bool = False, *, tp_rank: int = 0, tp_size: int = 1
@@ -85,6 +86,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, tp_rank=tp_rank, tp_size=tp_size)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id is None:  # the fused tensor: each part cut into this rank's slice, as if it came apart
+            full_sizes = [size * self.tp_size for size in self.output_sizes]
+            if loaded_weight.shape[0] != sum(full_sizes):
+                raise ValueError(f"checkpoint tensor has {loaded_weight.shape[0]} rows, expected {sum(full_sizes)}")
+            for index, part in enumerate(loaded_weight.split(full_sizes)):
+                self.weight_loader(param, part, index)
+            return
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"merged linear expects a shard index below {len(self.output_sizes)}, got {shard_id!r}")
         size = self.output_sizes[shard_id]
@@ -93,7 +101,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused; heads split across ranks, kv heads replicated when fewer than ranks."""
+    """q, k and v projections fused; heads split across ranks, kv heads replicated when fewer than ranks. The
+    checkpoint holds them apart (shard ids "q", "k", "v") or already fused (shard id None: Phi-3's `qkv_proj`)."""
 
     def __init__(
         self,
@@ -107,6 +116,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp_size: int = 1,
     ) -> None:
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = divide(num_heads, tp_size, "number of attention heads")
         if num_kv_heads >= tp_size:
             self.num_kv_heads = divide(num_kv_heads, tp_size, "number of key/value heads")
@@ -120,6 +130,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, output_size, bias, tp_rank=tp_rank, tp_size=tp_size)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id is None:  # the fused tensor [q | k | v] of every head
+            full_sizes = [self.total_num_heads * self.head_dim] + [self.total_num_kv_heads * self.head_dim] * 2
+            if loaded_weight.shape[0] != sum(full_sizes):
+                raise ValueError(f"checkpoint tensor has {loaded_weight.shape[0]} rows, expected {sum(full_sizes)}")
+            for name, part in zip(("q", "k", "v"), loaded_weight.split(full_sizes)):
+                self.weight_loader(param, part, name)
+            return
         if shard_id == "q":
             offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
         elif shard_id in ("k", "v"):

@@ -2,8 +2,9 @@
 roll and one fused multiply-add instead of HF's `rotate_half` formula (same result).
 
 Every rope type transformers knows (default, linear, dynamic, yarn, longrope, llama3) is computed by
-`transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`. "dynamic" and "longrope" keep their frequencies for
-the original context; HF recomputes them once a sequence outgrows it, so beyond that point they differ.
+`transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`, per layer type where a model has several (Gemma 3's local
+and global layers). "dynamic" and "longrope" change their frequencies with the sequence length as transformers
+does (`rope_scaling.py`): each token carries the length its rotation is chosen for (`model_layout`).
 """
 
 from __future__ import annotations
@@ -14,29 +15,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from model_handler.layers.rope_scaling import LengthScaling, length_scaling
+from model_handler.layers.rope_tables import cos_sin_rows, rope_inv_freq
 
 if TYPE_CHECKING:
     from model_handler.kernels import FusedKernels
 
 
-def rope_inv_freq(hf_config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
-    """(inv_freq [rotary_dim // 2] fp32, attention_scaling) exactly as HF's rotary embedding computes them."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / head_dim
-        return 1.0 / (base**exponents), 1.0
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-    with torch.device("cpu"):  # HF's helpers make some tensors without a device; keep them off the loader's GPU
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
-    return inv_freq.to(torch.float32), float(attention_scaling)
-
-
 class RotaryEmbedding(nn.Module):
-    """Owns `cos_sin_cache` [max_position, 2, rotary_dim]: row p holds cos(p·f) and sign-folded sin(p·f)."""
+    """Owns `cos_sin_cache` [max_position (+ extra rows), 2, rotary_dim]: row p holds cos(p·f) and sign-folded
+    sin(p·f); a length-dependent rope (`scaling`) lays out its rows itself and maps (position, rope length) to them."""
 
     def __init__(
         self,
@@ -45,28 +34,48 @@ class RotaryEmbedding(nn.Module):
         max_position: int,
         dtype: torch.dtype,
         fused: FusedKernels | None = None,
+        scaling: LengthScaling | None = None,
     ) -> None:
         super().__init__()
         self.fused = fused  # the attention backend's kernels: one in-place launch per layer, no lookup
         self.rotary_dim = 2 * inv_freq.numel()
+        self.scaling = scaling
+        self.dtype = dtype
         # Built on the CPU in fp32 whatever the target, then moved to the default device (the loader's).
-        positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
-        freqs = torch.outer(positions, inv_freq.to("cpu", torch.float32))  # [max_position, rotary_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, rotary_dim]
-        cos = emb.cos() * attention_scaling
-        sin = emb.sin() * attention_scaling
-        half = self.rotary_dim // 2
-        # rotate_half(x) = cat(-x2, x1) = roll(x, half) * [-1.., +1..]: fold the sign into sin once here.
-        sin[:, :half] = -sin[:, :half]
-        cache = torch.stack((cos, sin), dim=1)  # [max_position, 2, rotary_dim]
+        if scaling is None:
+            cache = cos_sin_rows(torch.arange(max_position), inv_freq, attention_scaling)
+        else:
+            cache = scaling.table(max_position)
         self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device(), dtype), persistent=False)
 
-    def lookup(self, positions: torch.Tensor) -> RopeRows:
-        """This step's rotation, shared by every layer."""
+    def lookup(self, positions: torch.Tensor, rope_lengths: torch.Tensor | None = None) -> RopeRows:
+        """This step's rotation, shared by every layer. `rope_lengths` [num_tokens]: the sequence length each token's
+        rotation is chosen for (only a length-dependent rope reads it; None means position + 1 for every token)."""
+        if self.scaling is not None and rope_lengths is not None:
+            rows = self.scaling.rows(positions, rope_lengths)  # rotations no table row holds (dynamic, long prompts)
+            if rows is not None:
+                rows = rows.to(positions.device, self.dtype)  # [num_tokens, 2, rotary_dim]
+                return RopeRows(cos=rows[:, 0:1], sin=rows[:, 1:2])
+            positions = self.scaling.table_index(positions, rope_lengths)
         if self.fused is not None:
             return RopeRows(positions=positions, cache=self.cos_sin_cache, fused=self.fused)
         rows = self.cos_sin_cache.index_select(0, positions)  # [num_tokens, 2, rotary_dim]
         return RopeRows(cos=rows[:, 0:1], sin=rows[:, 1:2])
+
+
+def build_rotary(
+    hf_config: PretrainedConfig,
+    head_dim: int,
+    max_position: int,
+    dtype: torch.dtype,
+    fused: FusedKernels | None = None,
+    layer_type: str | None = None,
+) -> RotaryEmbedding:
+    """The rotary embedding of the rope of `layer_type` (a key of `rope_parameter_sets`), for positions below
+    `max_position`."""
+    inv_freq, attention_scaling = rope_inv_freq(hf_config, head_dim, layer_type)
+    scaling = length_scaling(hf_config, head_dim, layer_type)
+    return RotaryEmbedding(inv_freq, attention_scaling, max_position, dtype, fused, scaling)
 
 
 @dataclass(slots=True)

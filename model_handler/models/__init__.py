@@ -15,6 +15,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("model_handler.models.mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("model_handler.models.qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("model_handler.models.qwen_moe", "Qwen3MoeForCausalLM"),
+    "Gemma2ForCausalLM": ("model_handler.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("model_handler.models.gemma", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("model_handler.models.phi3", "Phi3ForCausalLM"),
 }
 # config.json without `architectures` (a bare config class saved by hand): fall back on model_type
 _BY_MODEL_TYPE = {
@@ -25,11 +28,37 @@ _BY_MODEL_TYPE = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
+
+
+# Architectures people try that are refused at start-up, and why (what to serve instead).
+_REFUSED: dict[str, str] = {
+    "Gemma3ForConditionalGeneration": (
+        "multimodal Gemma 3 (image and text inputs) is not supported yet; the text-only Gemma 3 checkpoints "
+        "(Gemma3ForCausalLM: gemma-3-1b, gemma-3-270m) are"
+    ),
+    "Phi4MMForCausalLM": "Phi-4-multimodal is not supported yet; Phi-4-mini (Phi3ForCausalLM) is",
+    "Phi4MultimodalForCausalLM": "Phi-4-multimodal is not supported yet; Phi-4-mini (Phi3ForCausalLM) is",
+}
+_REFUSED_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration", "phi4mm": "Phi4MMForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def refuse_unsupported(architectures: Sequence[str] | None, model_type: str | None = None) -> None:
+    """ValueError naming the architecture when config.json describes one that is known and refused."""
+    candidates = list(architectures or [])
+    if not candidates and model_type in _REFUSED_MODEL_TYPES:
+        candidates = [_REFUSED_MODEL_TYPES[model_type]]
+    if candidates and not any(name in _REGISTRY for name in candidates):
+        for name in candidates:
+            if name in _REFUSED:
+                raise ValueError(f"model architecture {name} is refused: {_REFUSED[name]}")
 
 
 def resolve_architecture(architectures: Sequence[str] | None, model_type: str | None = None) -> str:
@@ -40,6 +69,7 @@ def resolve_architecture(architectures: Sequence[str] | None, model_type: str | 
     for name in candidates:
         if name in _REGISTRY:
             return name
+    refuse_unsupported(candidates)
     raise ValueError(
         f"unsupported model architecture {candidates or model_type!r}; "
         f"supported: {', '.join(supported_architectures())}"

@@ -1,5 +1,5 @@
 """The Llama family over a flat batch and a paged KV cache: Llama 2/3, Mistral, Qwen2 (qkv bias) and
-Qwen3 (per-head q/k RMSNorm), tied or untied embeddings, tensor-parallel ready.
+Qwen3 (per-head q/k RMSNorm), tied or untied embeddings, per-layer sliding windows, tensor-parallel ready.
 
 Parameter names follow HF's except the fused `qkv_proj` and `gate_up_proj`; `packed_modules_mapping`
 tells `weights.py` how the HF tensors fill them.
@@ -23,7 +23,7 @@ from model_handler.layers.attention_metadata import AttentionMetadata
 from model_handler.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from model_handler.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from model_handler.layers.norm import RMSNorm
-from model_handler.layers.rotary import RopeRows, RotaryEmbedding, rope_inv_freq
+from model_handler.layers.rotary import RopeRows, build_rotary
 from model_handler.model_config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -57,7 +57,12 @@ class LlamaAttention(nn.Module):
         spec: FamilySpec,
         backend: AttentionBackend,
         tp: ParallelSpec,
+        sliding_window: int | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
     ) -> None:
+        """`sliding_window`: this layer's window (None: the whole context); `scale`: the softmax scale (default
+        head_dim ** -0.5); `softcap`: the attention-logit soft-cap (Gemma 2)."""
         super().__init__()
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -71,7 +76,15 @@ class LlamaAttention(nn.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, hf_config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, hf_config.rms_norm_eps)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
+        self.attn = PagedAttention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5 if scale is None else scale,
+            backend,
+            sliding_window,
+            softcap,
+        )
 
     def forward(
         self,
@@ -88,10 +101,7 @@ class LlamaAttention(nn.Module):
         # q and k sit side by side in the fused output, so one norm and one rope call cover both.
         qk = qkv[:, :num_qk_heads]  # [T, H + Hkv, D]
         if self.qk_norm:
-            weight = torch.cat(
-                (self.q_norm.weight.expand(self.num_heads, -1), self.k_norm.weight.expand(self.num_kv_heads, -1))
-            )  # [H + Hkv, D]
-            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * weight
+            qk = self.norm_qk(qk)
         qk = rope.apply(qk)  # [T, H + Hkv, D] (the fused kernel rotates qkv's q and k in place)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, Hkv, D]
         v = qkv[:, num_qk_heads:]  # [T, Hkv, D]
@@ -99,6 +109,13 @@ class LlamaAttention(nn.Module):
         if output_rows is not None:
             out = out[output_rows]  # [N, H * D]: rows are independent from here on
         return self.o_proj(out)
+
+    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm of q and k side by side: [T, H + Hkv, D] -> [T, H + Hkv, D]."""
+        weight = torch.cat(
+            (self.q_norm.weight.expand(self.num_heads, -1), self.k_norm.weight.expand(self.num_kv_heads, -1))
+        )  # [H + Hkv, D]
+        return F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * weight
 
 
 class LlamaMLP(nn.Module):
@@ -109,9 +126,11 @@ class LlamaMLP(nn.Module):
         bias: bool,
         tp: ParallelSpec,
         fused: FusedKernels | None,
+        act_fn: nn.Module | None = None,
         *,
         reduce_results: bool = True,  # False: each rank's partial sum (a MoE block's shared expert)
     ) -> None:
+        """`act_fn`: the gated activation over [gate | up] (default SiLU; Gemma's GeGLU passes its own)."""
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size, [intermediate_size, intermediate_size], bias, **tp.kwargs
@@ -119,7 +138,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             intermediate_size, hidden_size, bias, reduce_results=reduce_results, **tp.kwargs
         )
-        self.act_fn = SiluAndMul(fused)
+        self.act_fn = SiluAndMul(fused) if act_fn is None else act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I/tp] -> [T, I/tp] -> [T, hidden]
@@ -134,9 +153,10 @@ class LlamaDecoderLayer(nn.Module):
         backend: AttentionBackend,
         tp: ParallelSpec,
         mlp: nn.Module | None = None,  # the family's own (a sparse MoE block); None: the dense LlamaMLP
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, config, spec, backend, tp)
+        self.self_attn = LlamaAttention(hf_config, config, spec, backend, tp, sliding_window)
         if mlp is None:
             mlp = LlamaMLP(config.hidden_size, hf_config.intermediate_size, spec.mlp_bias, tp, backend.fused)
         self.mlp = mlp
@@ -173,12 +193,12 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp.kwargs)
-        inv_freq, attention_scaling = rope_inv_freq(hf_config, config.head_dim)
-        self.rotary_emb = RotaryEmbedding(
-            inv_freq, attention_scaling, hf_config.max_position_embeddings, torch.get_default_dtype(), backend.fused
+        self.rotary_emb = build_rotary(
+            hf_config, config.head_dim, config.max_position_embeddings, torch.get_default_dtype(), backend.fused
         )
+        windows = config.sliding_windows or (None,) * config.num_layers
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, config, spec, backend, tp, make_mlp(i) if make_mlp else None)
+            LlamaDecoderLayer(hf_config, config, spec, backend, tp, make_mlp(i) if make_mlp else None, windows[i])
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, hf_config.rms_norm_eps, backend.fused)
@@ -198,7 +218,7 @@ class LlamaModel(nn.Module):
         instead of every prompt token (llama.cpp prunes its last layer the same way).
         """
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        rope = self.rotary_emb.lookup(positions)  # shared by all layers
+        rope = self.rotary_emb.lookup(positions, attn_metadata.rope_lengths)  # shared by all layers
         residual = None
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
@@ -274,7 +294,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Llama layers without biases; its sliding window is honoured by capping the context (model_config)."""
+    """Llama layers without biases; v0.1's sliding window applies to every layer (model_config.sliding_windows)."""
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

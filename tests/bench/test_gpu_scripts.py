@@ -32,11 +32,22 @@ def test_script_parses_and_explains_itself():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False).returncode == 0
     done = run_script("--help")
     assert done.returncode == 0
-    for word in ("--cpu-smoke", "pytest -q -m gpu", "gpu_kernels.py", "generate_batch", "gpu_check.json", "--skip-moe"):
+    words = (
+        "--cpu-smoke",
+        "pytest -q -m gpu",
+        "gpu_kernels.py",
+        "generate_batch",
+        "gpu_check.json",
+        "--skip-moe",
+        "--case",
+    )
+    for word in words:
         assert word in done.stdout
 
 
-@pytest.mark.parametrize("args", [("--bogus",), ("a", "b"), ("--budget-s", "soon"), ("--model-dir",)])
+@pytest.mark.parametrize(
+    "args", [("--bogus",), ("a", "b"), ("--budget-s", "soon"), ("--model-dir",), ("--case", "falcon"), ("--case",)]
+)
 def test_bad_usage_exits_2_before_doing_anything(args, tmp_path):
     done = run_script(*args, env={"TMPDIR": str(tmp_path)})
     assert done.returncode == 2 and "gpu_check.sh:" in done.stderr
@@ -65,6 +76,24 @@ def test_model_folder_streams_valid_shards(tmp_path):
     assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_theta"] == 500000.0
     again = gpu_model.build(out, "smoke", "cpu", shard_gb=0.003)
     assert again["reused"] and again["weight_bytes"] == record["weight_bytes"]
+
+
+def test_gemma2_folder_has_its_norms_at_zero_and_no_lm_head(tmp_path):
+    """Gemma scales by (1 + w): norms written as zeros (transformers' init); pre/post-MLP norms; tied embeddings."""
+    from safetensors import safe_open
+
+    gpu_model.build(tmp_path, "gemma2-smoke", "cpu")
+    with safe_open(str(tmp_path / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert bool((f.get_tensor("model.layers.0.post_feedforward_layernorm.weight") == 0).all())
+    assert "lm_head.weight" not in names and "model.layers.3.pre_feedforward_layernorm.weight" in names
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["Gemma2ForCausalLM"] and config["sliding_window"] == 8
+
+
+def test_gemma2_9b_plan_matches_the_published_size():
+    shapes = gpu_model.tensor_shapes(gpu_model.GEMMA2_9B)
+    assert sum(int.__mul__(*s) if len(s) == 2 else s[0] for s in shapes.values()) == 9_241_705_984
 
 
 def test_llama3_8b_plan_matches_the_published_size():
@@ -383,3 +412,42 @@ def test_cpu_smoke_both_systems_generate_the_same_greedy_tokens(smoke):
     # float32 on both sides, same llama3-scaled rope config: our model computes transformers' function.
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["agreement"]["first_token_match"] == 1.0 and summary["agreement"]["requests"] == 5
+
+
+# ---- the Gemma-2-9B case (--case gemma2-9b) ----------------------------------------------------------------
+
+
+def test_gemma2_case_cpu_smoke_checks_the_serving_path_and_decodes(tmp_path):
+    """The same Python as on a GPU, on CPU: a Gemma-2 folder with a window (8) shorter than its prompts, the C++
+    kernels against the torch path on it (float32: rounding only), then the engine's decode at batches 1 and 4."""
+    out = tmp_path / "out"
+    done = run_script(str(out), "--cpu-smoke", "--case", "gemma2-9b", env={"TMPDIR": str(tmp_path)}, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = json.loads((out / "gpu_check_gemma2-9b.json").read_text())
+    assert summary["stages"] == {"build": "0", "check": "0", "ours": "0"}
+    check = summary["check"]
+    assert check["passed"] and check["architecture"] == "Gemma2ForCausalLM" and check["sliding_windows"] == [8]
+    assert check["prompt_lengths"][0] > 8 and check["max_rel_l2"] < 1e-4 and check["top1"] == 1.0
+    assert [row["batch"] for row in summary["decode"]] == [1, 4] and all(
+        row["output_tok_s"] > 0 for row in summary["decode"]
+    )
+    assert "gpu_check: exit 0" in (out / "gpu_check_gemma2-9b.log").read_text()
+
+
+def test_gemma2_case_report_fails_when_the_paths_disagree_or_a_stage_failed(tmp_path):
+    from bench import gpu_family
+
+    check = {"passed": False, "serving_backend": "triton", "max_rel_l2": 0.2, "top1": 0.5}
+    check |= {"prompt_lengths": [4396, 37, 5], "sliding_windows": [4096]}
+    (tmp_path / "gpu_family_g.json").write_text(json.dumps(check))
+    run = {"batch": 1, "output_tok_s": 50.0, "decode_ms_step_median": 20.0, "ttft_ms_median": 30.0}
+    (tmp_path / "gpu_engine_g.json").write_text(json.dumps({"hbm_datasheet_gbs": 3350, "runs": [run]}))
+    (tmp_path / "gpu_model_g.json").write_text(json.dumps({"weight_bytes": 18_483_411_968}))
+    argv = ["report", "--results", str(tmp_path), "--case", "g", "--stage", "build=0", "--stage", "check=1"]
+    assert gpu_family.main(argv) == 2  # the check stage itself exited non-zero
+    assert gpu_family.main([*argv[:-1], "check=0"]) == 1  # its record says the paths disagree
+    summary = json.loads((tmp_path / "gpu_check_g.json").read_text())
+    assert summary["decode"][0]["weights_gbs"] == pytest.approx(924.2, abs=0.1)  # 18.48 GB read per 20 ms step
+    check["passed"] = True
+    (tmp_path / "gpu_family_g.json").write_text(json.dumps(check))
+    assert gpu_family.main([*argv[:-1], "check=0"]) == 0

@@ -168,3 +168,61 @@ def test_blocks_freed_before_they_were_computed_are_not_cached():
     manager.deallocate(seq)
     assert manager.num_cached_blocks == 3
     assert len(manager.match_prefix(create_sequence(range(10, 23)))) == 3
+
+
+# ---- sliding windows and cache salts ------------------------------------------------------------------
+
+
+def test_blocks_wholly_outside_the_window_are_freed_as_the_sequence_advances():
+    """Every layer slides (kv_window 6): once the next token's window starts past a block, the block goes back to
+    the pool (cached, so another request with the prefix can still find it) and its entry reads -1."""
+    manager = BlockManager(num_blocks=8, block_size=BS, kv_window=6)
+    seq = create_sequence(range(10, 20))  # 10 tokens, 3 blocks
+    admit(manager, seq)
+    assert seq.num_computed_tokens == 10
+    manager.drop_outside_window(seq)  # the next token (10) sees keys 5..10: block 0 (0..3) is dead, block 1 is not
+    assert seq.block_table[0] == -1 and -1 not in seq.block_table[1:]
+    assert manager.num_free_blocks == 6 and manager.num_cached_blocks == 2
+    for token in range(20, 26):  # decode to 16 computed tokens: keys 11.. seen, blocks 1 (4..7) and 2 (8..11) dead
+        seq.token_ids.append(token)
+        manager.may_append(seq, 1)
+        seq.num_computed_tokens += 1
+        manager.drop_outside_window(seq)
+    assert seq.block_table[:2] == [-1, -1] and seq.num_dropped_blocks == 2
+    # a prefix hit on the dropped blocks: they were freed to the cache, not forgotten
+    again = create_sequence(range(10, 20))
+    assert len(manager.match_prefix(again)) == 2
+    manager.deallocate(seq)
+    assert manager.num_free_blocks == 8 and manager.ref_counts == [0] * 8
+
+
+def test_without_a_kv_window_nothing_is_dropped():
+    manager = BlockManager(num_blocks=8, block_size=BS)
+    seq = create_sequence(range(10, 30))
+    admit(manager, seq)
+    manager.drop_outside_window(seq)
+    assert -1 not in seq.block_table
+
+
+def test_a_preempted_sequence_with_dropped_blocks_gives_back_the_rest_and_starts_over():
+    manager = BlockManager(num_blocks=8, block_size=BS, kv_window=3, enable_prefix_caching=False)
+    seq = create_sequence(range(10, 26))  # 16 tokens: 4 blocks
+    admit(manager, seq)
+    manager.drop_outside_window(seq)  # next token 16 sees keys 14..: blocks 0-2 dead
+    assert seq.block_table[:3] == [-1, -1, -1] and manager.num_free_blocks == 7
+    manager.deallocate(seq)
+    assert manager.num_free_blocks == 8 and seq.num_dropped_blocks == 0 and seq.block_table == []
+    admit(manager, seq)  # recomputed from its tokens
+    assert -1 not in seq.block_table and len(seq.block_table) == 4
+
+
+def test_sequences_with_different_cache_salts_share_no_blocks():
+    """A long prompt under a length-dependent rope rotates its early tokens differently from a short one's: the
+    same tokens, another KV."""
+    manager = BlockManager(num_blocks=16, block_size=BS)
+    first = create_sequence(range(10, 20))
+    admit(manager, first)
+    salted = create_sequence(range(10, 20))
+    salted.cache_salt = 1
+    assert manager.match_prefix(salted) == []
+    assert len(manager.match_prefix(create_sequence(range(10, 20)))) == 2

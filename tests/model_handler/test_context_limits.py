@@ -44,3 +44,16 @@ def test_input_limit_must_leave_room_for_a_new_token():
         resolve_context(None, 8192, model_limit=32768, num_kv_blocks=512, block_size=16, cache_size_hint=HINT)
     with pytest.raises(ValueError, match="too few for a prompt and one new token"):
         resolve_context(None, None, model_limit=32768, num_kv_blocks=1, block_size=1, cache_size_hint=HINT)
+
+
+def test_a_model_whose_every_layer_slides_is_not_limited_by_the_cache():
+    """Mistral v0.1 (window 4096 on all 32 layers, 32768 positions) on the same 8192-token CPU cache: a request holds
+    only its window and one 512-token prompt chunk (the blocks before are freed), so the model's limit stands."""
+    window = dict(kv_window=4096, max_chunk_tokens=512)
+    assert blocks_for(32768, 16, **window) == 289  # cdiv(4096 + 512, 16) + 1
+    limits = resolve_context(None, None, 32768, 512, 16, HINT, **window)
+    assert (limits.max_model_len, limits.limited_by) == (32768, LIMITED_BY_MODEL)
+    assert resolve_context(32768, None, 32768, 512, 16, HINT, **window).max_model_len == 32768
+    # A cache too small even for the window: the cache's own limit, as without one.
+    small = resolve_context(None, None, 32768, 200, 16, HINT, **window)
+    assert (small.max_model_len, small.limited_by) == (3200, LIMITED_BY_KV_CACHE)

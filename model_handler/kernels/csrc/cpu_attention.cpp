@@ -12,7 +12,10 @@
 // Layout (model_handler/kernels/reference.py): k_cache, v_cache [num_blocks, block_size, num_kv_heads,
 // head_dim]; block_tables [num_seqs, max_blocks] int32; seq_lens [num_seqs] int32; query [T, H, D] with any
 // row stride; out [T, H, D] contiguous. Row i of `query_rows`/`seq_rows` says which query token attends over
-// which sequence's first seq_lens[seq] cached tokens.
+// which sequence's first seq_lens[seq] cached tokens: all of them, or with a sliding window (window > 0) the last
+// `window` only, whose blocks alone are read (earlier table entries may be stale: the block manager frees them).
+// softcap > 0 maps the scaled logits through softcap * tanh(s / softcap) (Gemma 2). Neither costs the plain path
+// anything but a compare per row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -73,11 +76,13 @@ inline __m512 load16(const c10::Half* p) {
 
 // The register-blocked paths: head_dim 64, 128 or 256 (C = 4, 8 or 16 vectors), query heads of a kv head in
 // tiles of 16 / C, so a tile's query rows (or accumulators) and one token's keys (or values) fit the 32 registers.
+// Kept out of line: inlined into the decode loop, GCC allocated the head-dim-128 tiles' registers worse (15-20%
+// slower, measured when the window and soft-cap code grew that loop).
 inline bool fast_path(int64_t D) { return D == 64 || D == 128 || D == 256; }
 
 template <int C, typename T>
-void scores_kv_head(const float* q, const T* k, int64_t row, int64_t num, int64_t kvh, int64_t group, float* scores,
-                    int64_t stride) {
+__attribute__((noinline)) void scores_kv_head(const float* q, const T* k, int64_t row, int64_t num, int64_t kvh,
+                                              int64_t group, float* scores, int64_t stride) {
   constexpr int64_t D = 16 * C, tile = 16 / C;
   for (int64_t g0 = 0; g0 < group; g0 += tile) {
     const int64_t gn = std::min(tile, group - g0);
@@ -101,8 +106,8 @@ void scores_kv_head(const float* q, const T* k, int64_t row, int64_t num, int64_
 }
 
 template <int C, typename T>
-void accumulate_kv_head(float* acc, const T* v, int64_t row, int64_t num, int64_t kvh, int64_t group, const float* p,
-                        int64_t stride) {
+__attribute__((noinline)) void accumulate_kv_head(float* acc, const T* v, int64_t row, int64_t num, int64_t kvh,
+                                                  int64_t group, const float* p, int64_t stride) {
   constexpr int64_t D = 16 * C, tile = 16 / C;
   for (int64_t g0 = 0; g0 < group; g0 += tile) {
     const int64_t gn = std::min(tile, group - g0);
@@ -188,7 +193,8 @@ inline int64_t kv_splits(int64_t num_rows, int64_t num_kv_heads) {
 
 template <typename T>
 bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
-            const int64_t* query_rows, const int64_t* seq_rows, T* out, const Shape& s, float scale) {
+            const int64_t* query_rows, const int64_t* seq_rows, T* out, const Shape& s, float scale, int64_t window,
+            float cap) {
   const int64_t H = s.num_heads, D = s.head_dim, group = s.num_heads / s.num_kv_heads;
   const int64_t row = s.num_kv_heads * D;  // one token's keys (or values) for every kv head: contiguous
   const int64_t splits = kv_splits(s.num_rows, s.num_kv_heads);
@@ -207,7 +213,9 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
         ok = false;
         return;
       }
-      for (int64_t t = 0; t < len; t += s.block_size) {
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;  // the first key this row sees
+      const int64_t n = len - first;
+      for (int64_t t = first - first % s.block_size; t < len; t += s.block_size) {
         if (table[t / s.block_size] < 0 || table[t / s.block_size] >= s.num_blocks) {
           ok = false;
           return;
@@ -215,27 +223,33 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
       }
       to_float(query + q_row * s.q_row_stride + h0 * D, q.data() + h0 * D, (h1 - h0) * D);
       for (int64_t x = h0 * D; x < h1 * D; ++x) q[x] *= scale;
-      scores.resize(H * len);  // [H, len]
-      for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
-        const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
+      scores.resize(H * n);  // [H, n]: keys first..len-1
+      // Pieces of blocks: from `first` (maybe mid-block) to the end of its block, then whole blocks.
+      for (int64_t t0 = first; t0 < len;) {
+        const int64_t offset = t0 % s.block_size, num = std::min(s.block_size - offset, len - t0);
+        const int64_t block = table[t0 / s.block_size];
         // A block's rows are contiguous in the cache.
-        block_scores(q.data(), k_cache + block * s.block_size * row, kv.data(), row, num, kv0, kv1, group, D,
-                     scores.data() + t0, len);
+        block_scores(q.data(), k_cache + (block * s.block_size + offset) * row, kv.data(), row, num, kv0, kv1, group,
+                     D, scores.data() + (t0 - first), n);
+        t0 += num;
       }
       for (int64_t h = h0; h < h1; ++h) {
-        float* p = scores.data() + h * len;
-        const float top = max_of(p, len);
-        for (int64_t t = 0; t < len; ++t) p[t] -= top;
-        exp_nonpositive(p, len);
+        float* p = scores.data() + h * n;
+        if (cap > 0.f) softcap(p, n, cap);
+        const float top = max_of(p, n);
+        for (int64_t t = 0; t < n; ++t) p[t] -= top;
+        exp_nonpositive(p, n);
         float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) sum += p[t];
+        for (int64_t t = 0; t < n; ++t) sum += p[t];
         inv[h] = 1.f / sum;
       }
       std::fill(acc.begin() + h0 * D, acc.begin() + h1 * D, 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += s.block_size) {
-        const int64_t block = table[t0 / s.block_size], num = std::min(s.block_size, len - t0);
-        block_accumulate(acc.data(), v_cache + block * s.block_size * row, kv.data(), row, num, kv0, kv1, group, D,
-                         scores.data() + t0, len);
+      for (int64_t t0 = first; t0 < len;) {
+        const int64_t offset = t0 % s.block_size, num = std::min(s.block_size - offset, len - t0);
+        const int64_t block = table[t0 / s.block_size];
+        block_accumulate(acc.data(), v_cache + (block * s.block_size + offset) * row, kv.data(), row, num, kv0, kv1,
+                         group, D, scores.data() + (t0 - first), n);
+        t0 += num;
       }
       T* o = out + q_row * H * D;
       for (int64_t h = h0; h < h1; ++h)
@@ -247,8 +261,10 @@ bool decode(const T* query, const T* k_cache, const T* v_cache, const int32_t* b
 
 void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                            const at::Tensor& query_rows, const at::Tensor& seq_rows, double scale) {
+                            const at::Tensor& query_rows, const at::Tensor& seq_rows, double scale, int64_t window,
+                            double softcap) {
   check_paged_attention_args(out, query, k_cache, v_cache);
+  TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap: 0 (none) or positive");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
   TORCH_CHECK(query_rows.scalar_type() == at::kLong && seq_rows.scalar_type() == at::kLong, "int64 rows");
   TORCH_CHECK(query_rows.sizes() == seq_rows.sizes() && query_rows.dim() == 1, "one seq per query row");
@@ -270,24 +286,24 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
                     tables.size(1),
                     query.stride(0)};
   bool ok = true;
-  const float s = static_cast<float>(scale);
+  const float s = static_cast<float>(scale), cap = static_cast<float>(softcap);
   switch (query.scalar_type()) {
     case at::kFloat:
       ok = decode<float>(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                          tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), q_rows.data_ptr<int64_t>(),
-                         s_rows.data_ptr<int64_t>(), out.data_ptr<float>(), shape, s);
+                         s_rows.data_ptr<int64_t>(), out.data_ptr<float>(), shape, s, window, cap);
       break;
     case at::kBFloat16:
       ok = decode<c10::BFloat16>(query.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
                                  v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int32_t>(),
                                  lens.data_ptr<int32_t>(), q_rows.data_ptr<int64_t>(), s_rows.data_ptr<int64_t>(),
-                                 out.data_ptr<c10::BFloat16>(), shape, s);
+                                 out.data_ptr<c10::BFloat16>(), shape, s, window, cap);
       break;
     case at::kHalf:
       ok = decode<c10::Half>(query.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(),
                              v_cache.data_ptr<c10::Half>(), tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
                              q_rows.data_ptr<int64_t>(), s_rows.data_ptr<int64_t>(), out.data_ptr<c10::Half>(), shape,
-                             s);
+                             s, window, cap);
       break;
     default:
       TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", query.scalar_type());
@@ -301,7 +317,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
 TORCH_LIBRARY_FRAGMENT(sagemaker_llm_cpu, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor seq_lens, Tensor query_rows, Tensor seq_rows, float scale) -> ()");
+      "Tensor seq_lens, Tensor query_rows, Tensor seq_rows, float scale, int window=0, float softcap=0.) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sagemaker_llm_cpu, CPU, m) {

@@ -39,7 +39,7 @@ def compile_kernel(fn, dtype: torch.dtype, constexprs: dict) -> str:
         elif arg.endswith("_ptr"):
             signature[arg] = "*fp32" if arg in fp32_ptrs else f"*{name}"
         else:
-            signature[arg] = "fp32" if arg.startswith("scale") else "i32"
+            signature[arg] = "fp32" if arg.startswith(("scale", "cap_")) else "i32"
     aligned = [
         i
         for i, arg in enumerate(fn.arg_names)
@@ -61,20 +61,25 @@ def compile_kernel(fn, dtype: torch.dtype, constexprs: dict) -> str:
 
 
 def attention_cases():
-    """(dtype, head_dim, num_heads, num_kv_heads): Llama-3-8B, the tiny model, MHA, wide heads, fp32."""
-    yield torch.bfloat16, 128, 32, 8
-    yield torch.float16, 128, 32, 8
-    yield torch.bfloat16, 64, 4, 4
-    yield torch.bfloat16, 256, 8, 4
-    yield torch.float32, 64, 8, 2
+    """(dtype, head_dim, num_heads, num_kv_heads, sliding window, soft-cap): Llama-3-8B, the tiny model, MHA, wide
+    heads, fp32; Gemma-2-9B's two layer kinds (a window and soft-capping, soft-capping alone)."""
+    yield torch.bfloat16, 128, 32, 8, False, False
+    yield torch.float16, 128, 32, 8, False, False
+    yield torch.bfloat16, 64, 4, 4, False, False
+    yield torch.bfloat16, 256, 8, 4, False, False
+    yield torch.float32, 64, 8, 2, False, False
+    yield torch.bfloat16, 256, 16, 8, True, True
+    yield torch.bfloat16, 256, 16, 8, False, True
 
 
 def main() -> int:
-    for dtype, head_dim, num_heads, num_kv_heads in attention_cases():
+    for dtype, head_dim, num_heads, num_kv_heads, window, softcap in attention_cases():
         cfg = ta.tile_config(head_dim, dtype, on_gpu=True)
-        tag = f"{TYPE_NAMES[dtype]} D={head_dim} group={num_heads // num_kv_heads}"
+        tag = f"{TYPE_NAMES[dtype]} D={head_dim} group={num_heads // num_kv_heads} window={window} softcap={softcap}"
         for splits in (16, 1):
-            consts = ta.launch_constexprs(num_heads, num_kv_heads, head_dim, 16, splits, cfg, on_gpu=True)
+            consts = ta.launch_constexprs(
+                num_heads, num_kv_heads, head_dim, 16, splits, cfg, on_gpu=True, has_window=window, softcap=softcap
+            )
             print(f"decode splits={splits} {tag}: {compile_kernel(ta._decode_kernel, dtype, consts['decode'])}")
         print(f"merge {tag}: {compile_kernel(ta._merge_splits_kernel, dtype, consts['merge'])}")
         print(f"prefill {tag}: {compile_kernel(ta._prefill_kernel, dtype, consts['prefill'])}")

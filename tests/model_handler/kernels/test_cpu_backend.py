@@ -15,7 +15,12 @@ import torch
 from model_handler.kernels import TorchReferenceBackend, cpu_build, cpu_native, select_backend
 from model_handler.kernels.cpu_backend import CpuBackend
 from tests import cpu_kernels
-from tests.model_handler.kernels.test_reference import SCALE, sdpa_per_sequence
+from tests.model_handler.kernels.test_reference import (
+    SCALE,
+    WINDOW_CASES,
+    drop_blocks_before_windows,
+    sdpa_per_sequence,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -28,9 +33,12 @@ def test_the_kernels_build_where_a_compiler_exists():
     assert cpu_native.load(), "the C++ CPU kernels failed to build (see the warning in the log)"
 
 
-def run_cpu_backend(batch) -> torch.Tensor:
+def run_cpu_backend(batch, prefill_kernel: bool | None = None, **options) -> torch.Tensor:
     out = torch.full_like(batch.query, float("nan"))  # poisoned: every row must be written
-    CpuBackend().attention(batch.query, batch.k_cache, batch.v_cache, batch.metadata(), SCALE, out)
+    backend = CpuBackend()
+    if prefill_kernel is not None:
+        backend.prefill_kernel = prefill_kernel
+    backend.attention(batch.query, batch.k_cache, batch.v_cache, batch.metadata(), SCALE, out, **options)
     return out
 
 
@@ -118,6 +126,56 @@ def test_a_block_id_outside_the_cache_raises_instead_of_reading_past_it(paged_ba
     batch.block_tables[1, 1] = batch.k_cache.shape[0]  # one past the last block
     with pytest.raises(RuntimeError, match="outside the cache"):
         run_cpu_backend(batch)
+
+
+@pytest.mark.parametrize("case", sorted(WINDOW_CASES))
+@pytest.mark.parametrize("sliding_window", [1, 5, 16, 40])
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("prefill_kernel", [True, False], ids=["prompts-in-kernel", "prompts-in-sdpa"])
+def test_sliding_windows_match_sdpa_and_skip_freed_blocks(paged_batch, case, sliding_window, head_dim, prefill_kernel):
+    """Decode rows (plain loops at head dim 32, AVX-512 register tiles at 64) and prompts (the prefill kernel, or
+    SDPA where it lacks its vector tiles) with windows of one token, inside a block, one block (16) and longer than
+    most contexts; blocks wholly before the windows have table entries of -1 and the slots before them hold NaN."""
+    q_lens, seq_lens = WINDOW_CASES[case]
+    batch = paged_batch(q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=head_dim, seed=sliding_window)
+    expected = sdpa_per_sequence(batch, sliding_window)
+    freed = drop_blocks_before_windows(batch, sliding_window, nan_slots=prefill_kernel)  # SDPA gathers whole blocks
+    out = run_cpu_backend(freed, prefill_kernel, sliding_window=sliding_window)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7])
+@pytest.mark.parametrize("head_dim", [32, 256])
+def test_soft_capped_logits_match_sdpa(paged_batch, sliding_window, head_dim):
+    """Gemma 2's attention (head dim 256, logits capped with cap * tanh(s / cap)), with and without its window."""
+    batch = paged_batch([1, 12, 1, 30, 1], [40, 12, 1, 45, 17], num_heads=4, num_kv_heads=2, head_dim=head_dim)
+    batch.query = batch.query * 8  # logits well past the cap of 5
+    expected = sdpa_per_sequence(batch, sliding_window, softcap=5.0)
+    assert not torch.allclose(expected, sdpa_per_sequence(batch, sliding_window), atol=1e-2)
+    out = run_cpu_backend(batch, sliding_window=sliding_window, softcap=5.0)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_window_and_cap_over_half_precision_caches(paged_batch, dtype):
+    batch = paged_batch([1, 40, 1], [70, 60, 300], num_heads=8, num_kv_heads=4, head_dim=64, dtype=dtype)
+    exact = sdpa_per_sequence(
+        type(batch)(
+            batch.query.float(),
+            batch.k_cache.float(),
+            batch.v_cache.float(),
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            batch.slot_mapping,
+            batch.used_slots,
+        ),
+        sliding_window=33,
+        softcap=20.0,
+    )
+    out = run_cpu_backend(batch, sliding_window=33, softcap=20.0)
+    tolerance = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(out.float(), exact, atol=tolerance, rtol=0)
 
 
 def test_cpu_is_the_default_backend_where_the_kernel_builds():

@@ -12,7 +12,7 @@ import torch
 from model_handler.kernels import cpu_build, cpu_native, cpu_prebuilt
 from model_handler.kernels.cpu_backend import CpuBackend
 from tests import cpu_kernels
-from tests.model_handler.kernels.test_reference import SCALE, sdpa_per_sequence
+from tests.model_handler.kernels.test_reference import SCALE, drop_blocks_before_windows, sdpa_per_sequence
 
 # Justified skip: as in test_cpu_backend.py (a GPU machine, or no C++ compiler at all).
 pytestmark = pytest.mark.skipif(not cpu_kernels.expected(), reason="GPU machine, or no C++ compiler")
@@ -30,7 +30,7 @@ def prefill_rows(batch) -> torch.Tensor:
     return torch.tensor([row for row in rows if row[1] > 1], dtype=torch.long).reshape(-1, 4)
 
 
-def run_kernel(batch, query: torch.Tensor | None = None) -> torch.Tensor:
+def run_kernel(batch, query: torch.Tensor | None = None, **options) -> torch.Tensor:
     out = torch.full_like(batch.query, float("nan"))  # poisoned: rows the kernel does not own stay NaN
     cpu_native.paged_prefill_attention(
         out,
@@ -40,6 +40,7 @@ def run_kernel(batch, query: torch.Tensor | None = None) -> torch.Tensor:
         batch.block_tables,
         prefill_rows(batch),
         SCALE,
+        **options,
     )
     return out
 
@@ -77,6 +78,33 @@ def test_every_block_size_is_read_through_the_table(paged_batch, block_size):
     """Key tiles of 16 span several blocks (small blocks) or sit inside one (large blocks)."""
     batch = paged_batch([40, 9], [100, 9], num_heads=4, num_kv_heads=2, block_size=block_size)
     torch.testing.assert_close(run_kernel(batch), sdpa_per_sequence(batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sliding_window", [1, 7, 16, 33, 100])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 2, 32), (8, 2, 64), (4, 4, 24)])
+def test_sliding_windows_match_sdpa_and_skip_freed_blocks(
+    paged_batch, sliding_window, num_heads, num_kv_heads, head_dim
+):
+    """Windows of one token, inside a key tile (16), one block, across query tiles (32) and longer than the prompts,
+    for whole prompts and chunks after cached prefixes: blocks wholly before every window have table entries of -1
+    and the slots before them hold NaN (as the block manager leaves freed blocks)."""
+    batch = paged_batch([128, 37, 5, 64, 17, 2], [128, 37, 25, 164, 20, 90], num_heads, num_kv_heads, head_dim)
+    expected = sdpa_per_sequence(batch, sliding_window)
+    out = run_kernel(drop_blocks_before_windows(batch, sliding_window), sliding_window=sliding_window)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_capped_logits_match_sdpa(paged_batch, sliding_window, dtype):
+    """Gemma 2's attention: logits capped with cap * tanh(s / cap) (in bf16 through the bf16 dot products)."""
+    batch = paged_batch([64, 9], [80, 9], num_heads=8, num_kv_heads=4, head_dim=64, dtype=dtype)
+    batch.query = batch.query * 6  # logits well past the cap of 5
+    expected = sdpa_per_sequence(as_fp32(batch), sliding_window, softcap=5.0)
+    assert not torch.allclose(expected, sdpa_per_sequence(as_fp32(batch), sliding_window), atol=1e-2)
+    out = run_kernel(batch, sliding_window=sliding_window, softcap=5.0)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=0)
 
 
 def test_decode_rows_are_left_to_the_decode_kernel(paged_batch):

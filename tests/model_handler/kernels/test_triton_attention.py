@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from model_handler.kernels import reference
 from model_handler.kernels.triton_attention import paged_attention, tile_config
 from model_handler.kernels.triton_kv_store import store_kv
+from tests.model_handler.kernels.test_reference import WINDOW_CASES, drop_blocks_before_windows
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 SCALE = 0.3
@@ -22,7 +23,7 @@ def small_tiles(head_dim: int, dtype: torch.dtype, tile_n: int = 16, block_m: in
     return dataclasses.replace(tile_config(head_dim, dtype, on_gpu), tile_n=tile_n, block_m=block_m)
 
 
-def run_triton(batch, num_splits=1, config=None, out=None, k_cache=None, v_cache=None):
+def run_triton(batch, num_splits=1, config=None, out=None, k_cache=None, v_cache=None, **options):
     return paged_attention(
         batch.query,
         batch.k_cache if k_cache is None else k_cache,
@@ -35,10 +36,11 @@ def run_triton(batch, num_splits=1, config=None, out=None, k_cache=None, v_cache
         out=out,
         num_splits=num_splits,
         config=config,
+        **options,
     )
 
 
-def run_reference(batch):
+def run_reference(batch, **options):
     """The oracle in fp32 on the same (already rounded) inputs."""
     return reference.paged_attention(
         batch.query.float(),
@@ -48,6 +50,7 @@ def run_reference(batch):
         batch.seq_lens,
         batch.query_start_loc,
         SCALE,
+        **options,
     )
 
 
@@ -197,6 +200,39 @@ def test_store_then_attend_matches_sdpa_on_unpaged_tensors(paged_batch):
         assert_close(out[starts[i] : starts[i] + q_len], expected, torch.float32)
 
 
+@pytest.mark.parametrize("case", sorted(WINDOW_CASES))
+@pytest.mark.parametrize("sliding_window", [1, 5, 16, 40])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sliding_windows_match_reference_and_skip_freed_blocks(paged_batch, case, sliding_window, num_splits):
+    """Windows of one token, inside a tile (16), one block and longer than most contexts, decode rows split across
+    programs, prompts and chunks: blocks wholly before the windows have table entries of -1 and the slots before
+    them hold NaN, as the block manager leaves freed blocks, so a read of either would show."""
+    q_lens, seq_lens = WINDOW_CASES[case]
+    batch = paged_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=2, seed=sliding_window + num_splits)
+    expected = run_reference(batch, sliding_window=sliding_window)
+    freed = drop_blocks_before_windows(batch, sliding_window)
+    out = run_triton(freed, num_splits, small_tiles(32, torch.float32), sliding_window=sliding_window)
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7])
+def test_soft_capped_logits_match_reference(paged_batch, sliding_window):
+    """Gemma 2's attention: logits capped with cap * tanh(s / cap), with and without its window."""
+    batch = paged_batch([1, 12, 1, 30, 1], [40, 12, 1, 45, 17], num_heads=4, num_kv_heads=2, seed=9)
+    batch.query = batch.query * 8  # logits well past the cap of 5, so capping changes the result
+    options = dict(sliding_window=sliding_window, softcap=5.0)
+    expected = run_reference(batch, **options)
+    assert not torch.allclose(expected, run_reference(batch, sliding_window=sliding_window), atol=1e-2)
+    assert_close(run_triton(batch, 2, small_tiles(32, torch.float32), **options), expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_and_cap_in_half_precision_with_default_tiles(paged_batch, dtype):
+    batch = paged_batch([1, 9, 1], [70, 25, 16], num_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype)
+    options = dict(sliding_window=20, softcap=30.0)
+    assert_close(run_triton(batch, num_splits=2, **options), run_reference(batch, **options), dtype)
+
+
 def test_empty_batch_returns_out_untouched(paged_batch):
     batch = paged_batch([1], [4])
     query = batch.query[:0]
@@ -221,6 +257,8 @@ def test_empty_batch_returns_out_untouched(paged_batch):
         (lambda b: {"out": torch.empty_like(b.query)[:, :, :16]}, "out must have the query's shape"),
         (lambda b: {"query": b.query.transpose(1, 2).contiguous().transpose(1, 2)}, "contiguous in head_dim"),
         (lambda b: {"num_splits": 0}, "num_splits must be in 1..256"),
+        (lambda b: {"sliding_window": 0}, "sliding_window must be a positive"),
+        (lambda b: {"softcap": 0.0}, "softcap must be positive"),
     ],
 )
 def test_bad_inputs_raise_value_error(paged_batch, change, message):

@@ -49,6 +49,41 @@ def test_llama_shapes_mixed_batch(paged_batch, dtype, tol):
         assert (out.float() - fp32_oracle(batch)).abs().max().item() < tol
 
 
+def test_gemma2_9b_shapes_with_windows_and_soft_caps(paged_batch):
+    """Gemma-2-9B's attention (16 heads, 8 kv heads, head dim 256, scale 256 ** -0.5, logits capped at 50) with its
+    4096 window on contexts around it, prompts and decodes, the context split across programs and not."""
+    q_lens = [1] * 6 + [300, 77]
+    seq_lens = [100, 4095, 4096, 4097, 5000, 6000, 4500, 377]
+    batch = paged_batch(q_lens, seq_lens, num_heads=16, num_kv_heads=8, head_dim=256, dtype=torch.bfloat16)
+    options = dict(sliding_window=4096, softcap=50.0)
+    expected = reference.paged_attention(
+        batch.query.float(),
+        batch.k_cache.float(),
+        batch.v_cache.float(),
+        batch.block_tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        256**-0.5,
+        **options,
+    )
+    for num_splits in (1, 16):
+        out = torch.full_like(batch.query, float("nan"))
+        paged_attention(
+            batch.query,
+            batch.k_cache,
+            batch.v_cache,
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            256**-0.5,
+            batch.max_query_len,
+            out,
+            num_splits=num_splits,
+            **options,
+        )
+        assert (out.float() - expected).abs().max().item() < 3e-2
+
+
 def test_decode_replays_in_a_cuda_graph_with_new_lengths(paged_batch):
     batch = paged_batch([1] * 8, [2048] * 8, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
     out = torch.empty_like(batch.query)
