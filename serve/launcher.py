@@ -195,10 +195,9 @@ def raise_open_files_limit(needed: int) -> None:
 def default_num_workers(dev_dir: str = "/dev") -> int:
     """WEB_CONCURRENCY when unset: two gunicorn workers where NVIDIA GPUs are visible, else one.
 
-    Measured on an H100 (the 100M model, 128 streams; bench/results/gpu-h100): one worker could
-    not stream tokens as fast as the engine made them (ITL p50 7-10 ms against a ~2.9 ms step, ~5 tokens to a
-    chunk); two streamed at the engine's pace (ITL p50 3.1-3.3 ms). On CPU the engine is far slower than one
-    worker, and a second would only cost memory.
+    On a GPU one worker cannot stream tokens as fast as the engine makes them at high concurrency and two can
+    (bench/results/gpu-h100 has the measurement); on CPU the engine is far slower than one worker, and a second
+    would only cost memory.
     """
     return 2 if glob.glob(os.path.join(dev_dir, "nvidia[0-9]*")) else 1
 

@@ -16,7 +16,8 @@ from serve.errors import ApiError, ErrorKind
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 OFFLOAD_CHARS = 20_000
-"""Texts at least this long are tokenized off the gevent hub (~10 ms of tokenizing and up)."""
+"""Texts at least this long are tokenized off the gevent hub: tokenizing them there would stall its other
+greenlets."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -143,7 +143,7 @@ class StepPlan:
 
 DECODE_CHUNK_BYTES = 4 << 20
 """Gathered keys + values per decode chunk: a few MiB stay in cache between the copy and the attention that
-reads them (10-20% faster than the whole batch at once on a 2-core EPYC, bench/engine_step.py)."""
+reads them (faster than the whole batch at once; bench/engine_step.py measures it)."""
 
 
 @dataclass(slots=True)
@@ -175,8 +175,8 @@ def build_plan(
     """The step's row split and decode chunks (a few host syncs, once per step and window).
 
     Decode rows are taken shortest first, so each chunk is padded to the longest row of similar ones rather than
-    to the longest of the step (32 rows of 128-384 tokens: a third of the gathered keys were padding; 12% less
-    attention time measured, identical outputs). With a window a row spans the blocks from its window's start.
+    to the longest of the step (less padding gathered and attended, identical outputs). With a window a row spans
+    the blocks from its window's start.
     """
     split = RowSplit.of(seq_lens, query_start_loc)
     starts, lens = split.starts, split.lens

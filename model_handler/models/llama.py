@@ -214,7 +214,7 @@ class LlamaModel(nn.Module):
         """Hidden states [T, hidden], or [len(output_rows), hidden] for the rows in `output_rows`.
 
         Only rows whose logits are read need the last layer past its attention: in a prefill step that is
-        one row per prompt, so its o_proj and MLP (~80% of a Llama layer's weights) run on a handful of rows
+        one row per prompt, so its o_proj and MLP (most of a Llama layer's weights) run on a handful of rows
         instead of every prompt token (llama.cpp prunes its last layer the same way).
         """
         x = self.embed_tokens(input_ids)  # [T, hidden]
