@@ -137,8 +137,9 @@ def run_latency(
     `args.window_steps` steps later (and once its compiles are done) the next. Each set's window is the
     `args.window_steps` steps from its arrival."""
     window = args.window_steps
-    # A window more than needed, in case a compile holds the next set back; the streams stop after the last window.
-    num_stream_tokens = args.warm_steps + (len(joiner_sets) + 1) * window
+    # Streams long enough for a compile that holds the next set back (on a loaded machine, with the compile threads
+    # at a lower priority, for many steps); they are aborted once the last window is over.
+    num_stream_tokens = stream_budget(args)
     stream_params = SamplingParams(max_tokens=num_stream_tokens, min_tokens=num_stream_tokens, temperature=0.0)
     stream_ids = [f"{tag}-s{i}" for i in range(len(prompts))]
     for request_id, prompt in zip(stream_ids, prompts):
@@ -185,6 +186,8 @@ def run_latency(
             last_token_at[out.request_id] = now
     runs = {}
     for name in names:
+        if not gaps[name]:
+            raise RuntimeError(f"the streams ended before the {name} window: raise STREAM_SLACK_STEPS")
         ordered = sorted(gaps[name])
         runs[name] = LatencyRun(
             1e3 * ordered[len(ordered) // 2],
@@ -199,10 +202,19 @@ def run_latency(
     return runs
 
 
+STREAM_SLACK_STEPS = 512
+"""Steps the latency run's streams can go on beyond their two windows while a set's compiles hold the next back."""
+
+
+def stream_budget(args: argparse.Namespace) -> int:
+    """Tokens each latency-run stream may generate: its warm-up, two windows and the slack."""
+    return args.warm_steps + 2 * args.window_steps + STREAM_SLACK_STEPS
+
+
 def build_engine(model_dir: Path, args: argparse.Namespace) -> Engine:
     config = EngineConfig(
         model_dir=model_dir,
-        max_model_len=args.prompt_tokens + max(args.max_tokens, args.warm_steps + 2 * args.window_steps) + 16,
+        max_model_len=args.prompt_tokens + max(args.max_tokens, stream_budget(args)) + 16,
         max_num_seqs=args.streams + args.compiles,
         max_num_prefill_tokens=2048,
         block_size=16,
