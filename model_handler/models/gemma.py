@@ -21,12 +21,19 @@ from transformers import PretrainedConfig
 from model_handler.kernels import AttentionBackend, FusedKernels
 from model_handler.layers.activation import GatedActivation
 from model_handler.layers.attention_metadata import AttentionMetadata
-from model_handler.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from model_handler.layers.embedding import VocabParallelEmbedding
 from model_handler.layers.linear import copy_checked
 from model_handler.layers.rotary import RopeRows, build_rotary
 from model_handler.model_config import ModelConfig
 from model_handler.model_layout import rope_parameter_sets
-from model_handler.models.llama import FamilySpec, KVCache, LlamaAttention, LlamaMLP, ParallelSpec
+from model_handler.models.llama import (
+    DecoderForCausalLM,
+    FamilySpec,
+    KVCache,
+    LlamaAttention,
+    LlamaMLP,
+    ParallelSpec,
+)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -184,16 +191,7 @@ class GemmaModel(nn.Module):
         return x  # [T or N, hidden]
 
 
-class Gemma2ForCausalLM(nn.Module):
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
-    ignored_weight_suffixes = ("rotary_emb.inv_freq",)
-
+class Gemma2ForCausalLM(DecoderForCausalLM):
     def __init__(
         self,
         hf_config: PretrainedConfig,
@@ -211,24 +209,11 @@ class Gemma2ForCausalLM(nn.Module):
         self.config = config
         tp = ParallelSpec(tp_rank, tp_size)
         self.model = GemmaModel(hf_config, config, attention_backend, tp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp.kwargs)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self._attach_lm_head(config, tp)
         self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
-        self.num_kv_heads_per_rank = self.model.layers[0].self_attn.num_kv_heads if config.num_layers else 0
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T] int64
-        positions: torch.Tensor,  # [T] int64
-        kv_caches: list[KVCache],
-        attn_metadata: AttentionMetadata,
-        output_rows: torch.Tensor | None = None,  # [N] int64, ascending; None = every row
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata, output_rows)  # [T or N, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head.compute_logits(hidden)  # [N, vocab] float32
+        logits = super().compute_logits(hidden)  # [N, vocab] float32
         cap = self.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

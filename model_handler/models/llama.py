@@ -227,9 +227,12 @@ class LlamaModel(nn.Module):
         return x  # [T or N, hidden]
 
 
-class LlamaForCausalLM(nn.Module):
+class DecoderForCausalLM(nn.Module):
+    """A decoder stack (`self.model`, embedding first) under a vocab-parallel LM head: what every family shares
+    around its layers. A subclass builds `self.model`, then calls `_attach_lm_head`."""
+
     # HF checkpoint module name -> (our fused module, shard id passed to its weight loader)
-    packed_modules_mapping = {
+    packed_modules_mapping: dict[str, tuple[str, object]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
@@ -238,7 +241,29 @@ class LlamaForCausalLM(nn.Module):
     }
     # checkpoint tensors with no parameter here (old checkpoints saved the rope buffer)
     ignored_weight_suffixes = ("rotary_emb.inv_freq",)
+    model: nn.Module
 
+    def _attach_lm_head(self, config: ModelConfig, tp: ParallelSpec) -> None:
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp.kwargs)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.num_kv_heads_per_rank = self.model.layers[0].self_attn.num_kv_heads if config.num_layers else 0
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[KVCache],
+        attn_metadata: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,  # [N] int64, ascending; None = every row
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata, output_rows)  # [T or N, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)  # [N, vocab] float32
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
     def __init__(
         self,
         hf_config: PretrainedConfig,
@@ -253,10 +278,7 @@ class LlamaForCausalLM(nn.Module):
         tp = ParallelSpec(tp_rank, tp_size)
         make_mlp = partial(self.make_mlp, hf_config, config, attention_backend, tp)
         self.model = LlamaModel(hf_config, config, self.family_spec(hf_config), attention_backend, tp, make_mlp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp.kwargs)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.num_kv_heads_per_rank = self.model.layers[0].self_attn.num_kv_heads if config.num_layers else 0
+        self._attach_lm_head(config, tp)
 
     @classmethod
     def family_spec(cls, hf_config: PretrainedConfig) -> FamilySpec:
@@ -278,19 +300,6 @@ class LlamaForCausalLM(nn.Module):
     ) -> nn.Module | None:
         """Layer `layer_idx`'s MLP; None gives the dense LlamaMLP. MoE families return their sparse block."""
         return None
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T] int64
-        positions: torch.Tensor,  # [T] int64
-        kv_caches: list[KVCache],
-        attn_metadata: AttentionMetadata,
-        output_rows: torch.Tensor | None = None,  # [N] int64, ascending; None = every row
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata, output_rows)  # [T or N, hidden]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)  # [N, vocab] float32
 
 
 class MistralForCausalLM(LlamaForCausalLM):
