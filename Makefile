@@ -21,7 +21,7 @@ serve: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" container/serve
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
