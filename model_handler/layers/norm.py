@@ -27,9 +27,9 @@ class RMSNorm(nn.Module):
     def forward_with_residual(
         self, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); the first layer passes residual=None."""
+        """(norm(x + residual), x + residual), summed in x's dtype; the first layer passes residual=None."""
         if self.fused is not None:
             return self.fused.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps), x
+        return self.forward(x), x

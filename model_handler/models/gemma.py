@@ -23,6 +23,7 @@ from model_handler.layers.activation import GatedActivation
 from model_handler.layers.attention_metadata import AttentionMetadata
 from model_handler.layers.embedding import VocabParallelEmbedding
 from model_handler.layers.linear import copy_checked
+from model_handler.layers.norm import RMSNorm
 from model_handler.layers.rotary import RopeRows, build_rotary
 from model_handler.model_config import ModelConfig
 from model_handler.model_layout import rope_parameter_sets
@@ -36,34 +37,21 @@ from model_handler.models.llama import (
 )
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """x / rms(x) * (1 + w) in fp32, rounded to x's dtype once (transformers' Gemma2RMSNorm). The parameter holds
     1 + w in fp32, w first rounded to the model dtype as transformers' parameter would be."""
 
     def __init__(self, hidden_size: int, eps: float, fused: FusedKernels | None = None) -> None:
-        super().__init__()
-        self.eps = eps
-        self.normalized_shape = (hidden_size,)
+        super().__init__(hidden_size, eps, fused)  # `fused`: only kernels that read an fp32 weight as it is (Triton's)
         self.model_dtype = torch.get_default_dtype()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
-        self.fused = fused  # only kernels that read an fp32 weight as it is (Triton's)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         copy_checked(param.detach(), loaded_weight.to(self.model_dtype).float() + 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
-
-    def forward_with_residual(
-        self, x: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual), summed in x's dtype as transformers does; residual None: (norm(x), x)."""
-        if self.fused is not None:
-            return self.fused.add_rms_norm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = x + residual
-        return self.forward(x), x
 
 
 class Gemma3Attention(LlamaAttention):
