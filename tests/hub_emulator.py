@@ -124,19 +124,15 @@ def _server(host: str, hub: HubEmulator) -> ThreadingHTTPServer:
 
 
 def _handler_for(hub: HubEmulator) -> type[BaseHTTPRequestHandler]:
-    class Handler(_HubHandler):
-        pass
-
-    Handler.hub = hub
-    return Handler
+    return type("Handler", (_HubHandler,), {"hub": hub})
 
 
 class _HubHandler(BaseHTTPRequestHandler):
     hub: HubEmulator
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, *args) -> None:  # the test's output stays readable
-        pass
+    def log_message(self, *args) -> None:
+        """No access log: the test's output stays readable."""
 
     def do_GET(self) -> None:
         self._route(body=True)

@@ -252,7 +252,6 @@ def test_prepare_loads_xgrammar_and_the_tokenizer_ahead_of_the_first_request(tes
     assert absent._pool is None
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="Linux keeps a niceness per thread; elsewhere it is the process's")
 def test_compiles_run_at_a_lower_priority_than_the_step_loop(test_model_dir, monkeypatch):
     import os
 

@@ -190,6 +190,7 @@ def test_without_the_kernel_the_default_falls_back_to_torch_and_forcing_it_fails
         select_backend(torch.device("cpu"), "cpu")
 
 
+# Justified skip: it checks the C++ builder, which a machine with only the prebuilt library never runs.
 @pytest.mark.skipif(not cpu_kernels.has_compiler(), reason="builds C++: a prebuilt library alone cannot")
 def test_a_builder_that_died_mid_build_does_not_stall_the_next_one(tmp_path):
     """A builder killed mid-build (a server stopped during its first start) leaves torch's lock file behind, on
